@@ -1,0 +1,321 @@
+"""Shared machinery of the quantized caches: the full-precision window, flushing, and the Cache container.
+
+Every quantized layer holds, for keys and values of shape ``[batch, kv_heads, seq, head_dim]``:
+
+- a full-precision window of the most recent tokens, ``self.keys`` / ``self.values`` ``[B, H, w, D]`` in the
+  model's dtype (the same attributes a transformers ``DynamicLayer`` uses);
+- the older tokens in bit-packed form, in method-specific tensors named in ``self.storage`` (every one with the
+  batch on dim 0 and the token axis, or the token-group axis, on dim 2).
+
+Tokens leave the window in blocks: after ``n`` tokens, exactly ``q(n) = max(0, floor((n - R) / F) * F)`` are
+quantized, R = ``residual_length`` and F = ``flush_size``. So the window holds between R and R + F - 1 tokens,
+the state depends only on n (not on how tokens arrived), and ``estimate_cache_bytes`` can count it to the byte.
+``update`` returns the dequantized old tokens followed by the window and the new tokens in full precision: a
+prefill attends to its own exact keys, and every token is exact in the step it arrives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from transformers import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import CacheLayerMixin
+
+
+def check_int(name: str, value: Any, minimum: int, allowed: str | None = None) -> None:
+    """Raise a ValueError naming `name` unless `value` is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be {allowed or f'an integer >= {minimum}'}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclasses.dataclass
+class WindowConfig:
+    """Window settings shared by every method (see the module docstring for the flush rule)."""
+
+    residual_length: int = 128
+    flush_size: int = 128
+
+    def __post_init__(self):
+        check_int("residual_length", self.residual_length, 0)
+        check_int("flush_size", self.flush_size, 1)
+
+    def num_quantized(self, n: int) -> int:
+        """How many of `n` tokens are held quantized."""
+        return max(0, (n - self.residual_length) // self.flush_size * self.flush_size)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a ValueError if this configuration cannot quantize vectors of `head_dim`."""
+
+
+def finite_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over `dim` of the finite entries only (0 where none is finite): one bad token cannot shift the mean."""
+    finite = torch.isfinite(x)
+    total = torch.where(finite, x, torch.zeros_like(x)).sum(dim)
+    count = finite.sum(dim).clamp_min(1)
+    return total / count
+
+
+def warn_non_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        warnings.warn(
+            f"non-finite values in {what}: they are quantized on their own (per token), and do not change the scales "
+            "of other tokens, but the affected entries are not recoverable",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def head_dim_of(config) -> int | None:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None)
+    if head_dim is None and getattr(text, "hidden_size", None) and getattr(text, "num_attention_heads", None):
+        head_dim = text.hidden_size // text.num_attention_heads
+    return head_dim
+
+
+class QuantizedLayer(CacheLayerMixin):
+    """One decoder layer's quantized keys and values (abstract: a method fills in the four storage hooks)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = True
+
+    def __init__(self, method_config: WindowConfig, layer_idx: int = 0):
+        super().__init__()
+        self.cfg = method_config
+        self.layer_idx = layer_idx
+        self.cumulative_length = 0
+        self.num_quantized = 0
+        self.storage: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Method hooks
+    # ----------------------------------------------------------------------------------------------------------
+    def _quantize_block(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Quantize `[B, H, T, D]` tokens leaving the window; returns storage pieces to append on dim 2."""
+        raise NotImplementedError
+
+    def _dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """All quantized tokens as `[B, H, num_quantized, D]` keys and values in `dtype`."""
+        raise NotImplementedError
+
+    def _before_first_flush(self, window_keys: torch.Tensor, window_values: torch.Tensor) -> None:
+        """Called once, with the whole window, before the first tokens are quantized (statistics, e.g. means)."""
+
+    def _truncate_quantized(self, keep: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep the first `keep` quantized tokens. Default: every storage tensor holds one entry per token on dim 2."""
+        for name, t in self.storage.items():
+            if name in self.static_storage:
+                continue
+            self.storage[name] = t[:, :, :keep].contiguous()
+        self.num_quantized = keep
+        return None
+
+    # Storage entries that do not grow with tokens (per-head statistics); batch on dim 0 as well.
+    static_storage: tuple[str, ...] = ()
+    # Which storage entries are codes (the rest are metadata), for `memory_footprint`.
+    code_storage: tuple[str, ...] = ()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # transformers layer API
+    # ----------------------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = key_states.shape[-1]
+        self.cfg.check_head_dim(self.head_dim)
+        self.keys = key_states[..., :0, :].clone()
+        self.values = value_states[..., :0, :].clone()
+        self.is_initialized = True
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must have shape [batch, kv_heads, seq, head_dim], got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be floating point (float32, float16 or bfloat16), got {t.dtype}")
+        if key_states.shape[:-1] != value_states.shape[:-1]:
+            raise ValueError(
+                f"key_states and value_states must agree on [batch, kv_heads, seq], got {tuple(key_states.shape)} "
+                f"and {tuple(value_states.shape)}"
+            )
+        if self.is_initialized and (
+            key_states.shape[0] != self.keys.shape[0]
+            or key_states.shape[1] != self.keys.shape[1]
+            or key_states.shape[-1] != self.head_dim
+        ):
+            raise ValueError(
+                f"layer {self.layer_idx} holds [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, "
+                f"head_dim={self.head_dim}] states, got key_states of shape {tuple(key_states.shape)}; call "
+                "cache.reset() (or use a fresh cache) before a new, unrelated batch"
+            )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_states(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        window_k = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        window_v = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        if self.num_quantized > 0:
+            old_k, old_v = self._dequantize(key_states.dtype)
+            out_k = torch.cat([old_k, window_k.to(key_states.dtype)], dim=-2)
+            out_v = torch.cat([old_v, window_v.to(value_states.dtype)], dim=-2)
+        else:
+            out_k, out_v = window_k, window_v
+        self.cumulative_length += key_states.shape[-2]
+        self.keys, self.values = window_k, window_v
+        self._flush()
+        return out_k, out_v
+
+    def _flush(self) -> None:
+        target = self.cfg.num_quantized(self.cumulative_length)
+        count = target - self.num_quantized
+        if count <= 0:
+            return
+        if self.num_quantized == 0 and not self.storage:
+            self._before_first_flush(self.keys, self.values)
+        pieces = self._quantize_block(self.keys[..., :count, :], self.values[..., :count, :])
+        for name, piece in pieces.items():
+            old = self.storage.get(name)
+            self.storage[name] = piece if old is None else torch.cat([old, piece], dim=2)
+        self.num_quantized = target
+        self.keys = self.keys[..., count:, :].contiguous()
+        self.values = self.values[..., count:, :].contiguous()
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self.num_quantized = 0
+        self.storage = {}
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.storage = {name: fn(t) for name, t in self.storage.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def offload(self):
+        """Move every tensor of this layer to the CPU."""
+        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.keys.device != self.device:
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"tokens_to_remove must be a negative number of tokens to drop (or 0), got {tokens_to_remove}"
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = max(0, self.cumulative_length + tokens_to_remove)
+        if keep >= self.num_quantized:
+            window_keep = keep - self.num_quantized
+            self.keys, self.values = self.keys[..., :window_keep, :], self.values[..., :window_keep, :]
+        else:
+            back = self._truncate_quantized(keep)
+            if back is None:  # per-token storage: the window is simply dropped
+                self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
+            else:  # tokens of a partly kept group come back into the window, dequantized
+                self.keys, self.values = back
+        self.cumulative_length = keep
+
+    # ----------------------------------------------------------------------------------------------------------
+    def memory_footprint(self) -> dict[str, int]:
+        codes = sum(t.numel() * t.element_size() for n, t in self.storage.items() if n in self.code_storage)
+        meta = sum(t.numel() * t.element_size() for n, t in self.storage.items() if n not in self.code_storage)
+        window = 0
+        if self.is_initialized:
+            window = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return {"codes": codes, "metadata": meta, "window": window}
+
+
+class QuantizedCacheBase(Cache):
+    """A transformers `Cache` whose full-attention layers are quantized layers of one method.
+
+    Layers come from `DynamicCache(config=config)` (the public way to learn each layer's type on every
+    transformers version): plain full-attention `DynamicLayer`s are replaced by the method's layer, sliding-window
+    and other layers keep their normal class. Without a config, every layer is created lazily, quantized, on its
+    first `update`.
+    """
+
+    layer_class: type[QuantizedLayer]
+    config_class: type[WindowConfig]
+
+    def __init__(self, config=None, method_config: WindowConfig | None = None):
+        self.method_config = method_config
+        if config is not None:
+            head_dim = head_dim_of(config)
+            if head_dim is not None:
+                method_config.check_head_dim(head_dim)
+            template = DynamicCache(config=config).layers
+            layers = [
+                self.layer_class(method_config, layer_idx=i) if type(layer) is DynamicLayer else layer
+                for i, layer in enumerate(template)
+            ]
+            super().__init__(layers=layers)
+        else:
+            super().__init__(layer_class_to_replicate=DynamicLayer)
+        # Token ids this cache holds, per batch row, when known (recorded by `tq_transformers.enable`).
+        self.token_ids: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class(self.method_config, layer_idx=len(self.layers)))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reset(self):
+        super().reset()
+        self.token_ids = None
+
+    @property
+    def quantized_layers(self) -> list[QuantizedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, QuantizedLayer)]
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes held by this cache: codes, metadata (norms, scales, zero points, means), the full-precision window
+        of the quantized layers, the layers kept unquantized (sliding-window ones), and the total."""
+        out = {"codes": 0, "metadata": 0, "window": 0, "unquantized_layers": 0}
+        for layer in self.layers:
+            if isinstance(layer, QuantizedLayer):
+                for key, value in layer.memory_footprint().items():
+                    out[key] += value
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                out["unquantized_layers"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        out["total"] = sum(out.values())
+        return out
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.method_config}, layers={len(self.layers)})"

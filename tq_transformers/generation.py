@@ -1,0 +1,92 @@
+"""`enable(model, method, **kwargs)`: a fresh quantized cache for every `generate` call.
+
+transformers has no registry for third-party `cache_implementation` names, and a text-generation pipeline that is
+handed one cache instance reuses it for every prompt: the second prompt silently continues the first one's cache.
+`enable` wraps the model's `generate` (on the instance, the class is untouched) so that
+
+- a call without a cache gets a new one of the chosen method;
+- a call with a cache that already holds tokens is accepted only if those tokens are the prefix of the new
+  `input_ids` (continuing a conversation); anything else raises a ValueError instead of answering wrongly.
+
+`disable(model)` restores the original `generate`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import transformers
+from packaging import version
+
+from .base import QuantizedCacheBase
+from .registry import get_method
+
+# transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name still works, with a warning).
+CACHE_KWARG = "cache" if version.parse(transformers.__version__) >= version.parse("5.24.0.dev0") else "past_key_values"
+
+
+def check_cache_continues(cache, input_ids: torch.Tensor | None) -> None:
+    """Raise a ValueError unless `cache` is empty or holds exactly the first tokens of `input_ids`."""
+    held = cache.get_seq_length()
+    if held == 0:
+        return
+    known = getattr(cache, "token_ids", None)
+    if known is None or input_ids is None:
+        raise ValueError(
+            f"the cache passed to generate already holds {held} tokens of unknown origin; pass a fresh cache, call "
+            "cache.reset(), or set cache.token_ids to the ids it holds to continue a generation"
+        )
+    if (
+        input_ids.shape[0] != known.shape[0]
+        or input_ids.shape[1] <= held
+        or not torch.equal(input_ids[:, :held].to(known.device), known[:, :held])
+    ):
+        raise ValueError(
+            f"the cache passed to generate holds {held} tokens that are not the start of input_ids (shape "
+            f"{tuple(input_ids.shape)}): it belongs to another prompt. Pass a fresh cache or call cache.reset()"
+        )
+
+
+def enable(model, method: str, **cache_kwargs):
+    """Make every `model.generate` call use a fresh `method` cache ("turboquant", "kivi" or "bonsai").
+
+    The cache keyword arguments are validated now (a bad value raises here, not at the first prompt).
+    Returns the model. Example::
+
+        tq_transformers.enable(model, "turboquant", bits=4)
+        pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    """
+    cache_cls = get_method(method)
+    cache_cls(model.config, **cache_kwargs)  # validate the arguments once, at enable time
+    original = getattr(model.generate, "__tq_original__", model.generate)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        name = "cache" if kwargs.get("cache") is not None else "past_key_values"
+        cache = kwargs.get(name)
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if cache is None:
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
+            cache = cache_cls(model.config, **cache_kwargs)
+            kwargs[CACHE_KWARG] = cache
+        elif isinstance(cache, QuantizedCacheBase):
+            check_cache_continues(cache, input_ids)
+        out = original(*args, **kwargs)
+        if isinstance(cache, QuantizedCacheBase):
+            sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+            cache.token_ids = None if sequences is None else sequences.detach()
+        return out
+
+    generate.__tq_original__ = original
+    generate.__tq_method__ = (method, dict(cache_kwargs))
+    model.generate = generate
+    return model
+
+
+def disable(model):
+    """Undo `enable`: the model's own `generate` again."""
+    if hasattr(model.generate, "__tq_original__"):
+        del model.generate
+    return model
