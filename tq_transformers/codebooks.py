@@ -50,6 +50,11 @@ def _range_sum(csum: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> 
     return torch.where(ends > starts, hi - lo, torch.zeros_like(hi))
 
 
+def _symmetrize(levels: torch.Tensor) -> torch.Tensor:
+    """Both densities are even: average out the grid's tiny asymmetry so that c[-i] = -c[i] exactly."""
+    return (levels - levels.flip(0)) / 2
+
+
 def _symmetric_init(bits: int, scale: float) -> torch.Tensor:
     half = torch.tensor(GAUSSIAN_LEVELS.get(bits, ()), dtype=torch.float64)
     if half.numel() == 0:  # no published table: uniform start
@@ -69,7 +74,7 @@ def gaussian_lloyd_max(bits: int, iters: int = 2000) -> torch.Tensor:
     _check_bits(bits)
     grid = torch.linspace(-8.0, 8.0, 400001, dtype=torch.float64)
     weights = torch.exp(-grid * grid / 2)
-    return _lloyd(grid, weights, bits, _symmetric_init(bits, 1.0), iters)
+    return _symmetrize(_lloyd(grid, weights, bits, _symmetric_init(bits, 1.0), iters))
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +88,7 @@ def sphere_lloyd_max(bits: int, dim: int, iters: int = 2000) -> torch.Tensor:
     # log-density for numerical range at large dim
     logw = (dim - 3) / 2 * torch.log1p(-(grid * grid).clamp(max=1 - 1e-15))
     weights = torch.exp(logw - logw.max())
-    return _lloyd(grid, weights, bits, _symmetric_init(bits, 1.0 / math.sqrt(dim)), iters)
+    return _symmetrize(_lloyd(grid, weights, bits, _symmetric_init(bits, 1.0 / math.sqrt(dim)), iters))
 
 
 def codebook(bits: int, dim: int, device=None) -> torch.Tensor:
