@@ -9,6 +9,7 @@ a hub id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import logging
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,16 +176,44 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def _no_progress_bars():
+    """Silence transformers' tqdm bars (this module reports through ``logging`` only)."""
+    from transformers.utils import logging as hf_logging
+
+    try:  # the GGUF de-quantization loop calls tqdm directly
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(gguf: Path, out_dir: Path, sha256: str) -> None:
     """Load ``gguf`` with transformers and save it as a bf16 safetensors folder ``out_dir`` (atomic)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=gguf.name, local_files_only=True)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config.
-    model = AutoModelForCausalLM.from_config(src.config, dtype=torch.bfloat16)
+    with _no_progress_bars():
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config, minus the GGUF
+    # quantization entry (otherwise the saved folder reloads flagged as GGUF-quantized).
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     if getattr(model.config, "tie_word_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -193,7 +223,8 @@ def _convert_gguf(gguf: Path, out_dir: Path, sha256: str) -> None:
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        with _no_progress_bars():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(f"sha256 {sha256}\nsource {gguf.name}\n")
         if out_dir.exists():
@@ -258,7 +289,8 @@ def load_model_and_tokenizer(spec: str | os.PathLike, device: str | torch.device
         source = Path(spec).expanduser()
     else:
         source = str(spec)  # hub id
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     logger.info("Loaded %s (%s, %s) in %.1f s", spec, dtype, device, time.perf_counter() - start)
     return model.eval(), tokenizer
