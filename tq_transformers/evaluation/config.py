@@ -1,0 +1,164 @@
+"""Evaluation configuration: YAML files in configs/, merged over the embedded defaults (`DEFAULTS`).
+
+`DEFAULTS` is the content of configs/default.yaml (a test keeps them equal), so `tq-eval` works without the repo.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from .runner import REFERENCE, MethodSpec
+
+#: configs/ of a source checkout (absent in a plain wheel install: then DEFAULTS is used).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+DEFAULTS: dict[str, Any] = {
+    "name": "default",
+    "model": "qwen2.5-coder-1.5b",
+    "device": "cpu",
+    "dtype": "bf16",
+    "methods": [
+        {"name": "fp16", "method": "fp16"},
+        {"name": "turboquant-4", "method": "turboquant", "bits": 4},
+        {"name": "kivi-2", "method": "kivi", "bits": 2, "group_size": 32, "residual_length": 128},
+        {"name": "bonsai-1", "method": "bonsai", "group_size": 128, "residual_length": 128},
+    ],
+    "perplexity": {
+        "enabled": True,
+        "data": "wikitext2-test",
+        "segments": 1,
+        "context_length": 512,
+        "continuation_length": 192,
+        "chunk_size": 16,
+    },
+    "needle": {
+        "enabled": True,
+        "haystack": "kjv",
+        "lengths": [1024, 2048],
+        "depths": [0.1, 0.5, 0.9],
+        "needle": "The secret passcode is 7-4-1-9-3.",
+        "answer": "7-4-1-9-3",
+        "question": "What is the secret passcode stated in the text above?",
+        "answer_prefix": "The secret passcode is",
+        "max_new_tokens": 10,
+    },
+    "agreement": {
+        "enabled": True,
+        "data": "debian-handbook",
+        "num_prompts": 3,
+        "prompt_length": 512,
+        "new_tokens": 24,
+    },
+    "projection": {"seq_len": 32768, "batch_size": 1},
+    "quick": {
+        "methods_limit": None,
+        "perplexity": {"context_length": 256, "continuation_length": 48},
+        "needle": {"lengths": [512], "depths": [0.5]},
+        "agreement": {"num_prompts": 1, "prompt_length": 256, "new_tokens": 8},
+    },
+}
+
+_SECTIONS = ("perplexity", "needle", "agreement", "projection")
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge: values of `override` win; lists are replaced, not merged."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_config_path(spec: str) -> Path | None:
+    """A config file from a path, or a name in configs/ ("default", "kivi", ...). None for the embedded default."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{spec}.yaml"
+    if candidate.is_file():
+        return candidate
+    if spec == "default":
+        return None
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else ["default"]
+    raise ValueError(f"config must be a YAML file or one of {names}, got {spec!r}")
+
+
+def load_config(spec: str = "default") -> dict:
+    """The configuration named by `spec`, merged over `DEFAULTS` (its name defaults to the file's stem)."""
+    path = resolve_config_path(spec)
+    if path is None:
+        return copy.deepcopy(DEFAULTS)
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
+    unknown = set(data) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config keys must be among {sorted(DEFAULTS)}, got unknown {sorted(unknown)} in {path}")
+    cfg = merge(DEFAULTS, data)
+    cfg.setdefault("name", path.stem)
+    if "name" not in data:
+        cfg["name"] = path.stem
+    return cfg
+
+
+def apply_quick(cfg: dict) -> dict:
+    """The config with its `quick` overrides applied (smaller lengths, fewer prompts)."""
+    quick = dict(cfg.get("quick") or {})
+    limit = quick.pop("methods_limit", None)
+    out = merge(cfg, quick)
+    if limit:
+        out["methods"] = out["methods"][:limit]
+    out["name"] = f"{cfg['name']}-quick"
+    return out
+
+
+def apply_max_length(cfg: dict, max_length: int) -> dict:
+    """Cap every sequence at `max_length` tokens (needle lengths above it are dropped; at least one is kept)."""
+    if not isinstance(max_length, int) or max_length < 64:
+        raise ValueError(f"max_length must be an integer >= 64, got {max_length!r}")
+    out = copy.deepcopy(cfg)
+    ppl = out["perplexity"]
+    total = ppl["context_length"] + ppl["continuation_length"]
+    if total > max_length:
+        ppl["continuation_length"] = min(ppl["continuation_length"], max_length // 4)
+        ppl["context_length"] = max_length - ppl["continuation_length"]
+    lengths = [n for n in out["needle"]["lengths"] if n <= max_length]
+    out["needle"]["lengths"] = lengths or [max_length]
+    out["agreement"]["prompt_length"] = min(out["agreement"]["prompt_length"], max_length)
+    return out
+
+
+def method_specs(cfg: dict, only: list[str] | None = None) -> list[MethodSpec]:
+    """The settings to run, reference first. `only` picks names from the config (a bare method name not in the
+    config, e.g. "kivi", gives that method at its default settings)."""
+    entries = []
+    for entry in cfg["methods"]:
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ValueError(f"methods entries must be mappings with a 'method' key, got {entry!r}")
+        entry = dict(entry)
+        method = entry.pop("method")
+        name = entry.pop("name", method)
+        entries.append(MethodSpec(name, method, entry))
+    if only:
+        by_name = {e.name: e for e in entries}
+        picked = []
+        for name in only:
+            if name in by_name:
+                picked.append(by_name[name])
+            else:
+                try:
+                    picked.append(MethodSpec(name, name))
+                except ValueError:
+                    raise ValueError(
+                        f"methods must be names from the config {sorted(by_name)} or method names, got {name!r}"
+                    ) from None
+        entries = picked
+    entries = [e for e in entries if e.method != REFERENCE]
+    return [MethodSpec(REFERENCE, REFERENCE)] + entries

@@ -1,0 +1,164 @@
+"""Run an evaluation config end to end: memory, attention fidelity, perplexity, needle retrieval, greedy agreement."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any
+
+import torch
+
+from ..memory import MIB, estimate_cache_bytes
+from . import metrics
+from .config import method_specs
+from .data import load_text, tokenize_text
+from .models import load_model_and_tokenizer
+from .runner import REFERENCE, MethodSpec, greedy_pass, quality_pass
+
+logger = logging.getLogger(__name__)
+
+
+def llama31_8b_config():
+    """Llama-3.1-8B's configuration (REFERENCE.md section 2), for memory projections; no hub needed."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    )
+
+
+def projection(spec: MethodSpec, seq_len: int, batch_size: int) -> dict[str, float]:
+    """Llama-3.1-8B cache at `seq_len` tokens in fp16: MiB, saving against fp16 and bits a stored value."""
+    cfg = llama31_8b_config()
+    kwargs = {} if spec.method == REFERENCE else spec.kwargs
+    total = estimate_cache_bytes(cfg, seq_len, batch_size, spec.method, dtype=torch.float16, **kwargs)["total"]
+    fp16 = estimate_cache_bytes(cfg, seq_len, batch_size, REFERENCE, dtype=torch.float16)["total"]
+    values = 2 * 32 * 8 * 128 * seq_len * batch_size
+    return {"mib": total / MIB, "saving_pct": 100.0 * (1 - total / fp16), "bits_per_value": 8.0 * total / values}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _snap(ids: list[int], pos: int, tokenizer, window: int = 64) -> int:
+    """Move `pos` forward to just after a token that ends a line or sentence (within `window` tokens)."""
+    for i in range(pos, min(pos + window, len(ids))):
+        text = tokenizer.decode([ids[i]])
+        if text.endswith(("\n", ".", ". ")):
+            return i + 1
+    return pos
+
+
+def needle_prompts(tokenizer, haystack: str, length: int, depths: list[float], ncfg: dict) -> torch.Tensor:
+    """[len(depths), length] prompts: intro, real text with the needle at each depth, question, answer prefix."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    intro = enc("Below is a long text. Somewhere in it a secret passcode is stated. Remember it.\n\n")
+    needle = enc(" " + ncfg["needle"] + "\n")
+    tail = enc(f"\n\nQuestion: {ncfg['question']}\nAnswer: {ncfg['answer_prefix']}")
+    n_hay = length - len(intro) - len(needle) - len(tail)
+    if n_hay < 16:
+        raise ValueError(f"needle lengths must leave room for real text (> {length - n_hay + 16} tokens), got {length}")
+    hay = tokenize_text(tokenizer, haystack, max_tokens=n_hay).tolist()
+    rows = []
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"needle depths must be in [0, 1], got {depth!r}")
+        pos = min(_snap(hay, int(round(depth * n_hay)), tokenizer), n_hay)
+        rows.append(intro + hay[:pos] + needle + hay[pos:] + tail)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def run_needle(model, tokenizer, specs, ncfg: dict) -> dict[str, Any]:
+    """Accuracy per length and depth of each setting; the generated answers are kept for inspection."""
+    haystack = load_text(ncfg["haystack"])
+    out = {s.name: {"found": {}, "answers": {}} for s in specs}
+    for length in ncfg["lengths"]:
+        prompts = needle_prompts(tokenizer, haystack, length, ncfg["depths"], ncfg)
+        tokens = greedy_pass(model, prompts, specs, ncfg["max_new_tokens"], desc=f"needle {length} tokens")
+        for i, spec in enumerate(specs):
+            for j, depth in enumerate(ncfg["depths"]):
+                text = tokenizer.decode(tokens[i, j].tolist(), skip_special_tokens=True)
+                key = f"{length}@{depth:g}"
+                out[spec.name]["found"][key] = metrics.needle_found(text, ncfg["answer"])
+                out[spec.name]["answers"][key] = text
+    for res in out.values():
+        res["accuracy"] = sum(res["found"].values()) / max(len(res["found"]), 1)
+    return out
+
+
+def run_agreement(model, tokenizer, specs, acfg: dict) -> dict[str, Any]:
+    """Greedy tokens identical to the reference before the first divergence, per prompt, and their mean."""
+    n, length = acfg["num_prompts"], acfg["prompt_length"]
+    ids = tokenize_text(tokenizer, load_text(acfg["data"]), max_tokens=2 * n * length)
+    prompts = torch.stack([ids[2 * i * length:(2 * i + 1) * length] for i in range(n)])
+    tokens = greedy_pass(model, prompts, specs, acfg["new_tokens"], desc="greedy agreement")
+    out = {}
+    for i, spec in enumerate(specs):
+        prefix = [metrics.common_prefix_length(tokens[i, j].tolist(), tokens[0, j].tolist()) for j in range(n)]
+        out[spec.name] = {
+            "prefix_tokens": prefix,
+            "mean_prefix": sum(prefix) / n,
+            "full_match": sum(p == acfg["new_tokens"] for p in prefix) / n,
+        }
+    return out
+
+
+def run_perplexity(model, tokenizer, specs, pcfg: dict) -> dict[str, Any]:
+    ctx, cont, segs = pcfg["context_length"], pcfg["continuation_length"], pcfg["segments"]
+    seg_len = ctx + cont + 1
+    ids = tokenize_text(tokenizer, load_text(pcfg["data"]), max_tokens=segs * seg_len)
+    if len(ids) < segs * seg_len:
+        raise ValueError(f"perplexity data must hold {segs * seg_len} tokens, got {len(ids)} from {pcfg['data']!r}")
+    segments = [ids[i * seg_len:(i + 1) * seg_len] for i in range(segs)]
+    return quality_pass(model, segments, specs, ctx, pcfg["chunk_size"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def run_evaluation(cfg: dict, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every enabled part of `cfg`; returns the results dict (see `report` for the table and files)."""
+    specs = method_specs(cfg, only)
+    start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
+    load_s = time.perf_counter() - start
+    timings = {"load_model": load_s}
+    results: dict[str, Any] = {
+        "config": cfg,
+        "machine": {
+            "platform": platform.platform(), "device": str(model.device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and model.device.type == "cuda" else None,
+        },
+        "model_config": {k: getattr(model.config, k, None) for k in (
+            "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")},
+        "methods": {s.name: {"method": s.method, "kwargs": s.kwargs} for s in specs},
+    }
+    import transformers
+
+    results["machine"]["transformers"] = transformers.__version__
+    pcfg = cfg["projection"]
+    for spec in specs:
+        results["methods"][spec.name]["projection"] = projection(spec, pcfg["seq_len"], pcfg["batch_size"])
+    parts = [("perplexity", run_perplexity), ("needle", run_needle), ("agreement", run_agreement)]
+    for key, fn in parts:
+        if not cfg[key].get("enabled", True):
+            continue
+        t = time.perf_counter()
+        part = fn(model, tokenizer, specs, cfg[key])
+        timings[key] = time.perf_counter() - t
+        for name, value in part.items():
+            results["methods"][name][key] = value
+    if cfg["perplexity"].get("enabled", True):
+        ref = results["methods"][REFERENCE]["perplexity"]
+        for spec in specs:
+            res = results["methods"][spec.name]["perplexity"]
+            res["perplexity_change_pct"] = metrics.relative_change(res["perplexity"], ref["perplexity"])
+            if res["held_tokens"]:
+                kwargs = {} if spec.method == REFERENCE else spec.kwargs
+                res["estimated_bytes"] = estimate_cache_bytes(
+                    model.config, res["held_tokens"], 1, spec.method, dtype=model.dtype, **kwargs)["total"]
+    timings["total"] = time.perf_counter() - start
+    results["timings_s"] = timings
+    return results

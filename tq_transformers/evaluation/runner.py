@@ -1,0 +1,314 @@
+"""The evaluation passes: every method runs side by side in one batched forward, one batch row (or block of rows)
+per cache, against the full-precision reference in the first block.
+
+- `RowSplitCache` puts several caches (one per method) behind one `transformers.Cache`: each layer's update is split
+  along the batch and sent to each cache, so one forward of the model drives every method on the same tokens.
+- The prefill runs once in full precision (a `DynamicCache`) and its keys and values are replayed into each method's
+  cache with the same `update` calls the model would make; the state is the same as after a prefill through that
+  cache (a prefill attends to its own exact keys in every method), at a fraction of the cost.
+- `FidelityProbe` wraps the model's attention function: for the reference row it feeds the exact new keys and values
+  into shadow caches of each method and compares softmax(q K^T / sqrt(d)) V from the shadow's (partly quantized)
+  keys and values with the exact ones, for the same queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import dataclasses
+from typing import Any
+
+import torch
+from transformers import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..registry import METHOD_NAMES, make_cache
+from . import metrics
+
+try:  # tqdm is an "eval" extra
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    def tqdm(iterable=None, **kwargs):
+        return iterable
+
+
+REFERENCE = "fp16"
+
+
+@dataclasses.dataclass
+class MethodSpec:
+    """One cache setting: a display `name`, a `method` ("fp16" or a quantized method) and its keyword arguments."""
+
+    name: str
+    method: str
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        allowed = (REFERENCE, *METHOD_NAMES)
+        if self.method not in allowed:
+            raise ValueError(f"method must be one of {allowed}, got {self.method!r} (in setting {self.name!r})")
+
+    def make(self, config) -> Cache:
+        """A fresh cache of this setting for a model `config`."""
+        if self.method == REFERENCE:
+            return DynamicCache(config=config)
+        return make_cache(self.method, config, **self.kwargs)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a cache holds: `memory_footprint()["total"]` for ours, the stored tensors of a DynamicCache."""
+    if hasattr(cache, "memory_footprint"):
+        return int(cache.memory_footprint()["total"])
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several caches behind one Cache
+# ----------------------------------------------------------------------------------------------------------------
+class RowSplitLayer(CacheLayerMixin):
+    """One layer of a `RowSplitCache`: batch rows are split into blocks, one block per underlying layer."""
+
+    is_compileable = False
+
+    def __init__(self, parts: list, rows: list[int]):
+        super().__init__()
+        self.parts, self.rows = parts, rows
+        self.is_sliding = getattr(parts[0], "is_sliding", False)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        outs = [
+            part.update(k, v, *args, **kwargs)
+            for part, k, v in zip(self.parts, key_states.split(self.rows), value_states.split(self.rows))
+        ]
+        self.is_initialized = True
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.parts[0].get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self.parts[0].get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self.parts[0].get_max_length()
+
+
+class RowSplitCache(Cache):
+    """`caches[i]` serves batch rows `sum(rows[:i]) .. sum(rows[:i+1])`; every cache must hold the same length."""
+
+    def __init__(self, caches: list[Cache], rows: list[int]):
+        if len(caches) != len(rows):
+            raise ValueError(f"rows must give one row count per cache ({len(caches)}), got {rows!r}")
+        n_layers = {len(c.layers) for c in caches}
+        if len(n_layers) != 1:
+            raise ValueError(f"caches must have the same number of layers, got {sorted(n_layers)}")
+        layers = [RowSplitLayer([c.layers[i] for c in caches], rows) for i in range(n_layers.pop())]
+        super().__init__(layers=layers)
+        self.caches = caches
+
+
+def replay_prefill(prefill: DynamicCache, cache: Cache) -> None:
+    """Feed each layer's prefill keys and values into `cache` exactly as the model's prefill would."""
+    for layer_idx, layer in enumerate(prefill.layers):
+        cache.update(layer.keys, layer.values, layer_idx)
+
+
+def can_replay(prefill: DynamicCache) -> bool:
+    """Replaying needs every layer to hold all prefill tokens (no sliding-window layers)."""
+    return all(type(layer) is DynamicLayer for layer in prefill.layers)
+
+
+def forward(model, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """Logits [B, T, V] (float32) of `input_ids` continuing `cache`."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    return out.logits.float()
+
+
+def build_caches(model, specs: list[MethodSpec], prompt: torch.Tensor):
+    """Prefill `prompt` [b, T] once; return (one filled cache per spec, last-position logits [b, V])."""
+    config = model.config
+    prefill = DynamicCache(config=config)
+    logits = forward(model, prompt, prefill)[:, -1]
+    caches = [spec.make(config) for spec in specs]
+    if can_replay(prefill):
+        for cache in caches:
+            replay_prefill(prefill, cache)
+    else:  # sliding-window layers: a real prefill through every cache
+        forward(model, prompt.repeat(len(specs), 1), RowSplitCache(caches, [prompt.shape[0]] * len(specs)))
+    return caches, logits, prefill
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention fidelity
+# ----------------------------------------------------------------------------------------------------------------
+class FidelityProbe:
+    """Cosine of attention outputs from each method's cache against the exact cache, per layer and query head.
+
+    Shadow caches of each quantized setting receive the reference row's exact keys and values; for every attention
+    call while `active`, the reference row's queries attend (causally) to the exact and to the shadow's keys and
+    values, and the cosine of the two outputs is accumulated per (layer, head) over query tokens.
+    """
+
+    def __init__(self, specs: list[MethodSpec], config, prefill: DynamicCache):
+        self.specs = [s for s in specs if s.method != REFERENCE]
+        self.shadows = {s.name: s.make(config) for s in self.specs}
+        for cache in self.shadows.values():
+            replay_prefill(prefill, cache)
+        self.sums: dict[str, dict[int, torch.Tensor]] = {s.name: {} for s in self.specs}
+        self.counts: dict[int, int] = {}
+        self.active = False
+
+    def observe(self, module, query, key, value) -> None:
+        if not self.active:
+            return
+        layer = module.layer_idx
+        q, k, v = query[:1], key[:1], value[:1]
+        n = q.shape[-2]
+        scale = getattr(module, "scaling", None)
+        ref = metrics.attention_output(q, k, v, scale=scale)
+        for name, shadow in self.shadows.items():
+            ks, vs = shadow.update(k[..., -n:, :], v[..., -n:, :], layer)
+            out = metrics.attention_output(q, ks.to(q.device), vs.to(q.device), scale=scale)
+            cos = metrics.cosine(out, ref).sum(-1)[0].cpu()  # [Hq], summed over query tokens
+            acc = self.sums[name]
+            acc[layer] = acc[layer] + cos if layer in acc else cos
+        self.counts[layer] = self.counts.get(layer, 0) + n
+
+    def add(self, other: "FidelityProbe") -> None:
+        """Accumulate another probe's sums (a further text segment)."""
+        for name, per_layer in other.sums.items():
+            for layer, value in per_layer.items():
+                acc = self.sums[name]
+                acc[layer] = acc[layer] + value if layer in acc else value
+        for layer, n in other.counts.items():
+            self.counts[layer] = self.counts.get(layer, 0) + n
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per setting: mean cosine, worst layer (index and its mean), worst (layer, head), per-layer means."""
+        out = {}
+        for name, per_layer in self.sums.items():
+            layers = sorted(per_layer)
+            if not layers:
+                continue
+            table = torch.stack([per_layer[i] / self.counts[i] for i in layers]).double()  # [L, Hq]
+            layer_means = table.mean(1)
+            worst = int(layer_means.argmin())
+            flat = int(table.argmin())
+            out[name] = {
+                "mean": float(table.mean()),
+                "worst_layer": layers[worst],
+                "worst_layer_mean": float(layer_means[worst]),
+                "worst_head": [layers[flat // table.shape[1]], flat % table.shape[1]],
+                "worst_head_value": float(table.min()),
+                "per_layer": [float(x) for x in layer_means],
+            }
+        return out
+
+
+@contextlib.contextmanager
+def capture_attention(model, probe: FidelityProbe):
+    """Route the model's attention calls through `probe.observe` (sdpa or eager attention) while inside."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = model.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attention implementation must be 'sdpa' or 'eager' for the fidelity probe, got {impl!r}")
+    if impl == "eager":
+        model.set_attn_implementation("sdpa")
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
+        probe.observe(module, query, key, value)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapped
+    try:
+        yield probe
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+        if impl == "eager":
+            model.set_attn_implementation("eager")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Passes
+# ----------------------------------------------------------------------------------------------------------------
+def quality_pass(model, segments: list[torch.Tensor], specs: list[MethodSpec], context_length: int,
+                 chunk_size: int) -> dict[str, Any]:
+    """Perplexity, top-1 agreement, KL and attention fidelity of each setting (`specs[0]` is the reference).
+
+    Each segment [context_length + C + 1] is prefilled for `context_length` tokens, then the next C tokens are fed
+    in chunks of `chunk_size` through every cache side by side; the C predictions (of tokens context+1 .. context+C)
+    are scored. Returns per setting: nll sum, token count, top-1 and KL sums, bytes held at the end, and fidelity.
+    """
+    n = len(specs)
+    stats = {s.name: {"nll": 0.0, "top1": 0.0, "kl": 0.0, "tokens": 0} for s in specs}
+    fidelity = None
+    held: dict[str, int] = {}
+    for seg in tqdm(segments, desc="perplexity + fidelity segments", leave=False):
+        seg = seg.to(model.device)
+        caches, _, prefill = build_caches(model, specs, seg[None, :context_length])
+        probe = FidelityProbe(specs, model.config, prefill)
+        del prefill
+        cache = RowSplitCache(caches, [1] * n)
+        cont = seg[context_length:]
+        steps = range(0, len(cont) - 1, chunk_size)
+        with capture_attention(model, probe):
+            probe.active = True
+            for start in tqdm(steps, desc="continuation chunks", leave=False):
+                inputs = cont[start:min(start + chunk_size, len(cont) - 1)]
+                targets = cont[start + 1:start + 1 + len(inputs)]
+                logits = forward(model, inputs[None].repeat(n, 1), cache)  # [n, c, V]
+                ref = logits[0]
+                for i, spec in enumerate(specs):
+                    st = stats[spec.name]
+                    c = len(targets)
+                    st["nll"] += c * math.log(metrics.perplexity(logits[i], targets))
+                    st["top1"] += c * metrics.top1_agreement(logits[i], ref)
+                    st["kl"] += c * metrics.kl_divergence(logits[i], ref)
+                    st["tokens"] += c
+        if fidelity is None:
+            fidelity = probe
+        else:
+            fidelity.add(probe)
+        held = {spec.name: cache_bytes(c) for spec, c in zip(specs, caches)}
+        held_len = caches[0].get_seq_length()
+    fid = fidelity.summary() if fidelity is not None else {}
+    out = {}
+    for spec in specs:
+        st = stats[spec.name]
+        tokens = max(st["tokens"], 1)
+        out[spec.name] = {
+            "perplexity": math.exp(st["nll"] / tokens),
+            "top1_agreement": st["top1"] / tokens,
+            "kl_divergence": st["kl"] / tokens,
+            "scored_tokens": st["tokens"],
+            "held_bytes": held.get(spec.name),
+            "held_tokens": held_len,
+            "fidelity": fid.get(spec.name, {"mean": 1.0, "worst_layer": None, "worst_layer_mean": 1.0}),
+        }
+    return out
+
+
+def greedy_pass(model, prompts: torch.Tensor, specs: list[MethodSpec], new_tokens: int, desc: str = "greedy decode"):
+    """Greedy continuation of `prompts` [b, T] through every setting side by side: token ids [len(specs), b, N]."""
+    prompts = prompts.to(model.device)
+    b, n = prompts.shape[0], len(specs)
+    caches, last_logits, prefill = build_caches(model, specs, prompts)
+    del prefill
+    cache = RowSplitCache(caches, [b] * n)
+    token = last_logits.argmax(-1).repeat(n)  # the prefill's prediction is exact for every cache
+    out = [token]
+    for _ in tqdm(range(new_tokens - 1), desc=desc, leave=False):
+        token = forward(model, token[:, None], cache)[:, -1].argmax(-1)
+        out.append(token)
+    return torch.stack(out, dim=-1).view(n, b, new_tokens).cpu()
