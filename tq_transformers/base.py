@@ -88,6 +88,8 @@ class QuantizedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
     supports_early_init = True
+    # Set by tq_transformers.fast_attention.prepare_cache: callable(layer, window_k, window_v) -> placeholders.
+    fast_path = None
 
     def __init__(self, method_config: WindowConfig, layer_idx: int = 0):
         super().__init__()
@@ -166,7 +168,13 @@ class QuantizedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         window_k = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
         window_v = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
-        if self.num_quantized > 0:
+        if self.fast_path is not None and self.num_quantized > 0 and key_states.shape[-2] == 1:
+            # Fast-path hook (tq_transformers.fast_attention, off unless set): a single-token decode step skips
+            # dequantizing the old tokens; `fast_path` records what this step attends to (the packed tokens held
+            # now, then this window) and returns placeholders that its attention function recognizes. Storing and
+            # flushing below are unchanged.
+            out_k, out_v = self.fast_path(self, window_k, window_v)
+        elif self.num_quantized > 0:
             old_k, old_v = self._dequantize(key_states.dtype)
             out_k = torch.cat([old_k, window_k.to(key_states.dtype)], dim=-2)
             out_v = torch.cat([old_v, window_v.to(value_states.dtype)], dim=-2)

@@ -48,10 +48,12 @@ def check_cache_continues(cache, input_ids: torch.Tensor | None) -> None:
         )
 
 
-def enable(model, method: str, **cache_kwargs):
+def enable(model, method: str, fast: bool = False, **cache_kwargs):
     """Make every `model.generate` call use a fresh `method` cache ("turboquant", "kivi" or "bonsai").
 
     The cache keyword arguments are validated now (a bad value raises here, not at the first prompt).
+    ``fast=True`` also switches the model to the fused decode path (``tq_transformers.fast_attention``: Triton
+    kernels on CUDA, the same output as the reference path elsewhere) for the caches that generate uses.
     Returns the model. Example::
 
         tq_transformers.enable(model, "turboquant", bits=4)
@@ -60,6 +62,12 @@ def enable(model, method: str, **cache_kwargs):
     cache_cls = get_method(method)
     cache_cls(model.config, **cache_kwargs)  # validate the arguments once, at enable time
     original = getattr(model.generate, "__tq_original__", model.generate)
+    previous_attn = getattr(model.generate, "__tq_previous_attn__", None)
+    if fast:
+        from . import fast_attention
+
+        installed = fast_attention.install(model)
+        previous_attn = previous_attn or installed
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
@@ -73,6 +81,10 @@ def enable(model, method: str, **cache_kwargs):
             kwargs[CACHE_KWARG] = cache
         elif isinstance(cache, QuantizedCacheBase):
             check_cache_continues(cache, input_ids)
+        if fast and isinstance(cache, QuantizedCacheBase):
+            from .fast_attention import prepare_cache
+
+            prepare_cache(cache)
         out = original(*args, **kwargs)
         if isinstance(cache, QuantizedCacheBase):
             sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
@@ -81,6 +93,7 @@ def enable(model, method: str, **cache_kwargs):
 
     generate.__tq_original__ = original
     generate.__tq_method__ = (method, dict(cache_kwargs))
+    generate.__tq_previous_attn__ = previous_attn
     model.generate = generate
     return model
 
@@ -88,5 +101,8 @@ def enable(model, method: str, **cache_kwargs):
 def disable(model):
     """Undo `enable`: the model's own `generate` again."""
     if hasattr(model.generate, "__tq_original__"):
+        previous_attn = getattr(model.generate, "__tq_previous_attn__", None)
+        if previous_attn is not None:  # enable(fast=True) switched the attention implementation
+            model.set_attn_implementation(previous_attn)
         del model.generate
     return model

@@ -1,0 +1,173 @@
+"""The fast decode path: fused attention on the packed cache, chosen once per model.
+
+    tq_transformers.enable(model, "turboquant", bits=4, fast=True)
+    model.generate(**inputs)          # decode steps run the Triton kernel on the packed codes
+
+How it fits transformers (same mechanism on 5.17 and 5.24):
+
+1. ``install(model)`` registers the attention function ``tq_fused_attention`` under the name ``"tq_fused"`` in
+   ``transformers.AttentionInterface`` (with SDPA's mask function in ``AttentionMaskInterface``, so the masks are
+   exactly those the ``"sdpa"`` implementation gets) and switches the model to it with
+   ``model.set_attn_implementation("tq_fused")``.
+2. ``prepare_cache(cache)`` sets the ``fast_path`` hook of every quantized layer (``QuantizedLayer.update``). On a
+   single-token decode step with packed tokens, the layer skips dequantizing its history and returns the window
+   tensors tagged with a ``FastView``: the layer, how many packed tokens this step attends to (those held before this
+   step's flush, exactly what the reference path attends to) and the window. Storing and flushing are unchanged, and
+   it also routes the layer's compress-on-write through the Triton kernel when the layer is on CUDA.
+3. ``tq_fused_attention`` finds the ``FastView`` on the key tensor it is handed (so it always pairs the right layer
+   with the right module, whatever ``module.layer_idx``), and
+   - on CUDA, for a configuration the kernels handle: runs the fused split-K decode kernel;
+   - otherwise (CPU, an unsupported configuration): rebuilds exactly the tensors the reference path would have
+     returned and calls transformers' SDPA attention: identical output;
+   - without a view (prefill, layers that are not quantized, any other cache): plain SDPA, as ``"sdpa"`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import kernels
+from .base import QuantizedCacheBase, QuantizedLayer
+
+ATTN_NAME = "tq_fused"
+
+__all__ = ["ATTN_NAME", "FastView", "install", "prepare_cache", "register", "tq_fused_attention", "uninstall"]
+
+
+@dataclasses.dataclass
+class FastView:
+    """What one decode step of one layer attends to: the first `num_quantized` packed tokens, then the window."""
+
+    layer: QuantizedLayer
+    num_quantized: int
+    keys: torch.Tensor  # [B, Hkv, W, D] full-precision window, this step's token last
+    values: torch.Tensor
+
+
+def _fast_hook(layer: QuantizedLayer, window_k: torch.Tensor, window_v: torch.Tensor):
+    """`QuantizedLayer.fast_path`: placeholders (new tensor objects on the window's memory) carrying the view."""
+    view = FastView(layer, layer.num_quantized, window_k, window_v)
+    key, value = window_k.view_as(window_k), window_v.view_as(window_v)
+    key.tq_fast_view = view
+    return key, value
+
+
+def _compress_on_write(layer: QuantizedLayer):
+    cls_quantize = type(layer)._quantize_block
+
+    def quantize_block(keys, values):
+        if keys.is_cuda and kernels.triton_available() and kernels.compress_supported(layer):
+            return kernels.compress_block(layer, keys, values, impl="triton")
+        return cls_quantize(layer, keys, values)
+
+    return quantize_block
+
+
+def prepare_cache(cache, compress: bool = True):
+    """Turn the fast path on for every quantized layer of `cache` (see the module docstring). Returns the cache."""
+    if not isinstance(cache, QuantizedCacheBase):
+        raise TypeError(f"cache must be a tq_transformers cache, got {type(cache).__name__}")
+    for layer in cache.quantized_layers:
+        layer.fast_path = _fast_hook
+        if compress:
+            layer._quantize_block = _compress_on_write(layer)
+    return cache
+
+
+def register() -> None:
+    """Register "tq_fused" with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, tq_fused_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def install(model) -> str:
+    """Register and switch `model` to "tq_fused"; returns the previous attention implementation."""
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    return previous
+
+
+def uninstall(model, previous: str = "sdpa") -> None:
+    model.set_attn_implementation(previous)
+
+
+def _key_mask(attention_mask: torch.Tensor | None, total: int) -> tuple[bool, torch.Tensor | None]:
+    """(usable, key mask `[B, total]` True = attend) from transformers' 4-D decode mask, or None without one."""
+    if attention_mask is None:
+        return True, None
+    if attention_mask.dim() != 4 or attention_mask.shape[-1] != total or attention_mask.shape[-2] != 1:
+        return False, None
+    key_mask = attention_mask[:, 0, 0, :]  # the mask of a decode step is the same for every head
+    if key_mask.dtype != torch.bool:  # additive float mask: 0 where attended
+        key_mask = key_mask > torch.finfo(key_mask.dtype).min / 2
+    return True, key_mask
+
+
+def _storage_prefix(layer: QuantizedLayer, num_quantized: int) -> dict[str, torch.Tensor]:
+    """The layer's storage as it was when it held `num_quantized` packed tokens (flushes only append on dim 2)."""
+    from .kivi import KIVILayer
+
+    out = {}
+    for name, t in layer.storage.items():
+        if name in layer.static_storage:
+            out[name] = t
+        elif isinstance(layer, KIVILayer) and name.startswith("k_"):  # keys are stored per group of G tokens
+            out[name] = t[:, :, : num_quantized // layer.cfg.group_size]
+        else:
+            out[name] = t[:, :, :num_quantized]
+    return out
+
+
+def _reference_tensors(view: FastView, dtype: torch.dtype):
+    """Exactly the keys and values `QuantizedLayer.update` returns on the reference path for this step."""
+    layer = view.layer
+    if layer.num_quantized == view.num_quantized:
+        old_k, old_v = layer._dequantize(dtype)
+    else:  # this step flushed: dequantize the storage as it was before the flush, as the reference path did
+        held = layer.storage
+        layer.storage = _storage_prefix(layer, view.num_quantized)
+        try:
+            old_k, old_v = layer._dequantize(dtype)
+        finally:
+            layer.storage = held
+    keys = torch.cat([old_k, view.keys.to(dtype)], dim=-2)
+    values = torch.cat([old_v, view.values.to(dtype)], dim=-2)
+    return keys, values
+
+
+def tq_fused_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: fused decode attention on the packed cache, SDPA otherwise.
+
+    query `[B, Hq, q_len, D]`; returns (`[B, q_len, Hq, D]`, None) like ``sdpa_attention_forward``.
+    """
+    view = getattr(key, "tq_fast_view", None)
+    if view is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layer = view.layer
+    total = view.num_quantized + view.keys.shape[-2]
+    usable, key_mask = _key_mask(attention_mask, total)
+    fused = (
+        usable
+        and query.is_cuda
+        and query.shape[2] == 1
+        and (dropout == 0.0 or not module.training)
+        and kwargs.get("softcap") is None
+        and kwargs.get("sliding_window") is None
+        and kernels.triton_available()
+        and kernels.decode_supported(layer)
+    )
+    if not fused:
+        keys, values = _reference_tensors(view, query.dtype)
+        return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = kernels.decode_attention(layer, query[:, :, 0], view.num_quantized, view.keys, view.values, key_mask,
+                                   scaling, impl="triton")  # [B, Hq, D]
+    return out.unsqueeze(1), None

@@ -1,0 +1,752 @@
+"""Triton kernels: compress-on-write and split-K decode attention on the packed caches.
+
+Imported only through ``tq_transformers.kernels`` (lazily): a CPU install never imports Triton.
+
+Bit unpacking without gathers. ``packing`` stores 8 codes of b bits as one little-endian word of b bytes; for
+b in {1, 2, 4, 8} byte ``j`` of a row simply holds codes ``j*PER .. j*PER + PER - 1`` (PER = 8 / b), lowest bits first.
+A tile of bytes ``[N, J]`` is expanded with one broadcast shift into ``[N, J, PER]`` and reshaped to ``[N, J*PER]``,
+which is the natural column order::
+
+    bytes  [N, J]  --(>> b*i, & mask)-->  [N, J, PER]  --reshape-->  [N, D]   column = j*PER + i
+
+Decode attention (flash-decoding). One program per (KV head of one batch row, split of the packed tokens): it loads
+the G query heads of that KV head once ([GP, D], GP = G padded to 16 rows for the tensor cores), streams its share of
+the codes and metadata, dequantizes tiles in registers only, and keeps an online softmax (base 2). It writes per split
+the running max ``m``, the sum ``l`` and the unnormalized accumulator ``acc`` [GP, D]. A reduce program per KV head
+merges the splits, rotates the value accumulator back once (TurboQuant, rotated Bonsai), adds the value mean weighted
+by the quantized share of the probability (``l`` of the packed part), attends to the full-precision window and writes
+``out [B, Hq, D]``.
+
+Centering: scores of packed keys get ``q . mu_k`` added (a per-head constant, computed once per program).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_EPS = 1e-8
+_KIVI_SCALE_EPS = 1e-5
+_LOG2E = 1.4426950408889634
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _round_half_even(x):
+    """torch.round (ties to even) for x >= -0.5, exact in float32."""
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _unpack_tile(bytes_i32, BITS: tl.constexpr, R: tl.constexpr, J: tl.constexpr):
+    """[R, J] bytes -> [R, J * 8/BITS] integer codes in natural column order."""
+    PER: tl.constexpr = 8 // BITS
+    shifts = tl.arange(0, PER) * BITS
+    codes = (bytes_i32[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (R, J * PER))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compress-on-write
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tq_compress_kernel(
+    X, MU, P, LEVELS, EDGES, CODES, NORMS,
+    T, H,
+    s_xb, s_xh, s_xt, s_mub, s_muh, s_cb, s_ch, s_ct, s_nb, s_nh,
+    D: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BITS: tl.constexpr,
+    HAS_MU: tl.constexpr, NORM_CORR: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: BLOCK_T tokens of one head. x -> center -> /||x|| -> rotate -> bucketize -> pack, norms."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BD)
+    j = tl.arange(0, BJ)
+    t_ok = t < T
+    d_ok = d < D
+    j_ok = j < D // 8
+    x = tl.load(X + b * s_xb + h * s_xh + t[:, None] * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)
+    if HAS_MU:
+        mu = tl.load(MU + b * s_mub + h * s_muh + d, mask=d_ok, other=0.0).to(tl.float32)
+        x = tl.where(d_ok[None, :], x - mu[None, :], 0.0)
+    gamma = tl.sqrt_rn(tl.sum(x * x, axis=1))  # [BLOCK_T]
+    u = tl.div_rn(x, tl.maximum(gamma, _EPS)[:, None])
+    word = tl.zeros((BLOCK_T, BJ), dtype=tl.int64)
+    csq = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for i in tl.static_range(8):
+        # PT_i[d, j] = P[8j + i, d]: the rotated coordinates 8j + i, i.e. code i of run j
+        pt = tl.load(P + (8 * j[None, :] + i) * D + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+        y = tl.dot(u, pt, input_precision="ieee")  # [BLOCK_T, BJ]
+        idx = tl.zeros((BLOCK_T, BJ), dtype=tl.int32)
+        for k in tl.static_range((1 << BITS) - 1):
+            idx += (y > tl.load(EDGES + k)).to(tl.int32)
+        c = tl.load(LEVELS + idx)
+        csq += tl.sum(tl.where(j_ok[None, :], c * c, 0.0), axis=1)
+        word = word | (idx.to(tl.int64) << (BITS * i))
+    if NORM_CORR:
+        norms = tl.div_rn(gamma, tl.maximum(tl.sqrt_rn(csq), _EPS))
+    else:
+        norms = gamma
+    tl.store(NORMS + b * s_nb + h * s_nh + t, norms.to(tl.float16), mask=t_ok)
+    base = CODES + b * s_cb + h * s_ch + t[:, None] * s_ct + j[None, :] * BITS
+    for k in tl.static_range(BITS):
+        tl.store(base + k, ((word >> (8 * k)) & 0xFF).to(tl.uint8), mask=t_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _bonsai_compress_kernel(
+    X, MU, P, SIGNS, SCALE,
+    T, H,
+    s_xb, s_xh, s_xt, s_mub, s_muh, s_sb, s_sh, s_st, s_gb, s_gh, s_gt,
+    D: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, GS: tl.constexpr,
+    HAS_MU: tl.constexpr, ROT: tl.constexpr, L2: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: BLOCK_T tokens of one head. x -> center -> (rotate) -> sign bits and per-group scales."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BD)
+    j = tl.arange(0, BJ)
+    t_ok = t < T
+    d_ok = d < D
+    j_ok = j < D // 8
+    xrow = X + b * s_xb + h * s_xh + t[:, None] * s_xt
+    if ROT:
+        x = tl.load(xrow + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_MU:
+            mu = tl.load(MU + b * s_mub + h * s_muh + d, mask=d_ok, other=0.0).to(tl.float32)
+            x = tl.where(d_ok[None, :], x - mu[None, :], 0.0)
+    word = tl.zeros((BLOCK_T, BJ), dtype=tl.int32)
+    sabs = tl.zeros((BLOCK_T, BJ), dtype=tl.float32)
+    ssq = tl.zeros((BLOCK_T, BJ), dtype=tl.float32)
+    for i in tl.static_range(8):
+        col = 8 * j + i
+        if ROT:
+            pt = tl.load(P + col[None, :] * D + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+            y = tl.dot(x, pt, input_precision="ieee")
+        else:
+            y = tl.load(xrow + col[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_MU:
+                muc = tl.load(MU + b * s_mub + h * s_muh + col, mask=j_ok, other=0.0).to(tl.float32)
+                y = y - muc[None, :]
+        word = word | ((y >= 0).to(tl.int32) << i)
+        sabs += tl.abs(y)
+        ssq += y * y
+    tl.store(SIGNS + b * s_sb + h * s_sh + t[:, None] * s_st + j[None, :], word.to(tl.uint8),
+             mask=t_ok[:, None] & j_ok[None, :])
+    grp = j // (GS // 8)
+    for g in tl.static_range(D // GS):
+        in_g = (grp == g) & j_ok
+        l1 = tl.sum(tl.where(in_g[None, :], sabs, 0.0), axis=1)
+        if L2:
+            sc = tl.div_rn(tl.sum(tl.where(in_g[None, :], ssq, 0.0), axis=1), tl.maximum(l1, _EPS))
+        else:
+            sc = tl.div_rn(l1, GS * 1.0)
+        tl.store(SCALE + b * s_gb + h * s_gh + t * s_gt + g, sc.to(tl.float16), mask=t_ok)
+
+
+@triton.jit
+def _minmax_meta(lo, hi, QMAX: tl.constexpr):
+    """KIVI's fp16 zero point and scale from the float32 min and max of a group (as ``kivi.minmax_quantize``)."""
+    zero16 = lo.to(tl.float16)
+    scale16 = tl.maximum(tl.div_rn(hi - zero16.to(tl.float32), QMAX * 1.0), _KIVI_SCALE_EPS).to(tl.float16)
+    return zero16, scale16
+
+
+@triton.jit
+def _kivi_key_compress_kernel(
+    X, CODES, SCALE, ZERO,
+    H,
+    s_xb, s_xh, s_xt, s_cb, s_ch, s_cg, s_sb, s_sh, s_sg,
+    D: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+):
+    """One program: one group of GS tokens x D channels of one head; min-max over the tokens of each channel."""
+    pid_g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    R: tl.constexpr = GS // 8  # runs of 8 tokens
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    r = tl.arange(0, R)
+    d = tl.arange(0, D)
+    xg = X + b * s_xb + h * s_xh + (pid_g * GS) * s_xt
+    lo = tl.full((D,), float("inf"), tl.float32)
+    hi = tl.full((D,), float("-inf"), tl.float32)
+    for i in tl.static_range(8):
+        x = tl.load(xg + (8 * r[:, None] + i) * s_xt + d[None, :]).to(tl.float32)  # tokens 8r + i
+        fin = (x == x) & (tl.abs(x) < float("inf"))
+        lo = tl.minimum(lo, tl.min(tl.where(fin, x, float("inf")), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(fin, x, float("-inf")), axis=0))
+    none = lo == float("inf")
+    lo = tl.where(none, 0.0, lo)
+    hi = tl.where(none, 0.0, hi)
+    zero16, scale16 = _minmax_meta(lo, hi, QMAX)
+    zero = zero16.to(tl.float32)
+    scale = scale16.to(tl.float32)
+    word = tl.zeros((R, D), dtype=tl.int64)
+    for i in tl.static_range(8):
+        x = tl.load(xg + (8 * r[:, None] + i) * s_xt + d[None, :]).to(tl.float32)
+        fin = (x == x) & (tl.abs(x) < float("inf"))
+        q = _round_half_even(tl.div_rn(x - zero[None, :], scale[None, :]))
+        q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0)
+        q = tl.where(fin, q, 0.0).to(tl.int64)
+        word = word | (q << (BITS * i))
+    base = CODES + b * s_cb + h * s_ch + pid_g * s_cg + d[None, :] * (GS * BITS // 8) + r[:, None] * BITS
+    for k in tl.static_range(BITS):
+        tl.store(base + k, ((word >> (8 * k)) & 0xFF).to(tl.uint8))
+    tl.store(SCALE + b * s_sb + h * s_sh + pid_g * s_sg + d, scale16)
+    tl.store(ZERO + b * s_sb + h * s_sh + pid_g * s_sg + d, zero16)
+
+
+@triton.jit
+def _kivi_value_compress_kernel(
+    X, CODES, SCALE, ZERO,
+    T, H,
+    s_xb, s_xh, s_xt, s_cb, s_ch, s_ct, s_sb, s_sh, s_st,
+    D: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: BLOCK_T tokens of one head; min-max over each group of GS channels of a token."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    J: tl.constexpr = D // 8
+    NG: tl.constexpr = D // GS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.arange(0, J)
+    t_ok = t < T
+    grp = j // (GS // 8)  # group of columns 8j + i, for every i
+    xrow = X + b * s_xb + h * s_xh + t[:, None] * s_xt
+    lo_c = tl.full((BLOCK_T, J), float("inf"), tl.float32)
+    hi_c = tl.full((BLOCK_T, J), float("-inf"), tl.float32)
+    for i in tl.static_range(8):
+        x = tl.load(xrow + 8 * j[None, :] + i, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        fin = (x == x) & (tl.abs(x) < float("inf"))
+        lo_c = tl.minimum(lo_c, tl.where(fin, x, float("inf")))
+        hi_c = tl.maximum(hi_c, tl.where(fin, x, float("-inf")))
+    zero = tl.zeros((BLOCK_T, J), dtype=tl.float32)
+    scale = tl.zeros((BLOCK_T, J), dtype=tl.float32)
+    for g in tl.static_range(NG):
+        in_g = grp == g
+        lo = tl.min(tl.where(in_g[None, :], lo_c, float("inf")), axis=1)
+        hi = tl.max(tl.where(in_g[None, :], hi_c, float("-inf")), axis=1)
+        none = lo == float("inf")
+        lo = tl.where(none, 0.0, lo)
+        hi = tl.where(none, 0.0, hi)
+        zero16, scale16 = _minmax_meta(lo, hi, QMAX)
+        tl.store(SCALE + b * s_sb + h * s_sh + t * s_st + g, scale16, mask=t_ok)
+        tl.store(ZERO + b * s_sb + h * s_sh + t * s_st + g, zero16, mask=t_ok)
+        zero = tl.where(in_g[None, :], zero16.to(tl.float32)[:, None], zero)
+        scale = tl.where(in_g[None, :], scale16.to(tl.float32)[:, None], scale)
+    word = tl.zeros((BLOCK_T, J), dtype=tl.int64)
+    for i in tl.static_range(8):
+        x = tl.load(xrow + 8 * j[None, :] + i, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        fin = (x == x) & (tl.abs(x) < float("inf"))
+        q = _round_half_even(tl.div_rn(x - zero, scale))
+        q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0)
+        q = tl.where(fin, q, 0.0).to(tl.int64)
+        word = word | (q << (BITS * i))
+    base = CODES + b * s_cb + h * s_ch + t[:, None] * s_ct + j[None, :] * BITS
+    for k in tl.static_range(BITS):
+        tl.store(base + k, ((word >> (8 * k)) & 0xFF).to(tl.uint8), mask=t_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode attention: split kernels
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _codebook_split_kernel(
+    Q, MU, KC, KS, VC, VS, LUT, MASK, M_OUT, L_OUT, ACC_OUT,
+    n_q, tokens_per_split, num_splits, H,
+    s_kcb, s_kch, s_kcn, s_ksb, s_ksh, s_ksn, s_vcb, s_vch, s_vcn, s_vsb, s_vsh, s_vsn, s_mb, s_mn,
+    sm_scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr, BITS: tl.constexpr, NGS: tl.constexpr,
+    SIGN1: tl.constexpr, HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
+):
+    """TurboQuant (codebook levels x per-token norm) and Bonsai (+-1 x per-group scale) packed tokens.
+
+    Q [B*Hkv, G, D] (rotated when the method rotates), MU [B*Hkv, D] float32 (the key mean in Q's domain),
+    codes [B, Hkv, N, D*BITS/8] uint8, scales [B, Hkv, N, NGS]; partials M/L [B*Hkv, S, GP], ACC [B*Hkv, S, GP, BD].
+    """
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    PER: tl.constexpr = 8 // BITS
+    BD: tl.constexpr = BJ * PER
+    DB: tl.constexpr = D * BITS // 8
+    GSZ: tl.constexpr = D // NGS
+    g = tl.arange(0, GP)
+    d = tl.arange(0, BD)
+    j = tl.arange(0, BJ)
+    nn = tl.arange(0, BLOCK_N)
+    d_ok = d < D
+    j_ok = j < DB
+    q = tl.load(Q + (pid_bh * G + g[:, None]) * D + d[None, :], mask=(g[:, None] < G) & d_ok[None, :], other=0.0)
+    qf = q.to(tl.float32)
+    if HAS_MU:
+        mu = tl.load(MU + pid_bh * D + d, mask=d_ok, other=0.0)
+        qmu = tl.sum(qf * mu[None, :], axis=1)
+    else:
+        qmu = tl.zeros((GP,), dtype=tl.float32)
+    if F32:
+        qd = qf
+    else:
+        qd = q
+    start = pid_s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_q)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), dtype=tl.float32)
+    acc = tl.zeros((GP, BD), dtype=tl.float32)
+    kc_base = KC + b * s_kcb + h * s_kch
+    vc_base = VC + b * s_vcb + h * s_vch
+    ks_base = KS + b * s_ksb + h * s_ksh
+    vs_base = VS + b * s_vsb + h * s_vsh
+    for it in range(0, tokens_per_split, BLOCK_N):  # the tail is masked by `end`
+        n0 = start + it
+        n = n0 + nn
+        n_ok = n < end
+        tile_ok = n_ok[:, None] & j_ok[None, :]
+        kb = tl.load(kc_base + n[:, None] * s_kcn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
+        kcode = _unpack_tile(kb, BITS, BLOCK_N, BJ)  # [BLOCK_N, BD]
+        if SIGN1:
+            kf = kcode.to(tl.float32) * 2.0 - 1.0
+        else:
+            kf = tl.load(LUT + kcode)
+        if NGS > 1:
+            ks2 = tl.load(ks_base + n[:, None] * s_ksn + d[None, :] // GSZ, mask=n_ok[:, None] & d_ok[None, :],
+                          other=0.0).to(tl.float32)
+            kf = kf * ks2
+        if F32:
+            s = tl.dot(qd, tl.trans(kf), input_precision="ieee")
+        else:
+            s = tl.dot(qd, tl.trans(kf.to(qd.dtype)))
+        if NGS == 1:
+            ks = tl.load(ks_base + n * s_ksn, mask=n_ok, other=0.0).to(tl.float32)
+            s = s * ks[None, :]
+        s = (s + qmu[:, None]) * sm_scale_log2
+        ok = n_ok
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + b * s_mb + n * s_mn, mask=n_ok, other=0) != 0)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vb = tl.load(vc_base + n[:, None] * s_vcn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
+        vcode = _unpack_tile(vb, BITS, BLOCK_N, BJ)
+        if SIGN1:
+            vf = vcode.to(tl.float32) * 2.0 - 1.0
+        else:
+            vf = tl.load(LUT + vcode)
+        if NGS > 1:
+            vs2 = tl.load(vs_base + n[:, None] * s_vsn + d[None, :] // GSZ, mask=n_ok[:, None] & d_ok[None, :],
+                          other=0.0).to(tl.float32)
+            vf = vf * vs2
+        else:
+            vs = tl.load(vs_base + n * s_vsn, mask=n_ok, other=0.0).to(tl.float32)
+            p = p * vs[None, :]
+        if F32:
+            acc = acc * alpha[:, None] + tl.dot(p, vf, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(qd.dtype), vf.to(qd.dtype))
+        m_i = m_new
+    row = pid_bh * num_splits + pid_s
+    tl.store(M_OUT + row * GP + g, m_i)
+    tl.store(L_OUT + row * GP + g, l_i)
+    tl.store(ACC_OUT + (row * GP + g[:, None]) * BD + d[None, :], acc)
+
+
+@triton.jit
+def _kivi_split_kernel(
+    Q, KC, KS, KZ, VC, VS, VZ, MASK, M_OUT, L_OUT, ACC_OUT,
+    n_q, tokens_per_split, num_splits, H,
+    s_kcb, s_kch, s_kcg, s_ksb, s_ksh, s_ksg, s_vcb, s_vch, s_vcn, s_vsb, s_vsh, s_vsn, s_mb, s_mn,
+    sm_scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NGB: tl.constexpr,
+    HAS_MASK: tl.constexpr, F32: tl.constexpr,
+):
+    """KIVI packed tokens, NGB key groups (NGB * GS tokens) per iteration.
+
+    keys  k_codes [B, Hkv, N/GS, D, GS*BITS/8], k_scale/k_zero [B, Hkv, N/GS, D]  (per channel, GS tokens a group)
+    values v_codes [B, Hkv, N, D*BITS/8],       v_scale/v_zero [B, Hkv, N, D/GS]  (per token, GS channels a group)
+    """
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    GB: tl.constexpr = GS * BITS // 8
+    DBV: tl.constexpr = D * BITS // 8
+    NG: tl.constexpr = D // GS
+    BLOCK_N: tl.constexpr = NGB * GS
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gl = tl.arange(0, NGB)
+    jb = tl.arange(0, GB)
+    jv = tl.arange(0, DBV)
+    vg = tl.arange(0, NG)
+    nn = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + (pid_bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    start = pid_s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_q)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), dtype=tl.float32)
+    acc = tl.zeros((GP, D), dtype=tl.float32)
+    kc_base = KC + b * s_kcb + h * s_kch
+    ks_base = KS + b * s_ksb + h * s_ksh
+    kz_base = KZ + b * s_ksb + h * s_ksh
+    vc_base = VC + b * s_vcb + h * s_vch
+    vs_base = VS + b * s_vsb + h * s_vsh
+    vz_base = VZ + b * s_vsb + h * s_vsh
+    for it in range(0, tokens_per_split, BLOCK_N):  # the tail is masked by `end`
+        n0 = start + it
+        grp = n0 // GS + gl  # [NGB]
+        g_ok = grp * GS < end
+        kb = tl.load(kc_base + grp[None, :, None] * s_kcg + d[:, None, None] * GB + jb[None, None, :],
+                     mask=g_ok[None, :, None], other=0).to(tl.int32)  # [D, NGB, GB]
+        kcode = tl.reshape(_unpack_tile(tl.reshape(kb, (D * NGB, GB)), BITS, D * NGB, GB), (D, NGB, GS))
+        ksc = tl.load(ks_base + grp[None, :] * s_ksg + d[:, None], mask=g_ok[None, :], other=0.0).to(tl.float32)
+        kzr = tl.load(kz_base + grp[None, :] * s_ksg + d[:, None], mask=g_ok[None, :], other=0.0).to(tl.float32)
+        kt = tl.reshape(kcode.to(tl.float32) * ksc[:, :, None] + kzr[:, :, None], (D, BLOCK_N))  # K^T
+        if F32:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt.to(q.dtype))
+        s = s * sm_scale_log2
+        n = n0 + nn
+        n_ok = n < end
+        ok = n_ok
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + b * s_mb + n * s_mn, mask=n_ok, other=0) != 0)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vb = tl.load(vc_base + n[:, None] * s_vcn + jv[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+        vcode = tl.reshape(_unpack_tile(vb, BITS, BLOCK_N, DBV), (BLOCK_N, NG, GS))
+        vsc = tl.load(vs_base + n[:, None] * s_vsn + vg[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        vzr = tl.load(vz_base + n[:, None] * s_vsn + vg[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        v = tl.reshape(vcode.to(tl.float32) * vsc[:, :, None] + vzr[:, :, None], (BLOCK_N, D))
+        if F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    row = pid_bh * num_splits + pid_s
+    tl.store(M_OUT + row * GP + g, m_i)
+    tl.store(L_OUT + row * GP + g, l_i)
+    tl.store(ACC_OUT + (row * GP + g[:, None]) * D + d[None, :], acc)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode attention: reduce (+ window, rotation back, value mean)
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _reduce_kernel(
+    M, L, ACC, Q, WK, WV, PV, MUV, MASK, OUT,
+    num_splits, W, n_q, H,
+    s_wkb, s_wkh, s_wkn, s_wvb, s_wvh, s_wvn, s_mb, s_mn,
+    sm_scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    HAS_ROT: tl.constexpr, HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_W: tl.constexpr, F32: tl.constexpr,
+):
+    """One program per KV head of one row: merge the splits, finish the packed part, attend to the window."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = tl.arange(0, GP)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), dtype=tl.float32)
+    acc = tl.zeros((GP, BD), dtype=tl.float32)
+    for s in range(num_splits):
+        row = pid_bh * num_splits + s
+        ms = tl.load(M + row * GP + g)
+        ls = tl.load(L + row * GP + g)
+        accs = tl.load(ACC + (row * GP + g[:, None]) * BD + d[None, :])
+        m_new = tl.maximum(m_i, ms)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_old = tl.exp2(m_i - m_safe)
+        a_new = tl.exp2(ms - m_safe)
+        l_i = l_i * a_old + ls * a_new
+        acc = acc * a_old[:, None] + accs * a_new[:, None]
+        m_i = m_new
+    if HAS_ROT:  # back from the value rotation: x = y @ P
+        pv = tl.load(PV + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(acc, pv, input_precision="ieee")
+    if HAS_MU:  # each packed value is v_hat + mu_v: add mu_v times the packed share of the probability
+        muv = tl.load(MUV + pid_bh * D + d, mask=d_ok, other=0.0)
+        acc = acc + l_i[:, None] * muv[None, :]
+    q = tl.load(Q + (pid_bh * G + g[:, None]) * D + d[None, :], mask=(g[:, None] < G) & d_ok[None, :], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    ww = tl.arange(0, BLOCK_W)
+    for w0 in range(0, W, BLOCK_W):
+        w = w0 + ww
+        w_ok = w < W
+        ld = w_ok[:, None] & d_ok[None, :]
+        k = tl.load(WK + b * s_wkb + h * s_wkh + w[:, None] * s_wkn + d[None, :], mask=ld, other=0.0)
+        v = tl.load(WV + b * s_wvb + h * s_wvh + w[:, None] * s_wvn + d[None, :], mask=ld, other=0.0)
+        if F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = s * sm_scale_log2
+        ok = w_ok
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + b * s_mb + (n_q + w) * s_mn, mask=w_ok, other=0) != 0)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + (pid_bh * G + g[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=(g[:, None] < G) & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Python wrappers (same signatures as ``reference``)
+# ----------------------------------------------------------------------------------------------------------------------
+def _mean_args(mean, like):
+    if mean is None:
+        return like, 0, 0, False
+    return mean, mean.stride(0), mean.stride(1), True
+
+
+def turboquant_compress(x, mean, rotation, levels, bits: int, norm_correction: bool = True):
+    b, h, t, d = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty(b, h, t, d * bits // 8, dtype=torch.uint8, device=x.device)
+    norms = torch.empty(b, h, t, dtype=torch.float16, device=x.device)
+    levels = levels.float().contiguous()
+    edges = ((levels[1:] + levels[:-1]) / 2).contiguous()
+    mu, s_mub, s_muh, has_mu = _mean_args(mean, x)
+    block_t = 32
+    grid = (triton.cdiv(t, block_t), b * h)
+    _tq_compress_kernel[grid](
+        x, mu, rotation.float().contiguous(), levels, edges, codes, norms, t, h,
+        x.stride(0), x.stride(1), x.stride(2), s_mub, s_muh,
+        codes.stride(0), codes.stride(1), codes.stride(2), norms.stride(0), norms.stride(1),
+        D=d, BD=_pow2(d, 16), BJ=_pow2(d // 8, 16), BITS=bits, HAS_MU=has_mu, NORM_CORR=norm_correction,
+        BLOCK_T=block_t, num_warps=4,
+    )
+    return codes, norms
+
+
+def kivi_compress(keys, values, bits: int, group_size: int):
+    b, h, t, d = keys.shape
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    dev = keys.device
+    gs = group_size
+    kc = torch.empty(b, h, t // gs, d, gs * bits // 8, dtype=torch.uint8, device=dev)
+    ks = torch.empty(b, h, t // gs, d, dtype=torch.float16, device=dev)
+    kz = torch.empty_like(ks)
+    vc = torch.empty(b, h, t, d * bits // 8, dtype=torch.uint8, device=dev)
+    vs = torch.empty(b, h, t, d // gs, dtype=torch.float16, device=dev)
+    vz = torch.empty_like(vs)
+    _kivi_key_compress_kernel[(t // gs, b * h)](
+        keys, kc, ks, kz, h,
+        keys.stride(0), keys.stride(1), keys.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        D=d, GS=gs, BITS=bits, num_warps=4,
+    )
+    block_t = 16
+    _kivi_value_compress_kernel[(triton.cdiv(t, block_t), b * h)](
+        values, vc, vs, vz, t, h,
+        values.stride(0), values.stride(1), values.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2),
+        D=d, GS=gs, BITS=bits, BLOCK_T=block_t, num_warps=4,
+    )
+    return kc, ks, kz, vc, vs, vz
+
+
+def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_abs"):
+    b, h, t, d = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    signs = torch.empty(b, h, t, d // 8, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(b, h, t, d // group_size, dtype=torch.float16, device=x.device)
+    mu, s_mub, s_muh, has_mu = _mean_args(mean, x)
+    rot = rotation.float().contiguous() if rotation is not None else x
+    block_t = 32
+    _bonsai_compress_kernel[(triton.cdiv(t, block_t), b * h)](
+        x, mu, rot, signs, scale, t, h,
+        x.stride(0), x.stride(1), x.stride(2), s_mub, s_muh,
+        signs.stride(0), signs.stride(1), signs.stride(2), scale.stride(0), scale.stride(1), scale.stride(2),
+        D=d, BD=_pow2(d, 16), BJ=_pow2(d // 8, 16), GS=group_size, HAS_MU=has_mu, ROT=rotation is not None,
+        L2=scale_mode == "l2", BLOCK_T=block_t, num_warps=4,
+    )
+    return signs, scale
+
+
+def _num_splits(bh: int, n_q: int, block_n: int, num_sms: int) -> tuple[int, int]:
+    """Splits of the packed tokens so that about two waves of programs fill the GPU; tokens per split."""
+    blocks = triton.cdiv(n_q, block_n)
+    splits = max(1, min(blocks, triton.cdiv(2 * num_sms, bh), 128))
+    per = triton.cdiv(blocks, splits) * block_n
+    return triton.cdiv(n_q, per), per
+
+
+_SM_COUNT: dict = {}
+
+
+def _sms(device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _mask_args(key_mask):
+    if key_mask is None:
+        return None, 0, 0, False
+    return key_mask, key_mask.stride(0), key_mask.stride(-1), True
+
+
+def _finish(q, q_packed, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd):
+    """Launch the reduce kernel. q [B, Hq, D] (original domain), partials from a split kernel."""
+    b, hq, d = q.shape
+    hkv = window_k.shape[1]
+    g = hq // hkv
+    gp = m.shape[-1]
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
+    muv = v_mean.float().reshape(b * hkv, d).contiguous() if v_mean is not None else m
+    pv = v_rotation.float().contiguous() if v_rotation is not None else m
+    _reduce_kernel[(b * hkv,)](
+        m, l_, acc, q, window_k, window_v, pv, muv, mask if has_mask else m, out,
+        m.shape[1], window_k.shape[2], n_q, hkv,
+        window_k.stride(0), window_k.stride(1), window_k.stride(2),
+        window_v.stride(0), window_v.stride(1), window_v.stride(2), s_mb, s_mn,
+        scaling * _LOG2E,
+        G=g, GP=gp, D=d, BD=bd, HAS_ROT=v_rotation is not None, HAS_MU=v_mean is not None, HAS_MASK=has_mask,
+        BLOCK_W=32, F32=q.dtype == torch.float32, num_warps=4,
+    )
+    return out
+
+
+def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, window_k, window_v, key_mask,
+                        scaling, v_rotation, v_mean, block_n=64):
+    q = q.contiguous()
+    b, hq, d = q.shape
+    hkv = kc.shape[1]
+    g = hq // hkv
+    gp = _pow2(g, 16)
+    bj = _pow2(d * bits // 8, 16)
+    bd = bj * (8 // bits)
+    q_rot = q_rot.contiguous()
+    splits, per = _num_splits(b * hkv, n_q, block_n, _sms(q.device))
+    m = torch.empty(b * hkv, splits, gp, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(b * hkv, splits, gp, bd, dtype=torch.float32, device=q.device)
+    mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
+    ks = ks if ks.dim() == 4 else ks.unsqueeze(-1)
+    vs = vs if vs.dim() == 4 else vs.unsqueeze(-1)
+    _codebook_split_kernel[(splits, b * hkv)](
+        q_rot, k_mu if k_mu is not None else m, kc, ks, vc, vs, lut if lut is not None else m,
+        mask if has_mask else m, m, l_, acc,
+        n_q, per, splits, hkv,
+        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), s_mb, s_mn,
+        scaling * _LOG2E,
+        G=g, GP=gp, D=d, BJ=bj, BITS=bits, NGS=ks.shape[-1], SIGN1=sign1, HAS_MU=k_mu is not None,
+        HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, num_warps=4,
+    )
+    return _finish(q, q_rot, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd)
+
+
+def turboquant_decode_attention(
+    q, k_codes, k_norms, v_codes, v_norms, num_quantized: int, levels, bits: int, k_rotation, v_rotation,
+    k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
+):
+    b, hq, d = q.shape
+    hkv = k_codes.shape[1]
+    rot_k = k_rotation.float()
+    q_rot = (q.float().reshape(b, hkv, hq // hkv, d) @ rot_k.T).to(q.dtype)  # rotate the query once
+    k_mu = None
+    if k_mean is not None:  # q . mu = (P q) . (P mu)
+        k_mu = (k_mean.float().reshape(b * hkv, d) @ rot_k.T).contiguous()
+    return _codebook_attention(
+        q, q_rot, k_mu, k_codes, k_norms, v_codes, v_norms, levels.float().contiguous(), bits, False,
+        num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
+    )
+
+
+def bonsai_decode_attention(
+    q, k_signs, k_scale, v_signs, v_scale, num_quantized: int, group_size: int, k_rotation, v_rotation,
+    k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
+):
+    b, hq, d = q.shape
+    hkv = k_signs.shape[1]
+    k_mu = k_mean.float().reshape(b * hkv, d) if k_mean is not None else None
+    q_rot = q
+    if k_rotation is not None:
+        q_rot = (q.float().reshape(b, hkv, hq // hkv, d) @ k_rotation.float().T).to(q.dtype)
+        if k_mu is not None:
+            k_mu = k_mu @ k_rotation.float().T
+    return _codebook_attention(
+        q, q_rot, None if k_mu is None else k_mu.contiguous(), k_signs, k_scale, v_signs, v_scale, None, 1, True,
+        num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
+    )
+
+
+def kivi_decode_attention(
+    q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized: int, bits: int, group_size: int,
+    window_k, window_v, key_mask, scaling: float,
+):
+    b, hq, d = q.shape
+    hkv = k_codes.shape[1]
+    g = hq // hkv
+    gp = _pow2(g, 16)
+    ngb = max(1, 64 // group_size)
+    block_n = ngb * group_size
+    q = q.contiguous()
+    splits, per = _num_splits(b * hkv, num_quantized, block_n, _sms(q.device))
+    m = torch.empty(b * hkv, splits, gp, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(b * hkv, splits, gp, d, dtype=torch.float32, device=q.device)
+    mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
+    _kivi_split_kernel[(splits, b * hkv)](
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask if has_mask else m, m, l_, acc,
+        num_quantized, per, splits, hkv,
+        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), k_scale.stride(0), k_scale.stride(1),
+        k_scale.stride(2), v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
+        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), s_mb, s_mn,
+        scaling * _LOG2E,
+        G=g, GP=gp, D=d, BITS=bits, GS=group_size, NGB=ngb, HAS_MASK=has_mask, F32=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    return _finish(q, q, window_k, window_v, m, l_, acc, num_quantized, key_mask, scaling, None, None, d)
