@@ -1,0 +1,368 @@
+#!/usr/bin/env python
+"""Decode and prefill speed, and GPU memory, on the Llama-3.1-8B config with random bf16 weights.
+
+    python scripts/benchmark_speed.py --out results/speed            # full run (one H200: about 8 minutes)
+    python scripts/benchmark_speed.py --quick --out /tmp/speed        # small contexts, 4 layers
+
+Caches: DynamicCache (bf16, SDPA), transformers' QuantizedCache (quanto backend, when optimum-quanto imports),
+TurboQuant-4, KIVI-2 and Bonsai-1 on the reference path (dequantize + SDPA) and on the fast path ("tq_fused").
+
+Method (REFERENCE.md section 6): a whole prefill + decode pass is run before anything is timed, and every
+configuration is timed twice in a row; the second timing is reported.
+
+- decode: the cache is filled with `context` tokens of random keys and values per layer (the contents do not
+  change the speed; it avoids a prefill per configuration), then `--decode-steps` greedy steps of the full model
+  are timed (ms per token). Peak memory is the peak allocated during fill + decode, weights included.
+- prefill: one forward over the whole prompt through each cache (logits of the last token only), seconds.
+- kernel: one layer's decode attention alone (fused kernel, the reference path's dequantize + SDPA, and SDPA on the
+  bf16 cache), with the bytes it must read (codes, metadata, window; query and output are negligible) over its time,
+  against the copy bandwidth measured here (bytes read + written by a device-to-device copy).
+
+Everything is printed as tables and written to `--out`/speed.json (rewritten after every measurement, so a run cut
+short keeps what it measured). Work runs in priority order: kernels, decode at 32K, prefill, the other contexts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache  # noqa: E402
+from tq_transformers import fast_attention, kernels  # noqa: E402
+
+LLAMA31_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
+
+OURS = {
+    "turboquant4": lambda cfg: TurboQuantCache(cfg, bits=4),
+    "kivi2": lambda cfg: KIVICache(cfg, bits=2, group_size=32, residual_length=128),
+    "bonsai1": lambda cfg: BonsaiCache(cfg),
+}
+
+
+def quanto_available() -> str | None:
+    """None when transformers' QuantizedCache (quanto backend) can run here, else why not."""
+    try:
+        from optimum.quanto import MaxOptimizer, qint4  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"optimum-quanto does not import: {exc!r}"
+    return None
+
+
+def cache_factories(include_hf: bool):
+    out = {"dynamic": (lambda cfg: DynamicCache(config=cfg), False)}
+    if include_hf:
+        from transformers import QuantizedCache
+
+        out["hf_quanto4"] = (lambda cfg: QuantizedCache(backend="quanto", config=cfg, nbits=4), False)
+        out["hf_quanto2"] = (lambda cfg: QuantizedCache(backend="quanto", config=cfg, nbits=2), False)
+    for name, make in OURS.items():
+        out[f"{name}_ref"] = (make, False)
+        out[f"{name}_fast"] = (make, True)
+    return out
+
+
+def sync_time(fn, repeat: int = 1) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeat
+
+
+def build_model(layers: int):
+    cfg = LlamaConfig(**{**LLAMA31_8B, "num_hidden_layers": layers})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def use_path(model, cache, fast: bool):
+    if fast:
+        fast_attention.install(model)
+        fast_attention.prepare_cache(cache)
+    else:
+        model.set_attn_implementation("sdpa")
+
+
+def fill(cache, cfg, batch: int, context: int):
+    """Put `context` tokens of random bf16 keys and values into every layer of `cache`."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    shape = (batch, cfg.num_key_value_heads, context, cfg.head_dim)
+    for layer in range(cfg.num_hidden_layers):
+        k = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+        cache.update(k, v, layer)
+        del k, v
+
+
+@torch.no_grad()
+def decode_run(model, make, fast, batch, context, steps, warmup=2):
+    cfg = model.config
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = make(cfg)
+    use_path(model, cache, fast)
+    fill(cache, cfg, batch, context)
+    tok = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
+
+    def step():
+        nonlocal tok
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+
+    for _ in range(warmup):
+        step()
+    seconds = sync_time(step, steps)
+    peak = torch.cuda.max_memory_allocated()
+    held = cache.memory_footprint()["total"] if hasattr(cache, "memory_footprint") else None
+    if held is None and isinstance(cache, DynamicCache):
+        held = sum(layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
+    del cache
+    return {"ms_per_token": seconds * 1e3, "peak_gib": peak / 2**30, "cache_mib": None if held is None else held / 2**20}
+
+
+@torch.no_grad()
+def prefill_run(model, make, fast, batch, context):
+    cfg = model.config
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
+    cache = make(cfg)
+    use_path(model, cache, fast)
+    seconds = sync_time(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
+    peak = torch.cuda.max_memory_allocated()
+    del cache
+    return {"prefill_s": seconds, "peak_gib": peak / 2**30}
+
+
+def twice(fn, *args):
+    """REFERENCE.md section 6: time a configuration twice and keep the second."""
+    fn(*args)
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 4 GiB: bytes read + written per second."""
+    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = min(sync_time(lambda: dst.copy_(src), 10) for _ in range(3))
+    del src, dst
+    return 2 * 2**31 / seconds
+
+
+def layer_bytes(layer) -> int:
+    fp = layer.memory_footprint()
+    return fp["codes"] + fp["metadata"] + fp["window"]
+
+
+@torch.no_grad()
+def kernel_table(batch, context, hq=32, hkv=8, d=128, iters=50):
+    """One layer's decode attention: fused kernel, reference dequantize + SDPA, and SDPA on the bf16 cache."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    k = torch.randn(batch, hkv, context, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, hkv, context, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, hq, 1, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = hq // hkv, True, False
+    scaling = d**-0.5
+    rows = []
+    t = sync_time(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=scaling), iters)
+    rows.append({"method": "bf16_sdpa", "batch": batch, "context": context, "us": t * 1e6,
+                 "bytes": 2 * k.numel() * k.element_size()})
+    for name, make in OURS.items():
+        cache = make(None)
+        cache.update(k, v, 0)
+        cache.update(k[:, :, :1], v[:, :, :1], 0)
+        layer = cache.layers[0]
+        n_q = layer.num_quantized
+
+        def fused():
+            kernels.decode_attention(layer, q[:, :, 0], n_q, layer.keys, layer.values, None, scaling)
+
+        def reference():
+            old_k, old_v = layer._dequantize(q.dtype)
+            kk = torch.cat([old_k, layer.keys], 2)
+            vv = torch.cat([old_v, layer.values], 2)
+            sdpa_attention_forward(module, q, kk, vv, None, scaling=scaling)
+
+        fused()
+        t_fused = sync_time(fused, iters)
+        t_ref = sync_time(reference, 5)
+        nbytes = layer_bytes(layer)
+        rows.append({"method": f"{name}_fast", "batch": batch, "context": context, "us": t_fused * 1e6,
+                     "bytes": nbytes})
+        rows.append({"method": f"{name}_ref", "batch": batch, "context": context, "us": t_ref * 1e6,
+                     "bytes": nbytes})
+        del cache, layer
+    del k, v
+    return rows
+
+
+@torch.no_grad()
+def profile_fused(batch, context, name="turboquant4", d=128):
+    """torch.profiler's CUDA-kernel times of one fused decode attention call (split kernel vs reduce vs glue)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    k = torch.randn(batch, 8, context, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    cache = OURS[name](None)
+    cache.update(k, k, 0)
+    cache.update(k[:, :, :1], k[:, :, :1], 0)
+    layer = cache.layers[0]
+    q = torch.randn(batch, 32, d, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        kernels.decode_attention(layer, q, layer.num_quantized, layer.keys, layer.values, None, d**-0.5)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            kernels.decode_attention(layer, q, layer.num_quantized, layer.keys, layer.values, None, d**-0.5)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def print_table(title, rows, cols):
+    print(f"\n## {title}")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "results/speed"))
+    ap.add_argument("--contexts", default="4096,16384,32768,65536")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new measurements after this")
+    ap.add_argument("--quick", action="store_true", help="4 layers, contexts 1K and 4K")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' QuantizedCache")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.contexts = 4, "1024,4096"
+    t0 = time.time()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    hf_reason = "skipped (--no-hf)" if args.no_hf else quanto_available()
+    results = {
+        "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "triton": __import__("triton").__version__,
+        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "layers": args.layers,
+        "hf_quantized_cache": hf_reason or "quanto backend", "decode": [], "prefill": [], "kernel": [], "errors": [],
+    }
+
+    def save():
+        with open(os.path.join(args.out, "speed.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    def guarded(label, fn, *a):
+        if time.time() - t0 > args.budget_s:
+            results["errors"].append(f"{label}: not run (time budget)")
+            return None
+        try:
+            return fn(*a)
+        except torch.cuda.OutOfMemoryError:
+            results["errors"].append(f"{label}: out of memory")
+        except Exception as exc:  # noqa: BLE001 - record and go on with the other configurations
+            results["errors"].append(f"{label}: {exc!r}")
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        return None
+
+    results["copy_bandwidth_tbs"] = copy_bandwidth() / 1e12
+    print(f"copy bandwidth {results['copy_bandwidth_tbs']:.2f} TB/s (read + write)")
+    big = max(c for c in contexts)
+    kernel_points = [(b, c) for b in batches for c in (32768,) if c <= big] or [(batches[-1], contexts[-1])]
+    for b, c in kernel_points:
+        rows = guarded(f"kernel b{b} c{c}", kernel_table, b, c)
+        for r in rows or []:
+            r["tbs"] = r["bytes"] / (r["us"] * 1e-6) / 1e12
+            r["of_copy"] = r["tbs"] / results["copy_bandwidth_tbs"]
+            results["kernel"].append(r)
+        save()
+    print_table("kernel: one layer's decode attention", results["kernel"],
+                ["method", "batch", "context", "us", "bytes", "tbs", "of_copy"])
+    prof = guarded("profile", profile_fused, batches[-1], kernel_points[-1][1])
+    if prof:
+        print(prof)
+        results["profile_turboquant4"] = prof
+
+    model = build_model(args.layers)
+    factories = cache_factories(hf_reason is None)
+    # a whole prefill + decode pass before anything is timed
+    guarded("warmup", prefill_run, model, factories["dynamic"][0], False, 1, min(contexts))
+    for name, (make, fast) in factories.items():
+        guarded(f"warmup {name}", decode_run, model, make, fast, 1, min(contexts), 2, 1)
+
+    order = [c for c in contexts if c == 32768] + [c for c in contexts if c != 32768]
+    first = True
+    for c in order:
+        for b in sorted(batches, reverse=True):
+            for name, (make, fast) in factories.items():
+                if name.startswith("hf_") and c > 32768:
+                    continue  # measured where the anchors are; it dequantizes the whole history every step
+                r = guarded(f"decode {name} b{b} c{c}", twice, decode_run, model, make, fast, b, c,
+                            args.decode_steps)
+                if r:
+                    results["decode"].append({"cache": name, "batch": b, "context": c, **r})
+                    save()
+        if first:  # prefill right after the headline context
+            for pc in [x for x in contexts if x <= 32768]:
+                for name, (make, fast) in factories.items():
+                    if name.startswith("hf_"):
+                        continue
+                    r = guarded(f"prefill {name} b1 c{pc}", twice, prefill_run, model, make, fast, 1, pc)
+                    if r:
+                        results["prefill"].append({"cache": name, "batch": 1, "context": pc, **r})
+                        save()
+            first = False
+    print_table("decode (ms/token, peak GiB incl. weights, cache MiB)", results["decode"],
+                ["cache", "batch", "context", "ms_per_token", "peak_gib", "cache_mib"])
+    print_table("prefill", results["prefill"], ["cache", "batch", "context", "prefill_s", "peak_gib"])
+    for e in results["errors"]:
+        print("error:", e)
+    save()
+    print(f"done in {time.time() - t0:.0f} s; wrote {os.path.join(args.out, 'speed.json')}")
+
+
+if __name__ == "__main__":
+    main()
