@@ -14,6 +14,7 @@ per cache, against the full-precision reference in the first block.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import dataclasses
 from typing import Any
@@ -128,8 +129,9 @@ def can_replay(prefill: DynamicCache) -> bool:
 
 def forward(model, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits [B, T, V] (float32) of `input_ids` continuing `cache`."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=input_ids, use_cache=True, **{name: cache})
     return out.logits.float()
 
 
