@@ -127,11 +127,14 @@ def can_replay(prefill: DynamicCache) -> bool:
     return all(type(layer) is DynamicLayer for layer in prefill.layers)
 
 
-def forward(model, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """Logits [B, T, V] (float32) of `input_ids` continuing `cache`."""
+def forward(model, input_ids: torch.Tensor, cache: Cache, last_only: bool = False) -> torch.Tensor:
+    """Logits [B, T, V] (float32) of `input_ids` continuing `cache` ([B, 1, V] with `last_only`)."""
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kwargs = {name: cache}
+    if last_only:
+        kwargs["logits_to_keep"] = 1
     with torch.no_grad():
-        out = model(input_ids=input_ids, use_cache=True, **{name: cache})
+        out = model(input_ids=input_ids, use_cache=True, **kwargs)
     return out.logits.float()
 
 
@@ -139,13 +142,13 @@ def build_caches(model, specs: list[MethodSpec], prompt: torch.Tensor):
     """Prefill `prompt` [b, T] once; return (one filled cache per spec, last-position logits [b, V])."""
     config = model.config
     prefill = DynamicCache(config=config)
-    logits = forward(model, prompt, prefill)[:, -1]
+    logits = forward(model, prompt, prefill, last_only=True)[:, -1]
     caches = [spec.make(config) for spec in specs]
     if can_replay(prefill):
         for cache in caches:
             replay_prefill(prefill, cache)
     else:  # sliding-window layers: a real prefill through every cache
-        forward(model, prompt.repeat(len(specs), 1), RowSplitCache(caches, [prompt.shape[0]] * len(specs)))
+        forward(model, prompt.repeat(len(specs), 1), RowSplitCache(caches, [prompt.shape[0]] * len(specs)), True)
     return caches, logits, prefill
 
 
