@@ -158,7 +158,7 @@ def test_bonsai_improvements_restore_inner_product_slope():
     q = torch.randn(128, generator=torch.Generator().manual_seed(9))
     slopes = {}
     for name, cache in (("faithful", BonsaiCache(residual_length=0, flush_size=2048)),
-                        ("improved", BonsaiCache.improved(residual_length=0, flush_size=2048))):
+                        ("improved", BonsaiCache.improved(scale="l2", residual_length=0, flush_size=2048))):
         k = _round_trip(cache, x)
         s_true, s_hat = x @ q, k @ q
         slopes[name] = ((s_hat * s_true).sum() / (s_true * s_true).sum()).item()
