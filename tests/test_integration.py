@@ -329,6 +329,8 @@ def test_bad_arguments_raise_clear_errors(factory, message):
 
 def test_bad_shapes_and_dtypes(tiny_model):
     model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"config must be a transformers PreTrainedConfig .* got int 4"):
+        TurboQuantCache(4)  # bits passed positionally where the config goes
     with pytest.raises(ValueError, match=r"group_size must divide head_dim=64 .* got group_size=128"):
         BonsaiCache(model.config)  # checked at construction from the config
     cache = TurboQuantCache()

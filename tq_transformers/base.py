@@ -21,7 +21,7 @@ import warnings
 from typing import Any
 
 import torch
-from transformers import Cache, DynamicCache, DynamicLayer
+from transformers import Cache, DynamicCache, DynamicLayer, PreTrainedConfig
 from transformers.cache_utils import CacheLayerMixin
 
 
@@ -283,6 +283,11 @@ class QuantizedCacheBase(Cache):
 
     def __init__(self, config=None, method_config: WindowConfig | None = None):
         self.method_config = method_config
+        if config is not None and not isinstance(config, PreTrainedConfig):
+            raise TypeError(
+                f"config must be a transformers PreTrainedConfig (model.config) or None, got {type(config).__name__} "
+                f"{config!r}; method settings are keyword arguments, e.g. {type(self).__name__}(model.config, bits=4)"
+            )
         if config is not None:
             head_dim = head_dim_of(config)
             if head_dim is not None:
