@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-_EPS = 1e-8
-_KIVI_SCALE_EPS = 1e-5
+_EPS = tl.constexpr(1e-8)  # as turboquant / bonsai `_EPS` (constexpr: read inside kernels)
+_KIVI_SCALE_EPS = tl.constexpr(1e-5)  # as kivi `_SCALE_EPS`
 _LOG2E = 1.4426950408889634
 
 
@@ -483,8 +483,8 @@ def _reduce_kernel(
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), dtype=tl.float32)
     acc = tl.zeros((GP, BD), dtype=tl.float32)
-    for s in range(num_splits):
-        row = pid_bh * num_splits + s
+    for split in range(num_splits):
+        row = pid_bh * num_splits + split
         ms = tl.load(M + row * GP + g)
         ls = tl.load(L + row * GP + g)
         accs = tl.load(ACC + (row * GP + g[:, None]) * BD + d[None, :])
