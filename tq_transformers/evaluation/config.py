@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
         {"name": "turboquant-4", "method": "turboquant", "bits": 4},
         {"name": "kivi-2", "method": "kivi", "bits": 2, "group_size": 32, "residual_length": 128},
         {"name": "bonsai-1", "method": "bonsai", "group_size": 128, "residual_length": 128},
-        {"name": "bonsai-1-improved", "method": "bonsai", "center": True, "rotate": True, "scale": "l2"},
+        {"name": "bonsai-1-improved", "method": "bonsai", "center": True, "rotate": True},
     ],
     "perplexity": {
         "enabled": True,
