@@ -40,7 +40,7 @@ def _inputs(device):
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def _generate(model, inputs, cache, new_tokens=48):
+def _generate(model, inputs, cache, new_tokens=24):
     out = model.generate(
         **inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
         **{CACHE_KWARG: cache},
@@ -59,7 +59,7 @@ def _run_both(name, device, dtype=torch.float32):
         cache = get_method(method)(model.config, **kwargs)
         fast_attention.prepare_cache(cache)
         fast_seq, fast_scores = _generate(model, inputs, cache)
-        assert cache.quantized_layers[0].num_quantized > 40  # decoding went through packed tokens and flushes
+        assert cache.quantized_layers[0].num_quantized >= 32  # decoding went through packed tokens and flushes
     finally:
         tq_transformers.disable(model)
     assert model.config._attn_implementation == "sdpa"

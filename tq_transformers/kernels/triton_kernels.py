@@ -114,7 +114,7 @@ def _bonsai_compress_kernel(
     T, H,
     s_xb, s_xh, s_xt, s_mub, s_muh, s_sb, s_sh, s_st, s_gb, s_gh, s_gt,
     D: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, GS: tl.constexpr,
-    HAS_MU: tl.constexpr, ROT: tl.constexpr, L2: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_MU: tl.constexpr, ROT: tl.constexpr, L2: tl.constexpr, BLOCK_T: tl.constexpr, RECIP: tl.constexpr,
 ):
     """One program: BLOCK_T tokens of one head. x -> center -> (rotate) -> sign bits and per-group scales."""
     pid_t = tl.program_id(0)
@@ -158,15 +158,24 @@ def _bonsai_compress_kernel(
         if L2:
             sc = tl.div_rn(tl.sum(tl.where(in_g[None, :], ssq, 0.0), axis=1), tl.maximum(l1, _EPS))
         else:
-            sc = tl.div_rn(l1, GS * 1.0)
+            sc = _div_scalar(l1, GS, RECIP)
         tl.store(SCALE + b * s_gb + h * s_gh + t * s_gt + g, sc.to(tl.float16), mask=t_ok)
 
 
 @triton.jit
-def _minmax_meta(lo, hi, QMAX: tl.constexpr):
+def _div_scalar(x, c: tl.constexpr, RECIP: tl.constexpr):
+    """x / c for a Python-number c, rounded as PyTorch does it: on CUDA, `tensor / scalar` is computed as
+    `tensor * (1 / scalar)` (float32 reciprocal); on the CPU as a true division."""
+    if RECIP:
+        return x * (1.0 / c)
+    return tl.div_rn(x, c * 1.0)
+
+
+@triton.jit
+def _minmax_meta(lo, hi, QMAX: tl.constexpr, RECIP: tl.constexpr):
     """KIVI's fp16 zero point and scale from the float32 min and max of a group (as ``kivi.minmax_quantize``)."""
     zero16 = lo.to(tl.float16)
-    scale16 = tl.maximum(tl.div_rn(hi - zero16.to(tl.float32), QMAX * 1.0), _KIVI_SCALE_EPS).to(tl.float16)
+    scale16 = tl.maximum(_div_scalar(hi - zero16.to(tl.float32), QMAX, RECIP), _KIVI_SCALE_EPS).to(tl.float16)
     return zero16, scale16
 
 
@@ -175,7 +184,7 @@ def _kivi_key_compress_kernel(
     X, CODES, SCALE, ZERO,
     H,
     s_xb, s_xh, s_xt, s_cb, s_ch, s_cg, s_sb, s_sh, s_sg,
-    D: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+    D: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, RECIP: tl.constexpr,
 ):
     """One program: one group of GS tokens x D channels of one head; min-max over the tokens of each channel."""
     pid_g = tl.program_id(0)
@@ -197,7 +206,7 @@ def _kivi_key_compress_kernel(
     none = lo == float("inf")
     lo = tl.where(none, 0.0, lo)
     hi = tl.where(none, 0.0, hi)
-    zero16, scale16 = _minmax_meta(lo, hi, QMAX)
+    zero16, scale16 = _minmax_meta(lo, hi, QMAX, RECIP)
     zero = zero16.to(tl.float32)
     scale = scale16.to(tl.float32)
     word = tl.zeros((R, D), dtype=tl.int64)
@@ -220,7 +229,7 @@ def _kivi_value_compress_kernel(
     X, CODES, SCALE, ZERO,
     T, H,
     s_xb, s_xh, s_xt, s_cb, s_ch, s_ct, s_sb, s_sh, s_st,
-    D: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr,
+    D: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, RECIP: tl.constexpr,
 ):
     """One program: BLOCK_T tokens of one head; min-max over each group of GS channels of a token."""
     pid_t = tl.program_id(0)
@@ -251,7 +260,7 @@ def _kivi_value_compress_kernel(
         none = lo == float("inf")
         lo = tl.where(none, 0.0, lo)
         hi = tl.where(none, 0.0, hi)
-        zero16, scale16 = _minmax_meta(lo, hi, QMAX)
+        zero16, scale16 = _minmax_meta(lo, hi, QMAX, RECIP)
         tl.store(SCALE + b * s_sb + h * s_sh + t * s_st + g, scale16, mask=t_ok)
         tl.store(ZERO + b * s_sb + h * s_sh + t * s_st + g, zero16, mask=t_ok)
         zero = tl.where(in_g[None, :], zero16.to(tl.float32)[:, None], zero)
@@ -580,14 +589,14 @@ def kivi_compress(keys, values, bits: int, group_size: int):
         keys, kc, ks, kz, h,
         keys.stride(0), keys.stride(1), keys.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2),
-        D=d, GS=gs, BITS=bits, num_warps=4,
+        D=d, GS=gs, BITS=bits, RECIP=keys.is_cuda, num_warps=4,
     )
     block_t = 16
     _kivi_value_compress_kernel[(triton.cdiv(t, block_t), b * h)](
         values, vc, vs, vz, t, h,
         values.stride(0), values.stride(1), values.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
-        D=d, GS=gs, BITS=bits, BLOCK_T=block_t, num_warps=4,
+        D=d, GS=gs, BITS=bits, BLOCK_T=block_t, RECIP=values.is_cuda, num_warps=4,
     )
     return kc, ks, kz, vc, vs, vz
 
@@ -605,7 +614,7 @@ def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_
         x.stride(0), x.stride(1), x.stride(2), s_mub, s_muh,
         signs.stride(0), signs.stride(1), signs.stride(2), scale.stride(0), scale.stride(1), scale.stride(2),
         D=d, BD=_pow2(d, 16), BJ=_pow2(d // 8, 16), GS=group_size, HAS_MU=has_mu, ROT=rotation is not None,
-        L2=scale_mode == "l2", BLOCK_T=block_t, num_warps=4,
+        L2=scale_mode == "l2", BLOCK_T=block_t, RECIP=x.is_cuda, num_warps=4,
     )
     return signs, scale
 
