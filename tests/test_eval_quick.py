@@ -73,7 +73,7 @@ def test_default_yaml_equals_embedded_defaults():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_config_loads_and_every_key_is_commented(path):
-    cfg = eval_config.load_config(str(path))
+    cfg = eval_config.validate(eval_config.load_config(str(path)))
     specs = eval_config.method_specs(cfg)
     assert specs[0].name == "fp16" and len(specs) >= 2
     for spec in specs[1:]:
@@ -91,6 +91,12 @@ def test_bad_inputs_name_the_parameter():
         MethodSpec("x", "zip")
     with pytest.raises(ValueError, match="methods must be names from the config"):
         eval_config.method_specs(eval_config.DEFAULTS, ["nope"])
+    bad = eval_config.merge(eval_config.DEFAULTS, {"perplexity": {"segments": 0}})
+    with pytest.raises(ValueError, match="perplexity.segments must be a positive integer, got 0"):
+        eval_config.validate(bad)
+    bad = eval_config.merge(eval_config.DEFAULTS, {"needle": {"depths": [1.5]}})
+    with pytest.raises(ValueError, match=r"needle.depths must be .* in \[0, 1\], got \[1.5\]"):
+        eval_config.validate(bad)
     with pytest.raises(ValueError, match="max_length must be an integer >= 64, got 3"):
         eval_config.apply_max_length(eval_config.DEFAULTS, 3)
 

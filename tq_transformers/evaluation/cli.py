@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 
-from .config import apply_max_length, apply_quick, load_config
+from .config import apply_max_length, apply_quick, load_config, validate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,13 +45,12 @@ def build_config(args: argparse.Namespace) -> dict:
         cfg = apply_quick(cfg)
     if args.max_length is not None:
         cfg = apply_max_length(cfg, args.max_length)
-    return cfg
+    return validate(cfg)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "0")
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
     cfg = build_config(args)
     from .evaluate import run_evaluation

@@ -136,6 +136,34 @@ def apply_max_length(cfg: dict, max_length: int) -> dict:
     return out
 
 
+_POSITIVE_INTS = {
+    "perplexity": ("segments", "context_length", "continuation_length", "chunk_size"),
+    "needle": ("max_new_tokens",),
+    "agreement": ("num_prompts", "prompt_length", "new_tokens"),
+    "projection": ("seq_len", "batch_size"),
+}
+
+
+def validate(cfg: dict) -> dict:
+    """Raise a ValueError naming the key, what is allowed and the value given, for any bad setting; returns `cfg`."""
+    for section, keys in _POSITIVE_INTS.items():
+        for key in keys:
+            value = cfg[section][key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{section}.{key} must be a positive integer, got {value!r}")
+    if cfg["perplexity"]["continuation_length"] < 2:
+        raise ValueError(
+            f"perplexity.continuation_length must be >= 2, got {cfg['perplexity']['continuation_length']!r}"
+        )
+    lengths = cfg["needle"]["lengths"]
+    if not isinstance(lengths, list) or not lengths or not all(isinstance(n, int) and n > 0 for n in lengths):
+        raise ValueError(f"needle.lengths must be a non-empty list of positive integers, got {lengths!r}")
+    depths = cfg["needle"]["depths"]
+    if not isinstance(depths, list) or not depths or not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in depths):
+        raise ValueError(f"needle.depths must be a non-empty list of numbers in [0, 1], got {depths!r}")
+    return cfg
+
+
 def method_specs(cfg: dict, only: list[str] | None = None) -> list[MethodSpec]:
     """The settings to run, reference first. `only` picks names from the config (a bare method name not in the
     config, e.g. "kivi", gives that method at its default settings)."""
