@@ -248,3 +248,34 @@ def test_codes_are_really_packed():
     assert s["k_codes"].dtype == torch.uint8 and s["k_codes"].shape == (1, 2, 128, 64)
     assert s["k_norms"].dtype == torch.float16
     assert cache.layers[0].keys.shape[-2] == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: TurboQuantCache(bits=4, center=False), lambda: KIVICache(bits=2), lambda: BonsaiCache.improved()],
+    ids=["tq4", "kivi2", "bonsai-improved"],
+)
+def test_long_prefill_is_quantized_in_chunks_with_the_same_result(make, monkeypatch):
+    import tq_transformers.base as base
+
+    x = torch.randn(2, 2, 1000, 128, generator=torch.Generator().manual_seed(4))
+    whole = make()
+    whole.update(x, x * 0.5, 0)
+    monkeypatch.setattr(base, "CHUNK_TOKENS", 128)  # 1000 tokens now flush in 7 passes
+    chunked = make()
+    chunked.update(x, x * 0.5, 0)
+    a, b = whole.layers[0].storage, chunked.layers[0].storage
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith("_mean"):  # summed in another order: equal up to float32 rounding, then fp16
+            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-3)
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_finite_mean_ignores_non_finite_entries():
+    from tq_transformers.base import finite_mean
+
+    x = torch.tensor([[[[1.0, 2.0], [3.0, float("nan")], [5.0, float("inf")]]]])  # [1, 1, 3, 2]
+    assert finite_mean(x).tolist() == [[[[3.0, 2.0]]]]
+    assert finite_mean(torch.full((1, 1, 2, 1), float("nan"))).tolist() == [[[[0.0]]]]

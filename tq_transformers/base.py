@@ -55,12 +55,23 @@ class WindowConfig:
         """Raise a ValueError if this configuration cannot quantize vectors of `head_dim`."""
 
 
-def finite_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean over `dim` of the finite entries only (0 where none is finite): one bad token cannot shift the mean."""
-    finite = torch.isfinite(x)
-    total = torch.where(finite, x, torch.zeros_like(x)).sum(dim)
-    count = finite.sum(dim).clamp_min(1)
-    return total / count
+# Tokens quantized (or averaged) per pass: bounds the float32 temporaries of a long prefill's first flush.
+CHUNK_TOKENS = 4096
+
+
+def finite_mean(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """float32 mean over `dim` (kept, size 1) of the finite entries only (0 where none is finite): one bad token
+    cannot shift the mean. Accumulated in chunks of CHUNK_TOKENS along `dim`, never a whole float32 copy of `x`."""
+    shape = list(x.shape)
+    shape[dim] = 1
+    total = torch.zeros(shape, dtype=torch.float32, device=x.device)
+    count = torch.zeros(shape, dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[dim], CHUNK_TOKENS):
+        part = x.narrow(dim, start, min(CHUNK_TOKENS, x.shape[dim] - start)).float()
+        finite = torch.isfinite(part)
+        total += torch.where(finite, part, torch.zeros_like(part)).sum(dim, keepdim=True)
+        count += finite.sum(dim, keepdim=True)
+    return total / count.clamp_min(1)
 
 
 def warn_non_finite(x: torch.Tensor, what: str) -> None:
@@ -111,7 +122,11 @@ class QuantizedLayer(CacheLayerMixin):
         raise NotImplementedError
 
     def _before_first_flush(self, window_keys: torch.Tensor, window_values: torch.Tensor) -> None:
-        """Called once, with the whole window, before the first tokens are quantized (statistics, e.g. means)."""
+        """Called once, with the whole window, before the first tokens are quantized. With ``cfg.center``, stores
+        the per-head, per-channel means of keys and values (fp16 ``[B, H, 1, D]``) that the method subtracts."""
+        if getattr(self.cfg, "center", False):
+            self.storage["k_mean"] = finite_mean(window_keys, 2).to(torch.float16)
+            self.storage["v_mean"] = finite_mean(window_values, 2).to(torch.float16)
 
     def _truncate_quantized(self, keep: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keep the first `keep` quantized tokens. Default: every storage tensor holds one entry per token on dim 2."""
@@ -122,8 +137,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.num_quantized = keep
         return None
 
-    # Storage entries that do not grow with tokens (per-head statistics); batch on dim 0 as well.
-    static_storage: tuple[str, ...] = ()
+    # Storage entries that do not grow with tokens (the centering means); batch on dim 0 as well.
+    static_storage: tuple[str, ...] = ("k_mean", "v_mean")
     # Which storage entries are codes (the rest are metadata), for `memory_footprint`.
     code_storage: tuple[str, ...] = ()
 
@@ -192,10 +207,13 @@ class QuantizedLayer(CacheLayerMixin):
             return
         if self.num_quantized == 0 and not self.storage:
             self._before_first_flush(self.keys, self.values)
-        pieces = self._quantize_block(self.keys[..., :count, :], self.values[..., :count, :])
-        for name, piece in pieces.items():
-            old = self.storage.get(name)
-            self.storage[name] = piece if old is None else torch.cat([old, piece], dim=2)
+        # A long prefill is quantized in chunks (a multiple of flush_size, so KIVI's key groups stay whole).
+        step = max(1, CHUNK_TOKENS // self.cfg.flush_size) * self.cfg.flush_size
+        bounds = [(start, min(start + step, count)) for start in range(0, count, step)]
+        chunks = [self._quantize_block(self.keys[..., a:b, :], self.values[..., a:b, :]) for a, b in bounds]
+        for name in chunks[0]:
+            parts = ([self.storage[name]] if name in self.storage else []) + [chunk[name] for chunk in chunks]
+            self.storage[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         self.num_quantized = target
         self.keys = self.keys[..., count:, :].contiguous()
         self.values = self.values[..., count:, :].contiguous()

@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from .base import QuantizedCacheBase, QuantizedLayer, WindowConfig, check_choice, check_int, finite_mean
+from .base import QuantizedCacheBase, QuantizedLayer, WindowConfig, check_choice, check_int
 from .base import warn_non_finite
 from .packing import pack_bits, unpack_bits
 from .rotation import random_rotation
@@ -79,7 +79,6 @@ class BonsaiLayer(QuantizedLayer):
     """One layer of `BonsaiCache`."""
 
     code_storage = ("k_signs", "v_signs")
-    static_storage = ("k_mean", "v_mean")
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -89,11 +88,6 @@ class BonsaiLayer(QuantizedLayer):
                 "k": random_rotation(self.head_dim, seed, self.device),
                 "v": random_rotation(self.head_dim, seed + 500, self.device),
             }
-
-    def _before_first_flush(self, window_keys, window_values):
-        if self.cfg.center:
-            self.storage["k_mean"] = finite_mean(window_keys.float(), 2).to(torch.float16).unsqueeze(2)
-            self.storage["v_mean"] = finite_mean(window_values.float(), 2).to(torch.float16).unsqueeze(2)
 
     def _encode(self, x: torch.Tensor, kv: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()  # [B, H, T, D]

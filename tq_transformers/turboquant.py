@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .base import QuantizedCacheBase, QuantizedLayer, WindowConfig, check_int, finite_mean, warn_non_finite
+from .base import QuantizedCacheBase, QuantizedLayer, WindowConfig, check_int, warn_non_finite
 from .codebooks import codebook
 from .packing import pack_bits, unpack_bits
 from .rotation import random_rotation
@@ -138,7 +138,6 @@ class TurboQuantCodec:
 class TurboQuantLayer(QuantizedLayer):
     """One layer of `TurboQuantCache`."""
 
-    static_storage = ("k_mean", "v_mean")
 
     def __init__(self, method_config: TurboQuantConfig, layer_idx: int = 0):
         super().__init__(method_config, layer_idx)
@@ -150,12 +149,6 @@ class TurboQuantLayer(QuantizedLayer):
         seed = self.cfg.seed + 1000 * self.layer_idx
         self.k_codec = TurboQuantCodec(self.cfg, self.head_dim, seed, self.device)
         self.v_codec = TurboQuantCodec(self.cfg, self.head_dim, seed + 500, self.device)
-
-    def _before_first_flush(self, window_keys, window_values):
-        b, h, _, d = window_keys.shape
-        if self.cfg.center:
-            self.storage["k_mean"] = finite_mean(window_keys.float(), 2).to(torch.float16).unsqueeze(2)
-            self.storage["v_mean"] = finite_mean(window_values.float(), 2).to(torch.float16).unsqueeze(2)
 
     def _centered(self, x: torch.Tensor, kv: str) -> torch.Tensor:
         x = x.float()
