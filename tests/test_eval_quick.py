@@ -128,6 +128,8 @@ def test_quick_mode_end_to_end_tiny(tiny_model_dir, tmp_path):
 
 @pytest.mark.real_model
 def test_quick_mode_real_model(tmp_path):
+    """Quick mode on Qwen2.5-Coder-1.5B (about 25 s on an idle 2-core CPU once the model is cached); floors are set
+    below the measured quick-mode values (TurboQuant-4 99.3%, KIVI-2 97.3%, Bonsai-1 77% / improved 93%)."""
     out = tmp_path / "out"
     assert cli.main(["--quick", "--output-dir", str(out)]) == 0
     methods = json.loads((out / "results.json").read_text())["methods"]
@@ -135,3 +137,8 @@ def test_quick_mode_real_model(tmp_path):
     assert methods["kivi-2"]["perplexity"]["fidelity"]["mean"] > 0.95
     assert methods["turboquant-4"]["perplexity"]["top1_agreement"] > 0.9
     assert methods["turboquant-4"]["needle"]["accuracy"] == 1.0
+    assert methods["kivi-2"]["needle"]["accuracy"] == 1.0
+    faithful, improved = methods["bonsai-1"], methods["bonsai-1-improved"]
+    assert improved["perplexity"]["fidelity"]["mean"] > faithful["perplexity"]["fidelity"]["mean"] + 0.1
+    for m in methods.values():
+        assert m["perplexity"]["held_bytes"] == m["perplexity"]["estimated_bytes"]
