@@ -619,10 +619,15 @@ def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_
     return signs, scale
 
 
+# Programs per SM the split heuristic aims for (flash-decoding: enough programs in flight to hide memory latency).
+SPLIT_WAVES = 16  # swept 2..64 on an H200 (scripts/tune_decode_splits.py): best at 8 x 32K, flat at 1 x 32K
+MAX_SPLITS = 128
+
+
 def _num_splits(bh: int, n_q: int, block_n: int, num_sms: int) -> tuple[int, int]:
-    """Splits of the packed tokens so that about two waves of programs fill the GPU; tokens per split."""
+    """Splits of the packed tokens so that about SPLIT_WAVES programs per SM fill the GPU; tokens per split."""
     blocks = triton.cdiv(n_q, block_n)
-    splits = max(1, min(blocks, triton.cdiv(2 * num_sms, bh), 128))
+    splits = max(1, min(blocks, triton.cdiv(SPLIT_WAVES * num_sms, bh), MAX_SPLITS))
     per = triton.cdiv(blocks, splits) * block_n
     return triton.cdiv(n_q, per), per
 
