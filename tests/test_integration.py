@@ -82,6 +82,16 @@ def test_hybrid_model_keeps_sliding_layers_unquantized(tiny_model):
     assert cache.memory_footprint()["unquantized_layers"] > 0
 
 
+def test_config_without_full_attention_layers_warns():
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=100, sliding_window=32)
+    with pytest.warns(UserWarning, match="no full-attention layer"):
+        cache = KIVICache(cfg)
+    assert cache.quantized_layers == []
+
+
 def test_lazy_cache_without_config(tiny_model):
     model = tiny_model("llama")
     ids = _ids()

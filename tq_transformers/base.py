@@ -316,6 +316,14 @@ class QuantizedCacheBase(Cache):
                 for i, layer in enumerate(template)
             ]
             super().__init__(layers=layers)
+            if not self.quantized_layers:
+                warnings.warn(
+                    f"{type(self).__name__}: the config has no full-attention layer (layer types "
+                    f"{sorted({type(layer).__name__ for layer in layers})}), so nothing will be quantized and the cache "
+                    "saves no memory",
+                    UserWarning,
+                    stacklevel=3,
+                )
         else:
             super().__init__(layer_class_to_replicate=DynamicLayer)
         # Token ids this cache holds, per batch row, when known (recorded by `tq_transformers.enable`).
