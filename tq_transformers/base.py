@@ -128,6 +128,15 @@ class QuantizedLayer(CacheLayerMixin):
             self.storage["k_mean"] = finite_mean(window_keys, 2).to(torch.float16)
             self.storage["v_mean"] = finite_mean(window_values, 2).to(torch.float16)
 
+    def _center(self, x: torch.Tensor, kv: str) -> torch.Tensor:
+        """`x` in float32, minus the stored mean of keys (`kv="k"`) or values ("v") when centering is on."""
+        x = x.float()
+        return x - self.storage[f"{kv}_mean"].float() if getattr(self.cfg, "center", False) else x
+
+    def _uncenter(self, x: torch.Tensor, kv: str) -> torch.Tensor:
+        """Inverse of `_center` on a float32 reconstruction."""
+        return x + self.storage[f"{kv}_mean"].float() if getattr(self.cfg, "center", False) else x
+
     def _truncate_quantized(self, keep: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keep the first `keep` quantized tokens. Default: every storage tensor holds one entry per token on dim 2."""
         for name, t in self.storage.items():

@@ -90,9 +90,7 @@ class BonsaiLayer(QuantizedLayer):
             }
 
     def _encode(self, x: torch.Tensor, kv: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.float()  # [B, H, T, D]
-        if self.cfg.center:
-            x = x - self.storage[f"{kv}_mean"].float()
+        x = self._center(x, kv)  # [B, H, T, D] float32
         if self.cfg.rotate:
             x = x @ self.rotations[kv].T
         b, h, t, d = x.shape
@@ -112,9 +110,7 @@ class BonsaiLayer(QuantizedLayer):
         x = (pm.reshape(b, h, n, d // g, g) * scale.float().unsqueeze(-1)).reshape(b, h, n, d)
         if self.cfg.rotate:
             x = x @ self.rotations[kv]
-        if self.cfg.center:
-            x = x + self.storage[f"{kv}_mean"].float()
-        return x
+        return self._uncenter(x, kv)
 
     def _quantize_block(self, keys, values):
         warn_non_finite(keys, f"key_states of layer {self.layer_idx}")

@@ -150,18 +150,12 @@ class TurboQuantLayer(QuantizedLayer):
         self.k_codec = TurboQuantCodec(self.cfg, self.head_dim, seed, self.device)
         self.v_codec = TurboQuantCodec(self.cfg, self.head_dim, seed + 500, self.device)
 
-    def _centered(self, x: torch.Tensor, kv: str) -> torch.Tensor:
-        x = x.float()
-        if self.cfg.center:
-            x = x - self.storage[f"{kv}_mean"].float()
-        return x
-
     def _quantize_block(self, keys, values):
         warn_non_finite(keys, f"key_states of layer {self.layer_idx}")
         warn_non_finite(values, f"value_states of layer {self.layer_idx}")
         out = {}
         for kv, x, codec in (("k", keys, self.k_codec), ("v", values, self.v_codec)):
-            for name, t in codec.quantize(self._centered(x, kv)).items():
+            for name, t in codec.quantize(self._center(x, kv)).items():
                 out[f"{kv}_{name}"] = t
         return out
 
@@ -172,10 +166,7 @@ class TurboQuantLayer(QuantizedLayer):
     def _dequantize(self, dtype):
         out = []
         for kv, codec in (("k", self.k_codec), ("v", self.v_codec)):
-            x = codec.dequantize(self._pieces(kv))
-            if self.cfg.center:
-                x = x + self.storage[f"{kv}_mean"].float()
-            out.append(x.to(dtype))
+            out.append(self._uncenter(codec.dequantize(self._pieces(kv)), kv).to(dtype))
         return out[0], out[1]
 
 
