@@ -137,12 +137,16 @@ class QuantizedLayer(CacheLayerMixin):
         """Inverse of `_center` on a float32 reconstruction."""
         return x + self.storage[f"{kv}_mean"].float() if getattr(self.cfg, "center", False) else x
 
+    def _storage_prefix(self, count: int) -> dict[str, torch.Tensor]:
+        """Views of the storage as it was when it held its first `count` quantized tokens (flushes only append on
+        dim 2). Default: one entry per token on dim 2; a method that stores groups of tokens overrides this."""
+        return {
+            name: t if name in self.static_storage else t[:, :, :count] for name, t in self.storage.items()
+        }
+
     def _truncate_quantized(self, keep: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keep the first `keep` quantized tokens. Default: every storage tensor holds one entry per token on dim 2."""
-        for name, t in self.storage.items():
-            if name in self.static_storage:
-                continue
-            self.storage[name] = t[:, :, :keep].contiguous()
+        """Keep the first `keep` quantized tokens (per-token storage: nothing comes back into the window)."""
+        self.storage = {name: t.contiguous() for name, t in self._storage_prefix(keep).items()}
         self.num_quantized = keep
         return None
 

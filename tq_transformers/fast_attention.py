@@ -109,21 +109,6 @@ def _key_mask(attention_mask: torch.Tensor | None, total: int) -> tuple[bool, to
     return True, key_mask
 
 
-def _storage_prefix(layer: QuantizedLayer, num_quantized: int) -> dict[str, torch.Tensor]:
-    """The layer's storage as it was when it held `num_quantized` packed tokens (flushes only append on dim 2)."""
-    from .kivi import KIVILayer
-
-    out = {}
-    for name, t in layer.storage.items():
-        if name in layer.static_storage:
-            out[name] = t
-        elif isinstance(layer, KIVILayer) and name.startswith("k_"):  # keys are stored per group of G tokens
-            out[name] = t[:, :, : num_quantized // layer.cfg.group_size]
-        else:
-            out[name] = t[:, :, :num_quantized]
-    return out
-
-
 def _reference_tensors(view: FastView, dtype: torch.dtype):
     """Exactly the keys and values `QuantizedLayer.update` returns on the reference path for this step."""
     layer = view.layer
@@ -131,7 +116,7 @@ def _reference_tensors(view: FastView, dtype: torch.dtype):
         old_k, old_v = layer._dequantize(dtype)
     else:  # this step flushed: dequantize the storage as it was before the flush, as the reference path did
         held = layer.storage
-        layer.storage = _storage_prefix(layer, view.num_quantized)
+        layer.storage = layer._storage_prefix(view.num_quantized)
         try:
             old_k, old_v = layer._dequantize(dtype)
         finally:

@@ -127,18 +127,19 @@ class KIVILayer(QuantizedLayer):
         v = vc * s["v_scale"].float().unsqueeze(-1) + s["v_zero"].float().unsqueeze(-1)
         return k.to(dtype), v.reshape(b, h, n, d).to(dtype)
 
+    def _storage_prefix(self, count):
+        """Keys are stored per group of G tokens on dim 2 (`count` a multiple of G), values per token."""
+        g = self.cfg.group_size
+        return {name: t[:, :, : count // g] if name.startswith("k_") else t[:, :, :count]
+                for name, t in self.storage.items()}
+
     def _truncate_quantized(self, keep):
         """Keep `keep` tokens: whole key groups stay packed, a partly kept group comes back into the window."""
-        g = self.cfg.group_size
-        full = keep // g * g
-        s = self.storage
+        full = keep // self.cfg.group_size * self.cfg.group_size
         k_all, v_all = self._dequantize(self.dtype)
         back_k = k_all[..., full:keep, :].contiguous()
         back_v = v_all[..., full:keep, :].contiguous()
-        for name in ("k_codes", "k_scale", "k_zero"):
-            s[name] = s[name][:, :, : full // g].contiguous()
-        for name in ("v_codes", "v_scale", "v_zero"):
-            s[name] = s[name][:, :, :full].contiguous()
+        self.storage = {name: t.contiguous() for name, t in self._storage_prefix(full).items()}
         self.num_quantized = full
         return back_k, back_v
 
