@@ -3,7 +3,7 @@ continuation, dtypes, pipelines, hybrid sliding-window models)."""
 
 import pytest
 import torch
-from transformers import DynamicCache, DynamicLayer, pipeline
+from transformers import DynamicCache, pipeline
 
 import tq_transformers
 from tq_transformers import BonsaiCache, KIVICache, QuantizedLayer, TurboQuantCache
@@ -204,7 +204,7 @@ def test_crop_then_refeed_matches_never_cropped(method, tiny_model):
     b.crop(-25)  # reaches into the quantized part
     assert b.get_seq_length() == 75
     b.update(x[:, :, 75:], x[:, :, 75:], 0)
-    (ka, va), (kb, vb) = a.layers[0]._dequantize(torch.float32), b.layers[0]._dequantize(torch.float32)
+    ka, kb = a.layers[0]._dequantize(torch.float32)[0], b.layers[0]._dequantize(torch.float32)[0]
     held_a = torch.cat([ka, a.layers[0].keys], dim=2)
     held_b = torch.cat([kb, b.layers[0].keys], dim=2)
     assert held_a.shape == held_b.shape == x.shape
@@ -249,10 +249,6 @@ def test_past_key_values_name_still_works(tiny_model):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                          past_key_values=TurboQuantCache(model.config, residual_length=LOSSLESS))
     assert torch.equal(out, ref)
-
-
-class _Tok:
-    """The smallest tokenizer a text-generation pipeline accepts: one character a token."""
 
 
 def test_enable_gives_a_fresh_cache_per_call_and_refuses_foreign_caches(tiny_model):

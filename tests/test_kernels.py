@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache
-from tq_transformers.kernels import compress_block, decode_attention, reference
+from tq_transformers.kernels import compress_block, decode_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
