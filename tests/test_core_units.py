@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 
 from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache, estimate_cache_bytes
 from tq_transformers.codebooks import GAUSSIAN_LEVELS, gaussian_lloyd_max, sphere_lloyd_max
-from tq_transformers.packing import pack_bits, packed_size, unpack_bits
+from tq_transformers.packing import byte_table, pack_bits, packed_size, unpack_bits
 from tq_transformers.rotation import hadamard_matrix, random_rotation
 
 MIB = 2**20
@@ -50,6 +50,33 @@ def test_pack_rejects_bad_input():
         pack_bits(torch.zeros(12, dtype=torch.uint8), 2)
     with pytest.raises(TypeError, match="uint8"):
         unpack_bits(torch.zeros(4, dtype=torch.int32), 2)
+
+
+def test_byte_table_drawn_examples():
+    levels = torch.arange(16, dtype=torch.float32) / 4 - 2  # l[c] = c/4 - 2, exact in bf16
+    table = byte_table(levels, 4, torch.bfloat16)
+    assert table.shape == (256, 2) and table.dtype == torch.bfloat16
+    assert table[0xB2].tolist() == [levels[2].item(), levels[11].item()]
+    signs = byte_table(torch.tensor([-1.0, 1.0]), 1, torch.float16)
+    assert signs[0x8D].tolist() == [1, -1, 1, 1, -1, -1, -1, 1]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8], ids=lambda b: f"b{b}")
+def test_byte_table_decodes_packed_bytes(bits):
+    """Row v of the table is exactly the levels of the codes unpack_bits finds in byte v."""
+    levels = torch.randn(2**bits, generator=torch.Generator().manual_seed(bits))
+    table = byte_table(levels, bits, torch.float32)
+    words = torch.zeros(256, bits, dtype=torch.uint8)  # one run of 8 codes per row, byte 0 = v
+    words[:, 0] = torch.arange(256)
+    codes = unpack_bits(words, bits)[:, : 8 // bits]  # the codes held in byte 0
+    assert torch.equal(table, levels[codes.long()])
+
+
+def test_byte_table_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"bits must be one of \(1, 2, 4, 8\) for a byte table, got 3"):
+        byte_table(torch.zeros(8), 3, torch.float16)
+    with pytest.raises(ValueError, match="levels must be a 1-D tensor of 16 values for bits=4, got shape \\(8,\\)"):
+        byte_table(torch.zeros(8), 4, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------------------------

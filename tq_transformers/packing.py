@@ -73,3 +73,26 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     codes = (words >> shifts) & ((1 << bits) - 1)  # [..., m/bits, 8]
     return codes.to(torch.uint8).reshape(*packed.shape[:-1], m // bits * 8)
+
+
+def byte_table(levels: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Decode table of every byte value for b in {1, 2, 4, 8}: `[256, 8 // bits]`, row v = the values of the codes
+    packed in byte v, lowest bits first (this module's layout), ``levels[code]`` in `dtype`.
+
+    Used by the GPU decode kernels: one table row per packed byte replaces unpacking and a lookup per code.
+    Example, b = 4, levels l[0..15], byte 0xB2::
+
+        byte 0xB2:  | 1011 | 0010 |   -> row 0xB2 = [l[2], l[11]]
+                    7  code1  code0  0
+
+    Example, b = 1, levels [-1, +1], byte 0x8D = 0b10001101 -> row [+1, -1, +1, +1, -1, -1, -1, +1].
+    """
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"bits must be one of (1, 2, 4, 8) for a byte table, got {bits!r}")
+    if levels.dim() != 1 or levels.numel() != 1 << bits:
+        raise ValueError(f"levels must be a 1-D tensor of {1 << bits} values for bits={bits}, got shape "
+                         f"{tuple(levels.shape)}")
+    v = torch.arange(256, device=levels.device)
+    shifts = bits * torch.arange(8 // bits, device=levels.device)
+    codes = (v[:, None] >> shifts) & ((1 << bits) - 1)  # [256, 8 // bits]
+    return levels.float()[codes].to(dtype).contiguous()

@@ -22,9 +22,14 @@ Centering: scores of packed keys get ``q . mu_k`` added (a per-head constant, co
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 import triton
 import triton.language as tl
+
+from .. import packing
 
 _EPS = tl.constexpr(1e-8)  # as turboquant / bonsai `_EPS` (constexpr: read inside kernels)
 _KIVI_SCALE_EPS = tl.constexpr(1e-5)  # as kivi `_SCALE_EPS`
@@ -46,6 +51,81 @@ def _round_half_even(x):
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
     up = (d > 0.5) | ((d == 0.5) & odd)
     return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _lut(ptrs, ASM: tl.constexpr):
+    """Codebook lookup ``LUT[code]``, one cached load per element.
+
+    On the GPU it is written as inline PTX: given a plain ``tl.load``, Triton's software pipeliner turns this
+    per-element gather into asynchronous copies of whole dequantized fp32 tiles into shared memory (2 stages of
+    K and V tiles: 128 KiB a program, one program per SM), which made the TurboQuant kernel 5-10x slower.
+    ``ASM=False`` (Triton's CPU interpreter, which has no inline assembly) uses ``tl.load``."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _join_natural(o0, o1, o2, o3, o4, o5, o6, o7, PER: tl.constexpr):
+    """Interleave PER same-shape tensors [R, J] into [R, J, PER] with element i of the last axis = o_i.
+
+    ``tl.join(x, y)`` appends an axis of 2 (x, y); joining the even and the odd outputs and merging axes puts
+    output 2a + b at position 2a + b, so both elements stay in the thread that loaded them (no data movement)."""
+    if PER == 1:
+        return o0[:, :, None]
+    elif PER == 2:
+        return tl.join(o0, o1)
+    elif PER == 4:
+        ev = tl.join(o0, o2)
+        od = tl.join(o1, o3)
+        return tl.reshape(tl.join(ev, od), (o0.shape[0], o0.shape[1], 4))
+    else:
+        ev = tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (o0.shape[0], o0.shape[1], 4))
+        od = tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (o0.shape[0], o0.shape[1], 4))
+        return tl.reshape(tl.join(ev, od), (o0.shape[0], o0.shape[1], 8))
+
+
+@triton.jit
+def _decode_bytes(TABLE, bytes_i32, PER: tl.constexpr, R: tl.constexpr, J: tl.constexpr, ASM: tl.constexpr):
+    """[R, J] packed bytes -> [R, J * PER] values ``TABLE[byte, i]`` in natural column order (column j*PER + i).
+
+    TABLE [256, PER] holds, for every byte value, the PER values its codes decode to, already in the model's 16-bit
+    dtype (``byte_table``). One gather of 2*PER bytes per packed byte replaces per-code unpacking, conversion and
+    lookup: 1 load for 8 sign bits, 1 for 2 TurboQuant-4 codes::
+
+        byte 0b1011_0010 (4-bit codes 2, 11) --TABLE--> [level[2], level[11]]  -> columns 2j, 2j+1
+
+    On the GPU the gather is inline PTX (a plain ``tl.load`` would be pipelined through shared memory, see `_lut`);
+    ``ASM=False`` (Triton's interpreter) uses ``tl.load``."""
+    ptrs = TABLE + bytes_i32 * PER
+    if ASM:
+        dt = TABLE.dtype.element_ty
+        if PER == 1:
+            v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs], dtype=dt, is_pure=True,
+                                          pack=1)
+            vals = _join_natural(v, v, v, v, v, v, v, v, 1)
+        elif PER == 2:
+            o0, o1 = tl.inline_asm_elementwise(
+                "{ .reg .b32 r; ld.global.nc.b32 r, [$2]; mov.b32 {$0, $1}, r; }",
+                "=h,=h,l", [ptrs], dtype=(dt, dt), is_pure=True, pack=1)
+            vals = _join_natural(o0, o1, o0, o0, o0, o0, o0, o0, 2)
+        elif PER == 4:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                "{ .reg .b32 r0, r1; ld.global.nc.v2.b32 {r0, r1}, [$4]; mov.b32 {$0, $1}, r0; "
+                "mov.b32 {$2, $3}, r1; }",
+                "=h,=h,=h,=h,l", [ptrs], dtype=(dt, dt, dt, dt), is_pure=True, pack=1)
+            vals = _join_natural(o0, o1, o2, o3, o0, o0, o0, o0, 4)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                "{ .reg .b32 r0, r1, r2, r3; ld.global.nc.v4.b32 {r0, r1, r2, r3}, [$8]; mov.b32 {$0, $1}, r0; "
+                "mov.b32 {$2, $3}, r1; mov.b32 {$4, $5}, r2; mov.b32 {$6, $7}, r3; }",
+                "=h,=h,=h,=h,=h,=h,=h,=h,l", [ptrs], dtype=(dt, dt, dt, dt, dt, dt, dt, dt), is_pure=True, pack=1)
+            vals = _join_natural(o0, o1, o2, o3, o4, o5, o6, o7, 8)
+    else:
+        vals = tl.load(ptrs[:, :, None] + tl.arange(0, PER)[None, None, :])
+    return tl.reshape(vals, (R, J * PER))
 
 
 @triton.jit
@@ -282,13 +362,83 @@ def _kivi_value_compress_kernel(
 # Decode attention: split kernels
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _codebook_tile(LUT, TABLE, bytes_i32, BITS: tl.constexpr, R: tl.constexpr, J: tl.constexpr, SIGN1: tl.constexpr,
+                   F32: tl.constexpr, ASM: tl.constexpr):
+    """[R, J] packed codes -> [R, J * 8/BITS] unscaled values: codebook levels (TurboQuant) or +-1 (Bonsai signs).
+
+    16-bit models: one byte-table gather per packed byte, in the model dtype (`_decode_bytes`). float32 models:
+    unpack, then levels from the float32 codebook LUT (or 2*bit - 1), exact in float32."""
+    if F32:
+        code = _unpack_tile(bytes_i32, BITS, R, J)
+        if SIGN1:
+            out = code.to(tl.float32) * 2.0 - 1.0
+        else:
+            out = _lut(LUT + code, ASM)
+    else:
+        out = _decode_bytes(TABLE, bytes_i32, 8 // BITS, R, J, ASM)
+    return out
+
+
+@triton.jit
+def _integer_tile(TABLE, bytes_i32, BITS: tl.constexpr, R: tl.constexpr, J: tl.constexpr, F32: tl.constexpr,
+                  ASM: tl.constexpr):
+    """[R, J] packed codes -> [R, J * 8/BITS] integer codes: exact small integers in the model's 16-bit dtype from
+    the byte table of 0 .. 2^BITS - 1 (`_decode_bytes`), or int32 by unpacking for float32 models."""
+    if F32:
+        out = _unpack_tile(bytes_i32, BITS, R, J)
+    else:
+        out = _decode_bytes(TABLE, bytes_i32, 8 // BITS, R, J, ASM)
+    return out
+
+
+@triton.jit
+def _scores_fma(qf, kf, G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores [GP, BLOCK_N] = qf [GP, D] . kf [BLOCK_N, D]^T on the CUDA cores, one query row at a time: the decoded
+    key tile stays in the registers it was decoded in (each thread holds a run of one token's dims), instead of
+    going through shared memory to the tensor cores."""
+    rows = tl.arange(0, GP)
+    k32 = kf.to(tl.float32)
+    s = tl.zeros((GP, BLOCK_N), dtype=tl.float32)
+    for gi in tl.static_range(G):
+        qg = tl.sum(tl.where(rows[:, None] == gi, qf, 0.0), axis=0)  # [D] query row gi (loop-invariant)
+        sg = tl.sum(k32 * qg[None, :], axis=1)  # [BLOCK_N]
+        s = tl.where(rows[:, None] == gi, sg[None, :], s)
+    return s
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """Online softmax (base 2) over one tile of scores s [GP, N] (-inf = masked): unnormalized probabilities p, the
+    rescale factor alpha of the old accumulator, the new sum and the new running max. Rows that have seen only
+    masked scores keep m = -inf and contribute nothing (no NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, l_i * alpha + tl.sum(p, axis=1), m_new
+
+
+@triton.jit
+def _store_partials(M_OUT, L_OUT, ACC_OUT, row, m_i, l_i, acc, G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr):
+    """One split's online-softmax state for the G real query rows (of GP): M/L [rows, G], ACC [rows, G, BD]."""
+    g = tl.arange(0, GP)
+    d = tl.arange(0, BD)
+    tl.store(M_OUT + row * G + g, m_i, mask=g < G)
+    tl.store(L_OUT + row * G + g, l_i, mask=g < G)
+    tl.store(ACC_OUT + (row * G + g[:, None]) * BD + d[None, :], acc, mask=g[:, None] < G)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
 def _codebook_split_kernel(
-    Q, MU, KC, KS, VC, VS, LUT, MASK, M_OUT, L_OUT, ACC_OUT,
+    Q, MU, KC, KS, VC, VS, LUT, TABLE, MASK, M_OUT, L_OUT, ACC_OUT,
     n_q, tokens_per_split, num_splits, H,
     s_kcb, s_kch, s_kcn, s_ksb, s_ksh, s_ksn, s_vcb, s_vch, s_vcn, s_vsb, s_vsh, s_vsn, s_mb, s_mn,
     sm_scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr, BITS: tl.constexpr, NGS: tl.constexpr,
     SIGN1: tl.constexpr, HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
+    ASM: tl.constexpr, SCORE_FMA: tl.constexpr,
 ):
     """TurboQuant (codebook levels x per-token norm) and Bonsai (+-1 x per-group scale) packed tokens.
 
@@ -335,19 +485,17 @@ def _codebook_split_kernel(
         n_ok = n < end
         tile_ok = n_ok[:, None] & j_ok[None, :]
         kb = tl.load(kc_base + n[:, None] * s_kcn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
-        kcode = _unpack_tile(kb, BITS, BLOCK_N, BJ)  # [BLOCK_N, BD]
-        if SIGN1:
-            kf = kcode.to(tl.float32) * 2.0 - 1.0
-        else:
-            kf = tl.load(LUT + kcode)
+        kf = _codebook_tile(LUT, TABLE, kb, BITS, BLOCK_N, BJ, SIGN1, F32, ASM)  # [BLOCK_N, BD]
         if NGS > 1:
             ks2 = tl.load(ks_base + n[:, None] * s_ksn + d[None, :] // GSZ, mask=n_ok[:, None] & d_ok[None, :],
-                          other=0.0).to(tl.float32)
-            kf = kf * ks2
+                          other=0.0)
+            kf = kf * ks2.to(kf.dtype)
         if F32:
             s = tl.dot(qd, tl.trans(kf), input_precision="ieee")
+        elif SCORE_FMA:
+            s = _scores_fma(qf, kf, G, GP, BLOCK_N)
         else:
-            s = tl.dot(qd, tl.trans(kf.to(qd.dtype)))
+            s = tl.dot(qd, tl.trans(kf))
         if NGS == 1:
             ks = tl.load(ks_base + n * s_ksn, mask=n_ok, other=0.0).to(tl.float32)
             s = s * ks[None, :]
@@ -356,43 +504,32 @@ def _codebook_split_kernel(
         if HAS_MASK:
             ok = ok & (tl.load(MASK + b * s_mb + n * s_mn, mask=n_ok, other=0) != 0)
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
         vb = tl.load(vc_base + n[:, None] * s_vcn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
-        vcode = _unpack_tile(vb, BITS, BLOCK_N, BJ)
-        if SIGN1:
-            vf = vcode.to(tl.float32) * 2.0 - 1.0
-        else:
-            vf = tl.load(LUT + vcode)
+        vf = _codebook_tile(LUT, TABLE, vb, BITS, BLOCK_N, BJ, SIGN1, F32, ASM)
         if NGS > 1:
             vs2 = tl.load(vs_base + n[:, None] * s_vsn + d[None, :] // GSZ, mask=n_ok[:, None] & d_ok[None, :],
-                          other=0.0).to(tl.float32)
-            vf = vf * vs2
+                          other=0.0)
+            vf = vf * vs2.to(vf.dtype)
         else:
             vs = tl.load(vs_base + n * s_vsn, mask=n_ok, other=0.0).to(tl.float32)
             p = p * vs[None, :]
         if F32:
             acc = acc * alpha[:, None] + tl.dot(p, vf, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(qd.dtype), vf.to(qd.dtype))
+            acc = acc * alpha[:, None] + tl.dot(p.to(qd.dtype), vf)
         m_i = m_new
-    row = pid_bh * num_splits + pid_s
-    tl.store(M_OUT + row * GP + g, m_i)
-    tl.store(L_OUT + row * GP + g, l_i)
-    tl.store(ACC_OUT + (row * GP + g[:, None]) * BD + d[None, :], acc)
+    _store_partials(M_OUT, L_OUT, ACC_OUT, pid_bh * num_splits + pid_s, m_i, l_i, acc, G, GP, BD)
 
 
 @triton.jit
 def _kivi_split_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, MASK, M_OUT, L_OUT, ACC_OUT,
+    Q, KC, KS, KZ, VC, VS, VZ, TABLE, MASK, M_OUT, L_OUT, ACC_OUT,
     n_q, tokens_per_split, num_splits, H,
     s_kcb, s_kch, s_kcg, s_ksb, s_ksh, s_ksg, s_vcb, s_vch, s_vcn, s_vsb, s_vsh, s_vsn, s_mb, s_mn,
     sm_scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NGB: tl.constexpr,
-    HAS_MASK: tl.constexpr, F32: tl.constexpr,
+    HAS_MASK: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr,
 ):
     """KIVI packed tokens, NGB key groups (NGB * GS tokens) per iteration.
 
@@ -434,7 +571,8 @@ def _kivi_split_kernel(
         g_ok = grp * GS < end
         kb = tl.load(kc_base + grp[None, :, None] * s_kcg + d[:, None, None] * GB + jb[None, None, :],
                      mask=g_ok[None, :, None], other=0).to(tl.int32)  # [D, NGB, GB]
-        kcode = tl.reshape(_unpack_tile(tl.reshape(kb, (D * NGB, GB)), BITS, D * NGB, GB), (D, NGB, GS))
+        kcode = tl.reshape(_integer_tile(TABLE, tl.reshape(kb, (D * NGB, GB)), BITS, D * NGB, GB, F32, ASM),
+                           (D, NGB, GS))
         ksc = tl.load(ks_base + grp[None, :] * s_ksg + d[:, None], mask=g_ok[None, :], other=0.0).to(tl.float32)
         kzr = tl.load(kz_base + grp[None, :] * s_ksg + d[:, None], mask=g_ok[None, :], other=0.0).to(tl.float32)
         kt = tl.reshape(kcode.to(tl.float32) * ksc[:, :, None] + kzr[:, :, None], (D, BLOCK_N))  # K^T
@@ -449,13 +587,9 @@ def _kivi_split_kernel(
         if HAS_MASK:
             ok = ok & (tl.load(MASK + b * s_mb + n * s_mn, mask=n_ok, other=0) != 0)
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
         vb = tl.load(vc_base + n[:, None] * s_vcn + jv[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-        vcode = tl.reshape(_unpack_tile(vb, BITS, BLOCK_N, DBV), (BLOCK_N, NG, GS))
+        vcode = tl.reshape(_integer_tile(TABLE, vb, BITS, BLOCK_N, DBV, F32, ASM), (BLOCK_N, NG, GS))
         vsc = tl.load(vs_base + n[:, None] * s_vsn + vg[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         vzr = tl.load(vz_base + n[:, None] * s_vsn + vg[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         v = tl.reshape(vcode.to(tl.float32) * vsc[:, :, None] + vzr[:, :, None], (BLOCK_N, D))
@@ -464,10 +598,7 @@ def _kivi_split_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
-    row = pid_bh * num_splits + pid_s
-    tl.store(M_OUT + row * GP + g, m_i)
-    tl.store(L_OUT + row * GP + g, l_i)
-    tl.store(ACC_OUT + (row * GP + g[:, None]) * D + d[None, :], acc)
+    _store_partials(M_OUT, L_OUT, ACC_OUT, pid_bh * num_splits + pid_s, m_i, l_i, acc, G, GP, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -479,7 +610,7 @@ def _reduce_kernel(
     num_splits, W, n_q, H,
     s_wkb, s_wkh, s_wkn, s_wvb, s_wvh, s_wvn, s_mb, s_mn,
     sm_scale_log2,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr, UNROLL: tl.constexpr,
     HAS_ROT: tl.constexpr, HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_W: tl.constexpr, F32: tl.constexpr,
 ):
     """One program per KV head of one row: merge the splits, finish the packed part, attend to the window."""
@@ -489,21 +620,24 @@ def _reduce_kernel(
     g = tl.arange(0, GP)
     d = tl.arange(0, BD)
     d_ok = d < D
-    m_i = tl.full((GP,), float("-inf"), tl.float32)
-    l_i = tl.zeros((GP,), dtype=tl.float32)
+    g_ok = g < G
+    # the splits' maxima [SP, GP] at once, then every split's weight exp2(m_s - m): independent loads, no chain
+    sp = tl.arange(0, SP)
+    sp_ok = (sp[:, None] < num_splits) & g_ok[None, :]
+    rows = pid_bh * num_splits + sp
+    ms = tl.load(M + rows[:, None] * G + g[None, :], mask=sp_ok, other=float("-inf"))
+    m_i = tl.max(ms, axis=0)  # [GP]
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    ls = tl.load(L + rows[:, None] * G + g[None, :], mask=sp_ok, other=0.0)
+    l_i = tl.sum(ls * tl.exp2(ms - m_safe[None, :]), axis=0)
     acc = tl.zeros((GP, BD), dtype=tl.float32)
-    for split in range(num_splits):
-        row = pid_bh * num_splits + split
-        ms = tl.load(M + row * GP + g)
-        ls = tl.load(L + row * GP + g)
-        accs = tl.load(ACC + (row * GP + g[:, None]) * BD + d[None, :])
-        m_new = tl.maximum(m_i, ms)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a_old = tl.exp2(m_i - m_safe)
-        a_new = tl.exp2(ms - m_safe)
-        l_i = l_i * a_old + ls * a_new
-        acc = acc * a_old[:, None] + accs * a_new[:, None]
-        m_i = m_new
+    for s0 in range(0, num_splits, UNROLL):
+        for u in tl.static_range(UNROLL):  # UNROLL tiles in flight
+            row = pid_bh * num_splits + s0 + u
+            ok = g_ok & (s0 + u < num_splits)
+            wu = tl.exp2(tl.load(M + row * G + g, mask=ok, other=float("-inf")) - m_safe)
+            accs = tl.load(ACC + (row * G + g[:, None]) * BD + d[None, :], mask=ok[:, None], other=0.0)
+            acc += accs * wu[:, None]
     if HAS_ROT:  # back from the value rotation: x = y @ P
         pv = tl.load(PV + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(acc, pv, input_precision="ieee")
@@ -529,11 +663,7 @@ def _reduce_kernel(
         if HAS_MASK:
             ok = ok & (tl.load(MASK + b * s_mb + (n_q + w) * s_mn, mask=w_ok, other=0) != 0)
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
         if F32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -620,8 +750,17 @@ def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_
 
 
 # Programs per SM the split heuristic aims for (flash-decoding: enough programs in flight to hide memory latency).
-SPLIT_WAVES = 16  # swept 2..64 on an H200 (scripts/tune_decode_splits.py): best at 8 x 32K, flat at 1 x 32K
+SPLIT_WAVES = 8  # swept 8, 16, 32 on an H200 (scripts/tune_decode_kernels.py): 8 best at 8 x 32K, within 5% at 1 x 32K
 MAX_SPLITS = 128
+# Launch settings of the split kernels, the best of a sweep on an H200 (scripts/tune_decode_kernels.py, see
+# docs/RESULTS.md): packed tokens per loop iteration, warps per program, software-pipelining depth, and (codebook
+# kernels) key scores on the CUDA cores instead of the tensor cores (measured slower). KIVI's block is a whole
+# number of its key groups.
+DECODE_TUNING = {
+    "codebook": {"block_n": 128, "num_warps": 4, "num_stages": 3, "score_fma": False},
+    "kivi": {"block_n": 128, "num_warps": 4, "num_stages": 2},
+}
+REDUCE_UNROLL = 4  # split partials the reduce kernel loads per step
 
 
 def _num_splits(bh: int, n_q: int, block_n: int, num_sms: int) -> tuple[int, int]:
@@ -655,7 +794,7 @@ def _finish(q, q_packed, window_k, window_v, m, l_, acc, n_q, key_mask, scaling,
     b, hq, d = q.shape
     hkv = window_k.shape[1]
     g = hq // hkv
-    gp = m.shape[-1]
+    gp = _pow2(g, 16)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
     muv = v_mean.float().reshape(b * hkv, d).contiguous() if v_mean is not None else m
@@ -666,14 +805,50 @@ def _finish(q, q_packed, window_k, window_v, m, l_, acc, n_q, key_mask, scaling,
         window_k.stride(0), window_k.stride(1), window_k.stride(2),
         window_v.stride(0), window_v.stride(1), window_v.stride(2), s_mb, s_mn,
         scaling * _LOG2E,
-        G=g, GP=gp, D=d, BD=bd, HAS_ROT=v_rotation is not None, HAS_MU=v_mean is not None, HAS_MASK=has_mask,
+        G=g, GP=gp, D=d, BD=bd, SP=_pow2(m.shape[1]), UNROLL=REDUCE_UNROLL,
+        HAS_ROT=v_rotation is not None, HAS_MU=v_mean is not None, HAS_MASK=has_mask,
         BLOCK_W=32, F32=q.dtype == torch.float32, num_warps=4,
     )
     return out
 
 
+_TABLES: dict = {}  # id(levels) -> (weak reference to levels, {(bits, dtype): table}); tensors compare elementwise
+
+
+def byte_table(levels: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``packing.byte_table`` for `_decode_bytes`, cached while the levels tensor lives."""
+    entry = _TABLES.get(id(levels))
+    if entry is None or entry[0]() is not levels:
+        entry = (weakref.ref(levels, lambda _, key=id(levels): _TABLES.pop(key, None)), {})
+        _TABLES[id(levels)] = entry
+    key = (bits, dtype)
+    if key not in entry[1]:
+        entry[1][key] = packing.byte_table(levels, bits, dtype)
+    return entry[1][key]
+
+
+@functools.lru_cache(maxsize=None)
+def _integer_levels(bits: int, device: torch.device) -> torch.Tensor:
+    """0 .. 2^bits - 1: KIVI's codes as levels."""
+    return torch.arange(1 << bits, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_levels(device: torch.device) -> torch.Tensor:
+    """Bonsai's sign bits as levels: bit 0 -> -1, bit 1 -> +1."""
+    return torch.tensor([-1.0, 1.0], device=device)
+
+
+def _partials(bh: int, splits: int, g: int, bd: int, device):
+    """Per-split softmax state of the G query rows of each KV head: m, l [BH, S, G] and acc [BH, S, G, BD]."""
+    m = torch.empty(bh, splits, g, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(bh, splits, g, bd, dtype=torch.float32, device=device)
+
+
 def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, window_k, window_v, key_mask,
-                        scaling, v_rotation, v_mean, block_n=64):
+                        scaling, v_rotation, v_mean):
+    tune = DECODE_TUNING["codebook"]
+    block_n = tune["block_n"]
     q = q.contiguous()
     b, hq, d = q.shape
     hkv = kc.shape[1]
@@ -683,21 +858,25 @@ def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, w
     bd = bj * (8 // bits)
     q_rot = q_rot.contiguous()
     splits, per = _num_splits(b * hkv, n_q, block_n, _sms(q.device))
-    m = torch.empty(b * hkv, splits, gp, dtype=torch.float32, device=q.device)
-    l_ = torch.empty_like(m)
-    acc = torch.empty(b * hkv, splits, gp, bd, dtype=torch.float32, device=q.device)
+    m, l_, acc = _partials(b * hkv, splits, g, bd, q.device)
     mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
     ks = ks if ks.dim() == 4 else ks.unsqueeze(-1)
     vs = vs if vs.dim() == 4 else vs.unsqueeze(-1)
+    if q.dtype == torch.float32:
+        table = m  # unused: float32 decodes through the float32 LUT
+    else:
+        table = byte_table(_sign_levels(q.device) if sign1 else lut, bits, q.dtype)
     _codebook_split_kernel[(splits, b * hkv)](
-        q_rot, k_mu if k_mu is not None else m, kc, ks, vc, vs, lut if lut is not None else m,
+        q_rot, k_mu if k_mu is not None else m, kc, ks, vc, vs, lut if lut is not None else m, table,
         mask if has_mask else m, m, l_, acc,
         n_q, per, splits, hkv,
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), s_mb, s_mn,
         scaling * _LOG2E,
         G=g, GP=gp, D=d, BJ=bj, BITS=bits, NGS=ks.shape[-1], SIGN1=sign1, HAS_MU=k_mu is not None,
-        HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, num_warps=4,
+        HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, ASM=q.is_cuda,
+        SCORE_FMA=tune.get("score_fma", False),
+        num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
     return _finish(q, q_rot, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd)
 
@@ -745,22 +924,22 @@ def kivi_decode_attention(
     hkv = k_codes.shape[1]
     g = hq // hkv
     gp = _pow2(g, 16)
-    ngb = max(1, 64 // group_size)
+    tune = DECODE_TUNING["kivi"]
+    ngb = max(1, tune["block_n"] // group_size)
     block_n = ngb * group_size
     q = q.contiguous()
     splits, per = _num_splits(b * hkv, num_quantized, block_n, _sms(q.device))
-    m = torch.empty(b * hkv, splits, gp, dtype=torch.float32, device=q.device)
-    l_ = torch.empty_like(m)
-    acc = torch.empty(b * hkv, splits, gp, d, dtype=torch.float32, device=q.device)
+    m, l_, acc = _partials(b * hkv, splits, g, d, q.device)
     mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
+    table = m if q.dtype == torch.float32 else byte_table(_integer_levels(bits, q.device), bits, q.dtype)
     _kivi_split_kernel[(splits, b * hkv)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask if has_mask else m, m, l_, acc,
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, table, mask if has_mask else m, m, l_, acc,
         num_quantized, per, splits, hkv,
         k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), k_scale.stride(0), k_scale.stride(1),
         k_scale.stride(2), v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), s_mb, s_mn,
         scaling * _LOG2E,
         G=g, GP=gp, D=d, BITS=bits, GS=group_size, NGB=ngb, HAS_MASK=has_mask, F32=q.dtype == torch.float32,
-        num_warps=4,
+        ASM=q.is_cuda, num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
     return _finish(q, q, window_k, window_v, m, l_, acc, num_quantized, key_mask, scaling, None, None, d)
