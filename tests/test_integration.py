@@ -203,6 +203,12 @@ def test_crop_then_refeed_matches_never_cropped(method, tiny_model):
     b.update(x[:, :, 90:], x[:, :, 90:], 0)
     b.crop(-25)  # reaches into the quantized part
     assert b.get_seq_length() == 75
+    # the cropped cache holds only what it reports: no view keeps the pre-crop tensors alive (batch 1, so a prefix
+    # of the storage is itself contiguous)
+    layer = b.layers[0]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [layer.keys, layer.values, *layer.storage.values()]}
+    assert sum(held.values()) == sum(layer.memory_footprint().values())
     b.update(x[:, :, 75:], x[:, :, 75:], 0)
     ka, kb = a.layers[0]._dequantize(torch.float32)[0], b.layers[0]._dequantize(torch.float32)[0]
     held_a = torch.cat([ka, a.layers[0].keys], dim=2)

@@ -59,6 +59,15 @@ class WindowConfig:
 CHUNK_TOKENS = 4096
 
 
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a contiguous tensor that owns exactly its own bytes. A slice of a window or of the storage is a view
+    that keeps the whole original alive (even an empty slice: ``.contiguous()`` returns such views unchanged), so
+    held memory would silently stay at the size before a flush or a crop; this copies those views."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def finite_mean(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """float32 mean over `dim` (kept, size 1) of the finite entries only (0 where none is finite): one bad token
     cannot shift the mean. Accumulated in chunks of CHUNK_TOKENS along `dim`, never a whole float32 copy of `x`."""
@@ -146,7 +155,7 @@ class QuantizedLayer(CacheLayerMixin):
 
     def _truncate_quantized(self, keep: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keep the first `keep` quantized tokens (per-token storage: nothing comes back into the window)."""
-        self.storage = {name: t.contiguous() for name, t in self._storage_prefix(keep).items()}
+        self.storage = {name: compact(t) for name, t in self._storage_prefix(keep).items()}
         self.num_quantized = keep
         return None
 
@@ -228,8 +237,8 @@ class QuantizedLayer(CacheLayerMixin):
             parts = ([self.storage[name]] if name in self.storage else []) + [chunk[name] for chunk in chunks]
             self.storage[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         self.num_quantized = target
-        self.keys = self.keys[..., count:, :].contiguous()
-        self.values = self.values[..., count:, :].contiguous()
+        self.keys = compact(self.keys[..., count:, :])
+        self.values = compact(self.values[..., count:, :])
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -281,11 +290,12 @@ class QuantizedLayer(CacheLayerMixin):
         keep = max(0, self.cumulative_length + tokens_to_remove)
         if keep >= self.num_quantized:
             window_keep = keep - self.num_quantized
-            self.keys, self.values = self.keys[..., :window_keep, :], self.values[..., :window_keep, :]
+            self.keys = compact(self.keys[..., :window_keep, :])
+            self.values = compact(self.values[..., :window_keep, :])
         else:
             back = self._truncate_quantized(keep)
             if back is None:  # per-token storage: the window is simply dropped
-                self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
+                self.keys, self.values = compact(self.keys[..., :0, :]), compact(self.values[..., :0, :])
             else:  # tokens of a partly kept group come back into the window, dequantized
                 self.keys, self.values = back
         self.cumulative_length = keep

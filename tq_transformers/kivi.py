@@ -24,7 +24,7 @@ import dataclasses
 
 import torch
 
-from .base import QuantizedCacheBase, QuantizedLayer, WindowConfig, check_int, warn_non_finite
+from .base import QuantizedCacheBase, QuantizedLayer, WindowConfig, check_int, compact, warn_non_finite
 from .packing import pack_bits, unpack_bits
 
 _SCALE_EPS = 1e-5
@@ -137,9 +137,9 @@ class KIVILayer(QuantizedLayer):
         """Keep `keep` tokens: whole key groups stay packed, a partly kept group comes back into the window."""
         full = keep // self.cfg.group_size * self.cfg.group_size
         k_all, v_all = self._dequantize(self.dtype)
-        back_k = k_all[..., full:keep, :].contiguous()
-        back_v = v_all[..., full:keep, :].contiguous()
-        self.storage = {name: t.contiguous() for name, t in self._storage_prefix(full).items()}
+        back_k = compact(k_all[..., full:keep, :])
+        back_v = compact(v_all[..., full:keep, :])
+        self.storage = {name: compact(t) for name, t in self._storage_prefix(full).items()}
         self.num_quantized = full
         return back_k, back_v
 
