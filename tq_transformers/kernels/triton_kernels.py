@@ -2,22 +2,31 @@
 
 Imported only through ``tq_transformers.kernels`` (lazily): a CPU install never imports Triton.
 
-Bit unpacking without gathers. ``packing`` stores 8 codes of b bits as one little-endian word of b bytes; for
-b in {1, 2, 4, 8} byte ``j`` of a row simply holds codes ``j*PER .. j*PER + PER - 1`` (PER = 8 / b), lowest bits first.
-A tile of bytes ``[N, J]`` is expanded with one broadcast shift into ``[N, J, PER]`` and reshaped to ``[N, J*PER]``,
-which is the natural column order::
+Decoding packed codes. ``packing`` stores 8 codes of b bits as one little-endian word of b bytes; for b in
+{1, 2, 4, 8} byte ``j`` of a row simply holds codes ``j*PER .. j*PER + PER - 1`` (PER = 8 / b), lowest bits first.
 
-    bytes  [N, J]  --(>> b*i, & mask)-->  [N, J, PER]  --reshape-->  [N, D]   column = j*PER + i
+- 16-bit models, codebooks (TurboQuant levels, KIVI's integers): one gather per packed byte from a 256-row table of
+  the PER values it decodes to, already in the model dtype (``packing.byte_table``, `_decode_bytes`)::
+
+      bytes [N, J] --TABLE[byte]--> PER tensors [N, J] --join--> [N, J, PER] --reshape--> [N, D]  column = j*PER + i
+
+- sign bits (Bonsai) and float32 models: a broadcast shift in registers, then 2*bit - 1 or the float32 levels::
+
+      bytes [N, J] --(>> b*i, & mask)--> [N, J, PER] --reshape--> [N, D]
 
 Decode attention (flash-decoding). One program per (KV head of one batch row, split of the packed tokens): it loads
 the G query heads of that KV head once ([GP, D], GP = G padded to 16 rows for the tensor cores), streams its share of
-the codes and metadata, dequantizes tiles in registers only, and keeps an online softmax (base 2). It writes per split
-the running max ``m``, the sum ``l`` and the unnormalized accumulator ``acc`` [GP, D]. A reduce program per KV head
-merges the splits, rotates the value accumulator back once (TurboQuant, rotated Bonsai), adds the value mean weighted
-by the quantized share of the probability (``l`` of the packed part), attends to the full-precision window and writes
+the codes and metadata, decodes tiles in registers only, and keeps an online softmax (base 2). It writes per split
+the running max ``m``, the sum ``l`` and the unnormalized accumulator ``acc`` of the G real rows ([rows, G] and
+[rows, G, D]). A reduce program per KV head merges the splits (all split maxima at once, then UNROLL partials per
+step), rotates the value accumulator back once (TurboQuant, rotated Bonsai), adds the value mean weighted by the
+quantized share of the probability (``l`` of the packed part), attends to the full-precision window and writes
 ``out [B, Hq, D]``.
 
 Centering: scores of packed keys get ``q . mu_k`` added (a per-head constant, computed once per program).
+
+Measured on an H200 (docs/RESULTS.md): these kernels are bound by the L1/shared-memory unit (table gathers and the
+conversion of decoded tiles to the tensor-core operand layout), at 5-14% of the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -445,7 +454,7 @@ def _codebook_split_kernel(
     """TurboQuant (codebook levels x per-token norm) and Bonsai (+-1 x per-group scale) packed tokens.
 
     Q [B*Hkv, G, D] (rotated when the method rotates), MU [B*Hkv, D] float32 (the key mean in Q's domain),
-    codes [B, Hkv, N, D*BITS/8] uint8, scales [B, Hkv, N, NGS]; partials M/L [B*Hkv, S, GP], ACC [B*Hkv, S, GP, BD].
+    codes [B, Hkv, N, D*BITS/8] uint8, scales [B, Hkv, N, NGS]; partials M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BD].
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
