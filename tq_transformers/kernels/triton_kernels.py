@@ -808,7 +808,7 @@ def _finish(q, q_packed, window_k, window_v, m, l_, acc, n_q, key_mask, scaling,
     gp = _pow2(g, 16)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
-    muv = v_mean.float().reshape(b * hkv, d).contiguous() if v_mean is not None else m
+    muv = _mean_in(v_mean, None) if v_mean is not None else m
     pv = v_rotation.float().contiguous() if v_rotation is not None else m
     _reduce_kernel[(b * hkv,)](
         m, l_, acc, q, window_k, window_v, pv, muv, mask if has_mask else m, out,
@@ -823,19 +823,35 @@ def _finish(q, q_packed, window_k, window_v, m, l_, acc, n_q, key_mask, scaling,
     return out
 
 
-_TABLES: dict = {}  # id(levels) -> (weak reference to levels, {(bits, dtype): table}); tensors compare elementwise
+_DERIVED: dict = {}  # id(source) -> (weak reference to source, {tag: tensor}); tensors compare elementwise
+
+
+def _derived(source: torch.Tensor, tag, make):
+    """``make()``, a tensor derived from `source` only (a decode table, the key mean in the rotated domain), computed
+    once and kept while `source` lives. The caches replace their tensors rather than write into them (flush, crop,
+    reorder and reset all assign new tensors), so a live source never changes value."""
+    entry = _DERIVED.get(id(source))
+    if entry is None or entry[0]() is not source:
+        entry = (weakref.ref(source, lambda _, key=id(source): _DERIVED.pop(key, None)), {})
+        _DERIVED[id(source)] = entry
+    if tag not in entry[1]:
+        entry[1][tag] = make()
+    return entry[1][tag]
 
 
 def byte_table(levels: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """``packing.byte_table`` for `_decode_bytes`, cached while the levels tensor lives."""
-    entry = _TABLES.get(id(levels))
-    if entry is None or entry[0]() is not levels:
-        entry = (weakref.ref(levels, lambda _, key=id(levels): _TABLES.pop(key, None)), {})
-        _TABLES[id(levels)] = entry
-    key = (bits, dtype)
-    if key not in entry[1]:
-        entry[1][key] = packing.byte_table(levels, bits, dtype)
-    return entry[1][key]
+    return _derived(levels, ("table", bits, dtype), lambda: packing.byte_table(levels, bits, dtype))
+
+
+def _mean_in(mean: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """A stored mean [B, H, 1, D] as float32 [B*H, D], rotated (mean @ P^T) when the method rotates; cached."""
+
+    def make():
+        m = mean.float().reshape(-1, mean.shape[-1])
+        return (m if rotation is None else m @ rotation.float().T).contiguous()
+
+    return _derived(mean, ("mean", None if rotation is None else id(rotation)), make)
 
 
 @functools.lru_cache(maxsize=None)
@@ -900,9 +916,7 @@ def turboquant_decode_attention(
     hkv = k_codes.shape[1]
     rot_k = k_rotation.float()
     q_rot = (q.float().reshape(b, hkv, hq // hkv, d) @ rot_k.T).to(q.dtype)  # rotate the query once
-    k_mu = None
-    if k_mean is not None:  # q . mu = (P q) . (P mu)
-        k_mu = (k_mean.float().reshape(b * hkv, d) @ rot_k.T).contiguous()
+    k_mu = _mean_in(k_mean, k_rotation) if k_mean is not None else None  # q . mu = (P q) . (P mu)
     return _codebook_attention(
         q, q_rot, k_mu, k_codes, k_norms, v_codes, v_norms, levels.float().contiguous(), bits, False,
         num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
@@ -915,14 +929,12 @@ def bonsai_decode_attention(
 ):
     b, hq, d = q.shape
     hkv = k_signs.shape[1]
-    k_mu = k_mean.float().reshape(b * hkv, d) if k_mean is not None else None
+    k_mu = _mean_in(k_mean, k_rotation) if k_mean is not None else None
     q_rot = q
     if k_rotation is not None:
         q_rot = (q.float().reshape(b, hkv, hq // hkv, d) @ k_rotation.float().T).to(q.dtype)
-        if k_mu is not None:
-            k_mu = k_mu @ k_rotation.float().T
     return _codebook_attention(
-        q, q_rot, None if k_mu is None else k_mu.contiguous(), k_signs, k_scale, v_signs, v_scale, None, 1, True,
+        q, q_rot, k_mu, k_signs, k_scale, v_signs, v_scale, None, 1, True,
         num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
     )
 
