@@ -61,7 +61,6 @@ def main():
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--waves", default="4,8,16,32")
-    ap.add_argument("--score-fma", default="0,1", help="codebook kernels: key scores on the CUDA cores (1) or MMA (0)")
     ap.add_argument("--quick", action="store_true", help="only the shipped settings")
     args = ap.parse_args()
     from tq_transformers.kernels import triton_kernels as tk
@@ -94,18 +93,15 @@ def main():
             call = (layer, q, layer.num_quantized, layer.keys, layer.values, None, 128**-0.5)
             ref = kernels.decode_attention(*call, impl="reference").float()
             grid = [(shipped[family]["block_n"], shipped[family]["num_warps"], shipped[family]["num_stages"],
-                     shipped_waves, int(shipped[family].get("score_fma", False)))]
+                     shipped_waves)]
             if not args.quick:
-                fma = args.score_fma if family == "codebook" else "0"
                 grid = list(itertools.product(*(map(int, a.split(",")) for a in (
-                    args.block_n, args.warps, args.stages, args.waves, fma))))
-            for block_n, warps, stages, waves, score_fma in grid:
+                    args.block_n, args.warps, args.stages, args.waves))))
+            for block_n, warps, stages, waves in grid:
                 tk.DECODE_TUNING[family] = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-                if family == "codebook":
-                    tk.DECODE_TUNING[family]["score_fma"] = bool(score_fma)
                 tk.SPLIT_WAVES = waves
                 row = dict(method=name, batch=batch, context=context, block_n=block_n, warps=warps, stages=stages,
-                           waves=waves, score_fma=score_fma)
+                           waves=waves)
                 try:
                     out = kernels.decode_attention(*call, impl="triton").float()
                     row["rel_err"] = float((out - ref).norm() / ref.norm())
@@ -124,7 +120,7 @@ def main():
     with open(os.path.join(args.out, "tune_decode_kernels.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "copy_tbps": bw, "torch": torch.__version__, "rows": rows},
                   f, indent=1)
-    print("\n| method | batch x context | best block_n/warps/stages/waves/fma | us | of copy | vs SDPA bf16 | rel err |")
+    print("\n| method | batch x context | best block_n/warps/stages/waves | us | of copy | vs SDPA bf16 | rel err |")
     print("|---|---|---|---|---|---|---|")
     for point in args.points.split(","):
         batch, context = map(int, point.split("x"))
@@ -133,7 +129,7 @@ def main():
                   and "us" in r and r["rel_err"] < 2e-2]
             if ok:
                 r = min(ok, key=lambda r: r["us"])
-                print(f"| {name} | {batch} x {context} | {r['block_n']}/{r['warps']}/{r['stages']}/{r['waves']}/{r['score_fma']} | "
+                print(f"| {name} | {batch} x {context} | {r['block_n']}/{r['warps']}/{r['stages']}/{r['waves']} | "
                       f"{r['us']} | {r['of_copy']:.1%} | {r['vs_sdpa']} | {r['rel_err']:.1e} |")
     bad = [r for r in rows if "rel_err" in r and r["rel_err"] >= 2e-2]
     print(f"settings over the error bound: {len(bad)}; errors: {sum('error' in r for r in rows)}")

@@ -403,21 +403,6 @@ def _integer_tile(TABLE, bytes_i32, BITS: tl.constexpr, R: tl.constexpr, J: tl.c
 
 
 @triton.jit
-def _scores_fma(qf, kf, G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scores [GP, BLOCK_N] = qf [GP, D] . kf [BLOCK_N, D]^T on the CUDA cores, one query row at a time: the decoded
-    key tile stays in the registers it was decoded in (each thread holds a run of one token's dims), instead of
-    going through shared memory to the tensor cores."""
-    rows = tl.arange(0, GP)
-    k32 = kf.to(tl.float32)
-    s = tl.zeros((GP, BLOCK_N), dtype=tl.float32)
-    for gi in tl.static_range(G):
-        qg = tl.sum(tl.where(rows[:, None] == gi, qf, 0.0), axis=0)  # [D] query row gi (loop-invariant)
-        sg = tl.sum(k32 * qg[None, :], axis=1)  # [BLOCK_N]
-        s = tl.where(rows[:, None] == gi, sg[None, :], s)
-    return s
-
-
-@triton.jit
 def _softmax_step(s, m_i, l_i):
     """Online softmax (base 2) over one tile of scores s [GP, N] (-inf = masked): unnormalized probabilities p, the
     rescale factor alpha of the old accumulator, the new sum and the new running max. Rows that have seen only
@@ -449,7 +434,7 @@ def _codebook_split_kernel(
     sm_scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr, BITS: tl.constexpr, NGS: tl.constexpr,
     SIGN1: tl.constexpr, HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
-    ASM: tl.constexpr, SCORE_FMA: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """TurboQuant (codebook levels x per-token norm) and Bonsai (+-1 x per-group scale) packed tokens.
 
@@ -503,8 +488,6 @@ def _codebook_split_kernel(
             kf = kf * ks2.to(kf.dtype)
         if F32:
             s = tl.dot(qd, tl.trans(kf), input_precision="ieee")
-        elif SCORE_FMA:
-            s = _scores_fma(qf, kf, G, GP, BLOCK_N)
         else:
             s = tl.dot(qd, tl.trans(kf))
         if NGS == 1:
@@ -764,11 +747,10 @@ def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_
 SPLIT_WAVES = 8  # swept 8, 16, 32 on an H200 (scripts/tune_decode_kernels.py): 8 best at 8 x 32K, within 5% at 1 x 32K
 MAX_SPLITS = 128
 # Launch settings of the split kernels, the best of a sweep on an H200 (scripts/tune_decode_kernels.py, see
-# docs/RESULTS.md): packed tokens per loop iteration, warps per program, software-pipelining depth, and (codebook
-# kernels) key scores on the CUDA cores instead of the tensor cores (measured slower). KIVI's block is a whole
-# number of its key groups.
+# docs/RESULTS.md): packed tokens per loop iteration, warps per program, software-pipelining depth. KIVI's block is a
+# whole number of its key groups.
 DECODE_TUNING = {
-    "codebook": {"block_n": 128, "num_warps": 4, "num_stages": 3, "score_fma": False},
+    "codebook": {"block_n": 128, "num_warps": 4, "num_stages": 3},
     "kivi": {"block_n": 128, "num_warps": 4, "num_stages": 2},
 }
 REDUCE_UNROLL = 4  # split partials the reduce kernel loads per step
@@ -902,7 +884,6 @@ def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, w
         scaling * _LOG2E,
         G=g, GP=gp, D=d, BJ=bj, BITS=bits, NGS=ks.shape[-1], SIGN1=sign1, HAS_MU=k_mu is not None,
         HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, ASM=q.is_cuda,
-        SCORE_FMA=tune.get("score_fma", False),
         num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
     return _finish(q, q_rot, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd)
