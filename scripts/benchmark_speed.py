@@ -12,7 +12,8 @@ configuration is timed twice in a row; the second timing is reported.
 
 - decode: the cache is filled with `context` tokens of random keys and values per layer (the contents do not
   change the speed; it avoids a prefill per configuration), then `--decode-steps` greedy steps of the full model
-  are timed (ms per token). Peak memory is the peak allocated during fill + decode, weights included.
+  are timed (ms per token). Peak memory is the peak allocated during fill + decode, and during decode alone,
+  weights included.
 - prefill: one forward over the whole prompt through each cache (logits of the last token only), seconds.
 - kernel: one layer's decode attention alone (fused kernel, the reference path's dequantize + SDPA, and SDPA on the
   bf16 cache), with the bytes it must read (codes, metadata, window; query and output are negligible) over its time,
@@ -129,6 +130,8 @@ def decode_run(model, make, fast, batch, context, steps, warmup=2):
     cache = make(cfg)
     use_path(model, cache, fast)
     fill(cache, cfg, batch, context)
+    peak_fill = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()  # decode-only peak from here
     tok = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
 
     def step():
@@ -139,12 +142,13 @@ def decode_run(model, make, fast, batch, context, steps, warmup=2):
     for _ in range(warmup):
         step()
     seconds = sync_time(step, steps)
-    peak = torch.cuda.max_memory_allocated()
+    peak_decode = torch.cuda.max_memory_allocated()
     held = cache.memory_footprint()["total"] if hasattr(cache, "memory_footprint") else None
     if held is None and isinstance(cache, DynamicCache):
         held = sum(layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
     del cache
-    return {"ms_per_token": seconds * 1e3, "peak_gib": peak / 2**30, "cache_mib": None if held is None else held / 2**20}
+    return {"ms_per_token": seconds * 1e3, "peak_gib": max(peak_fill, peak_decode) / 2**30,
+            "peak_decode_gib": peak_decode / 2**30, "cache_mib": None if held is None else held / 2**20}
 
 
 @torch.no_grad()
@@ -357,8 +361,9 @@ def main():
                         results["prefill"].append({"cache": name, "batch": 1, "context": pc, **r})
                         save()
             first = False
-    print_table("decode (ms/token, peak GiB incl. weights, cache MiB)", results["decode"],
-                ["cache", "batch", "context", "ms_per_token", "peak_gib", "cache_mib"])
+    print_table("decode (ms/token, peak GiB incl. weights over fill + decode and over decode only, cache MiB)",
+                results["decode"], ["cache", "batch", "context", "ms_per_token", "peak_gib", "peak_decode_gib",
+                                    "cache_mib"])
     print_table("prefill", results["prefill"], ["cache", "batch", "context", "prefill_s", "peak_gib"])
     for e in results["errors"]:
         print("error:", e)
