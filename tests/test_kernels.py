@@ -180,6 +180,7 @@ DECODE_CASES = [
     ("bonsai_improved", 2, 2, 4, 128, 900, torch.bfloat16),
     ("bonsai_improved", 2, 2, 2, 96, 600, torch.float32),
     ("bonsai_g32", 2, 2, 4, 128, 900, torch.float32),
+    ("bonsai_g32", 2, 2, 4, 128, 900, torch.float16),
 ]
 
 
