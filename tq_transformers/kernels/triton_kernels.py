@@ -403,10 +403,14 @@ def _integer_tile(TABLE, bytes_i32, BITS: tl.constexpr, R: tl.constexpr, J: tl.c
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i):
-    """Online softmax (base 2) over one tile of scores s [GP, N] (-inf = masked): unnormalized probabilities p, the
-    rescale factor alpha of the old accumulator, the new sum and the new running max. Rows that have seen only
-    masked scores keep m = -inf and contribute nothing (no NaN)."""
+def _softmax_step(s, ok, MASK_ROW, cols, s_mn, HAS_MASK: tl.constexpr, m_i, l_i):
+    """Online softmax (base 2) over one tile of scores s [GP, N] of keys `cols` [N]: keys outside the tile (`ok`
+    False) or masked out by the key mask (``MASK_ROW[cols * s_mn] == 0``, with HAS_MASK) get -inf. Returns the
+    unnormalized probabilities p, the rescale factor alpha of the old accumulator, the new sum and the new running
+    max. Rows that have seen only masked scores keep m = -inf and contribute nothing (no NaN)."""
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK_ROW + cols * s_mn, mask=ok, other=0) != 0)
+    s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -494,11 +498,7 @@ def _codebook_split_kernel(
             ks = tl.load(ks_base + n * s_ksn, mask=n_ok, other=0.0).to(tl.float32)
             s = s * ks[None, :]
         s = (s + qmu[:, None]) * sm_scale_log2
-        ok = n_ok
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + b * s_mb + n * s_mn, mask=n_ok, other=0) != 0)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
+        p, alpha, l_i, m_new = _softmax_step(s, n_ok, MASK + b * s_mb, n, s_mn, HAS_MASK, m_i, l_i)
         vb = tl.load(vc_base + n[:, None] * s_vcn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
         vf = _codebook_tile(LUT, TABLE, vb, BITS, BLOCK_N, BJ, SIGN1, F32, ASM)
         if NGS > 1:
@@ -577,11 +577,7 @@ def _kivi_split_kernel(
         s = s * sm_scale_log2
         n = n0 + nn
         n_ok = n < end
-        ok = n_ok
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + b * s_mb + n * s_mn, mask=n_ok, other=0) != 0)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
+        p, alpha, l_i, m_new = _softmax_step(s, n_ok, MASK + b * s_mb, n, s_mn, HAS_MASK, m_i, l_i)
         vb = tl.load(vc_base + n[:, None] * s_vcn + jv[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
         vcode = tl.reshape(_integer_tile(TABLE, vb, BITS, BLOCK_N, DBV, F32, ASM), (BLOCK_N, NG, GS))
         vsc = tl.load(vs_base + n[:, None] * s_vsn + vg[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
@@ -653,11 +649,7 @@ def _reduce_kernel(
         else:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))
         s = s * sm_scale_log2
-        ok = w_ok
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + b * s_mb + (n_q + w) * s_mn, mask=w_ok, other=0) != 0)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
+        p, alpha, l_i, m_new = _softmax_step(s, w_ok, MASK + b * s_mb, n_q + w, s_mn, HAS_MASK, m_i, l_i)
         if F32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -782,7 +774,7 @@ def _mask_args(key_mask):
     return key_mask, key_mask.stride(0), key_mask.stride(-1), True
 
 
-def _finish(q, q_packed, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd):
+def _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd):
     """Launch the reduce kernel. q [B, Hq, D] (original domain), partials from a split kernel."""
     b, hq, d = q.shape
     hkv = window_k.shape[1]
@@ -886,7 +878,7 @@ def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, w
         HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, ASM=q.is_cuda,
         num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
-    return _finish(q, q_rot, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd)
+    return _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd)
 
 
 def turboquant_decode_attention(
@@ -946,4 +938,4 @@ def kivi_decode_attention(
         G=g, GP=gp, D=d, BITS=bits, GS=group_size, NGB=ngb, HAS_MASK=has_mask, F32=q.dtype == torch.float32,
         ASM=q.is_cuda, num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
-    return _finish(q, q, window_k, window_v, m, l_, acc, num_quantized, key_mask, scaling, None, None, d)
+    return _finish(q, window_k, window_v, m, l_, acc, num_quantized, key_mask, scaling, None, None, d)
