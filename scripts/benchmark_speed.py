@@ -26,6 +26,7 @@ short keeps what it measured). Work runs in priority order: kernels, decode at 3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -33,6 +34,7 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -65,17 +67,19 @@ def quanto_available() -> str | None:
 
 
 def cache_factories(include_hf: bool, only: list[str] | None = None):
-    """name -> (cache factory, fast path?), in the order they are measured."""
-    out = {"dynamic": (lambda cfg: DynamicCache(config=cfg), False)}
+    """name -> (cache factory, attention mode), in the order they are measured. Modes: "sdpa" (transformers' SDPA
+    attention, PyTorch choosing the backend), "flash" (the same, SDPA held to its flash backend), "fast" (ours)."""
+    out = {"dynamic": (lambda cfg: DynamicCache(config=cfg), "sdpa"),
+           "dynamic_flash": (lambda cfg: DynamicCache(config=cfg), "flash")}
     for name, make in OURS.items():
-        out[f"{name}_fast"] = (make, True)
+        out[f"{name}_fast"] = (make, "fast")
     for name, make in OURS.items():
-        out[f"{name}_ref"] = (make, False)
+        out[f"{name}_ref"] = (make, "sdpa")
     if include_hf:
         from transformers import QuantizedCache
 
-        out["hf_quanto4"] = (lambda cfg: QuantizedCache(backend="quanto", config=cfg, nbits=4), False)
-        out["hf_quanto2"] = (lambda cfg: QuantizedCache(backend="quanto", config=cfg, nbits=2), False)
+        out["hf_quanto4"] = (lambda cfg: QuantizedCache(backend="quanto", config=cfg, nbits=4), "sdpa")
+        out["hf_quanto2"] = (lambda cfg: QuantizedCache(backend="quanto", config=cfg, nbits=2), "sdpa")
     return {k: v for k, v in out.items() if only is None or k in only}
 
 
@@ -102,12 +106,16 @@ def build_model(layers: int):
     return model.eval()
 
 
-def use_path(model, cache, fast: bool):
-    if fast:
+def use_path(model, cache, mode: str):
+    """Switch `model` to the attention of `mode`; returns the context manager to run its steps in."""
+    if mode == "fast":
         fast_attention.install(model)
         fast_attention.prepare_cache(cache)
     else:
         model.set_attn_implementation("sdpa")
+    if mode == "flash":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    return contextlib.nullcontext()
 
 
 def fill(cache, cfg, batch: int, context: int):
@@ -122,13 +130,13 @@ def fill(cache, cfg, batch: int, context: int):
 
 
 @torch.no_grad()
-def decode_run(model, make, fast, batch, context, steps, warmup=2):
+def decode_run(model, make, mode, batch, context, steps, warmup=2):
     cfg = model.config
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cache = make(cfg)
-    use_path(model, cache, fast)
+    backend = use_path(model, cache, mode)
     fill(cache, cfg, batch, context)
     peak_fill = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()  # decode-only peak from here
@@ -139,9 +147,10 @@ def decode_run(model, make, fast, batch, context, steps, warmup=2):
         out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
 
-    for _ in range(warmup):
-        step()
-    seconds = sync_time(step, steps)
+    with backend:
+        for _ in range(warmup):
+            step()
+        seconds = sync_time(step, steps)
     peak_decode = torch.cuda.max_memory_allocated()
     held = cache.memory_footprint()["total"] if hasattr(cache, "memory_footprint") else None
     if held is None and isinstance(cache, DynamicCache):
@@ -152,15 +161,15 @@ def decode_run(model, make, fast, batch, context, steps, warmup=2):
 
 
 @torch.no_grad()
-def prefill_run(model, make, fast, batch, context):
+def prefill_run(model, make, mode, batch, context):
     cfg = model.config
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
     cache = make(cfg)
-    use_path(model, cache, fast)
-    seconds = sync_time(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
+    with use_path(model, cache, mode):
+        seconds = sync_time(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
     peak = torch.cuda.max_memory_allocated()
     del cache
     return {"prefill_s": seconds, "peak_gib": peak / 2**30}
@@ -203,6 +212,11 @@ def kernel_table(batch, context, hq=32, hkv=8, d=128, iters=50):
     rows = []
     t = sync_time(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=scaling), iters)
     rows.append({"method": "bf16_sdpa", "batch": batch, "context": context, "us": t * 1e6,
+                 "bytes": 2 * k.numel() * k.element_size()})
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # the FP16 anchor: flash, each KV head read once (enable_gqa)
+        t = sync_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling,
+                                                                               enable_gqa=True), iters)
+    rows.append({"method": "bf16_flash_gqa", "batch": batch, "context": context, "us": t * 1e6,
                  "bytes": 2 * k.numel() * k.element_size()})
     for name, make in OURS.items():
         cache = make(None)
@@ -274,7 +288,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "results/speed"))
     ap.add_argument("--contexts", default="4096,16384,32768,65536")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new measurements after this")
     ap.add_argument("--quick", action="store_true", help="4 layers, contexts 1K and 4K")
@@ -335,28 +349,28 @@ def main():
     model = build_model(args.layers)
     factories = cache_factories(hf_reason is None, args.caches.split(",") if args.caches else None)
     # a whole prefill + decode pass before anything is timed
-    guarded("warmup", prefill_run, model, factories["dynamic"][0], False, 1, min(contexts))
-    for name, (make, fast) in factories.items():
-        guarded(f"warmup {name}", decode_run, model, make, fast, 1, min(contexts), 2, 1)
+    guarded("warmup", prefill_run, model, factories["dynamic"][0], "sdpa", 1, min(contexts))
+    for name, (make, mode) in factories.items():
+        guarded(f"warmup {name}", decode_run, model, make, mode, 1, min(contexts), 2, 1)
 
     order = [c for c in contexts if c == 32768] + [c for c in contexts if c != 32768]
     first = True
     for c in order:
         for b in sorted(batches, reverse=True):
-            for name, (make, fast) in factories.items():
+            for name, (make, mode) in factories.items():
                 if name.startswith("hf_") and c != 32768:
                     continue  # measured where the anchors are; it dequantizes the whole history every step
-                r = guarded(f"decode {name} b{b} c{c}", twice, decode_run, model, make, fast, b, c,
+                r = guarded(f"decode {name} b{b} c{c}", twice, decode_run, model, make, mode, b, c,
                             args.decode_steps)
                 if r:
                     results["decode"].append({"cache": name, "batch": b, "context": c, **r})
                     save()
         if first:  # prefill right after the headline context
             for pc in [x for x in contexts if x <= 32768]:
-                for name, (make, fast) in factories.items():
+                for name, (make, mode) in factories.items():
                     if name.startswith("hf_"):
                         continue
-                    r = guarded(f"prefill {name} b1 c{pc}", twice, prefill_run, model, make, fast, 1, pc)
+                    r = guarded(f"prefill {name} b1 c{pc}", twice, prefill_run, model, make, mode, 1, pc)
                     if r:
                         results["prefill"].append({"cache": name, "batch": 1, "context": pc, **r})
                         save()

@@ -87,6 +87,21 @@ def test_enable_fast_generate_without_cache_matches_reference():
     assert torch.equal(fast, ref)
 
 
+@pytest.mark.parametrize("method", ["turboquant", "kivi", "bonsai"])
+def test_prepare_cache_covers_layers_created_later(method):
+    """A cache built without a config creates its layers on their first update: they get the fast path too."""
+    kwargs = {"kivi": dict(group_size=16, residual_length=16),
+              "bonsai": dict(group_size=32, residual_length=16, flush_size=16)}
+    cache = fast_attention.prepare_cache(get_method(method)(None, **kwargs.get(method, dict(flush_size=16))))
+    assert cache.layers == []
+    k = torch.randn(1, 2, 64, 32)
+    cache.update(k, k, 0)
+    cache.update(k, k, 1)
+    assert all(layer.fast_path is not None for layer in cache.layers)
+    key, _ = cache.update(k[:, :, :1], k[:, :, :1], 1)  # a decode step returns the window, tagged with the view
+    assert key.tq_fast_view.layer is cache.layers[1] and key.shape[-2] == cache.layers[1].keys.shape[-2]
+
+
 def test_attention_function_without_view_is_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -351,11 +351,17 @@ class QuantizedCacheBase(Cache):
             super().__init__(layer_class_to_replicate=DynamicLayer)
         # Token ids this cache holds, per batch row, when known (recorded by `tq_transformers.enable`).
         self.token_ids: torch.Tensor | None = None
+        # Called with each quantized layer created later, lazily, without a config (set by
+        # `fast_attention.prepare_cache`, so the fast path also covers layers that do not exist yet).
+        self.layer_setup = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.layer_class_to_replicate is not None:
             while len(self.layers) <= layer_idx:
-                self.layers.append(self.layer_class(self.method_config, layer_idx=len(self.layers)))
+                layer = self.layer_class(self.method_config, layer_idx=len(self.layers))
+                if self.layer_setup is not None:
+                    self.layer_setup(layer)
+                self.layers.append(layer)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def reset(self):

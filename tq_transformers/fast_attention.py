@@ -72,10 +72,15 @@ def prepare_cache(cache, compress: bool = True):
     """Turn the fast path on for every quantized layer of `cache` (see the module docstring). Returns the cache."""
     if not isinstance(cache, QuantizedCacheBase):
         raise TypeError(f"cache must be a tq_transformers cache, got {type(cache).__name__}")
-    for layer in cache.quantized_layers:
+
+    def setup(layer: QuantizedLayer) -> None:
         layer.fast_path = _fast_hook
         if compress:
             layer._quantize_block = _compress_on_write(layer)
+
+    for layer in cache.quantized_layers:
+        setup(layer)
+    cache.layer_setup = setup  # layers a config-less cache creates later, on their first update
     return cache
 
 

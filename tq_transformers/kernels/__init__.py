@@ -50,13 +50,20 @@ def get_impl(impl: str):
     raise ValueError(f"impl must be one of ('triton', 'reference'), got {impl!r}")
 
 
+_METHODS: dict[type, str] = {}  # layer class -> method name (decode runs this lookup for every layer and step)
+
+
 def _method(layer) -> str:
+    name = _METHODS.get(type(layer))
+    if name is not None:
+        return name
     from ..bonsai import BonsaiLayer
     from ..kivi import KIVILayer
     from ..turboquant import TurboQuantLayer
 
     for cls, name in ((TurboQuantLayer, "turboquant"), (KIVILayer, "kivi"), (BonsaiLayer, "bonsai")):
         if isinstance(layer, cls):
+            _METHODS[type(layer)] = name
             return name
     raise TypeError(f"no kernels for layer type {type(layer).__name__}")
 

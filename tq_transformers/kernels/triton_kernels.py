@@ -45,8 +45,14 @@ _KIVI_SCALE_EPS = tl.constexpr(1e-5)  # as kivi `_SCALE_EPS`
 _LOG2E = 1.4426950408889634
 
 
+# Host-side integer helpers in plain Python: `triton.cdiv` / `triton.next_power_of_2` are constexpr functions whose
+# calls cost microseconds each on the host, and the decode path runs for every layer of every step.
 def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, triton.next_power_of_2(int(n)))
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -430,7 +436,13 @@ def _store_partials(M_OUT, L_OUT, ACC_OUT, row, m_i, l_i, acc, G: tl.constexpr, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-@triton.jit
+# Scalars that change from step to step (lengths, split counts, the key mask's row stride) are not specialized: Triton
+# would otherwise compile a new variant when one of them becomes 1 or a multiple of 16 in the middle of a generation.
+# Strides of the codes, scales and window stay specialized (their divisibility decides the vector width of loads).
+_PER_STEP = ["n_q", "tokens_per_split", "num_splits", "s_mb"]
+
+
+@triton.jit(do_not_specialize=_PER_STEP)
 def _codebook_split_kernel(
     Q, MU, KC, KS, VC, VS, LUT, TABLE, MASK, M_OUT, L_OUT, ACC_OUT,
     n_q, tokens_per_split, num_splits, H,
@@ -443,7 +455,8 @@ def _codebook_split_kernel(
     """TurboQuant (codebook levels x per-token norm) and Bonsai (+-1 x per-group scale) packed tokens.
 
     Q [B*Hkv, G, D] (rotated when the method rotates), MU [B*Hkv, D] float32 (the key mean in Q's domain),
-    codes [B, Hkv, N, D*BITS/8] uint8, scales [B, Hkv, N, NGS]; partials M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BD].
+    codes [B, Hkv, N, D*BITS/8] uint8, scales [B, Hkv, N, NGS] ([B, Hkv, N] when NGS = 1);
+    partials M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BD].
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -516,7 +529,7 @@ def _codebook_split_kernel(
     _store_partials(M_OUT, L_OUT, ACC_OUT, pid_bh * num_splits + pid_s, m_i, l_i, acc, G, GP, BD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _kivi_split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, TABLE, MASK, M_OUT, L_OUT, ACC_OUT,
     n_q, tokens_per_split, num_splits, H,
@@ -594,7 +607,7 @@ def _kivi_split_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # Decode attention: reduce (+ window, rotation back, value mean)
 # ----------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "W", "n_q", "s_mb"])
 def _reduce_kernel(
     M, L, ACC, Q, WK, WV, PV, MUV, MASK, OUT,
     num_splits, W, n_q, H,
@@ -678,7 +691,7 @@ def turboquant_compress(x, mean, rotation, levels, bits: int, norm_correction: b
     edges = ((levels[1:] + levels[:-1]) / 2).contiguous()
     mu, s_mub, s_muh, has_mu = _mean_args(mean, x)
     block_t = 32
-    grid = (triton.cdiv(t, block_t), b * h)
+    grid = (_cdiv(t, block_t), b * h)
     _tq_compress_kernel[grid](
         x, mu, rotation.float().contiguous(), levels, edges, codes, norms, t, h,
         x.stride(0), x.stride(1), x.stride(2), s_mub, s_muh,
@@ -708,7 +721,7 @@ def kivi_compress(keys, values, bits: int, group_size: int):
         D=d, GS=gs, BITS=bits, RECIP=keys.is_cuda, num_warps=4,
     )
     block_t = 16
-    _kivi_value_compress_kernel[(triton.cdiv(t, block_t), b * h)](
+    _kivi_value_compress_kernel[(_cdiv(t, block_t), b * h)](
         values, vc, vs, vz, t, h,
         values.stride(0), values.stride(1), values.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
@@ -725,7 +738,7 @@ def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_
     mu, s_mub, s_muh, has_mu = _mean_args(mean, x)
     rot = rotation.float().contiguous() if rotation is not None else x
     block_t = 32
-    _bonsai_compress_kernel[(triton.cdiv(t, block_t), b * h)](
+    _bonsai_compress_kernel[(_cdiv(t, block_t), b * h)](
         x, mu, rot, signs, scale, t, h,
         x.stride(0), x.stride(1), x.stride(2), s_mub, s_muh,
         signs.stride(0), signs.stride(1), signs.stride(2), scale.stride(0), scale.stride(1), scale.stride(2),
@@ -750,10 +763,10 @@ REDUCE_UNROLL = 4  # split partials the reduce kernel loads per step
 
 def _num_splits(bh: int, n_q: int, block_n: int, num_sms: int) -> tuple[int, int]:
     """Splits of the packed tokens so that about SPLIT_WAVES programs per SM fill the GPU; tokens per split."""
-    blocks = triton.cdiv(n_q, block_n)
-    splits = max(1, min(blocks, triton.cdiv(SPLIT_WAVES * num_sms, bh), MAX_SPLITS))
-    per = triton.cdiv(blocks, splits) * block_n
-    return triton.cdiv(n_q, per), per
+    blocks = _cdiv(n_q, block_n)
+    splits = max(1, min(blocks, _cdiv(SPLIT_WAVES * num_sms, bh), MAX_SPLITS))
+    per = _cdiv(blocks, splits) * block_n
+    return _cdiv(n_q, per), per
 
 
 _SM_COUNT: dict = {}
@@ -783,7 +796,7 @@ def _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotatio
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
     muv = _mean_in(v_mean, None) if v_mean is not None else m
-    pv = v_rotation.float().contiguous() if v_rotation is not None else m
+    pv = _f32(v_rotation) if v_rotation is not None else m
     _reduce_kernel[(b * hkv,)](
         m, l_, acc, q, window_k, window_v, pv, muv, mask if has_mask else m, out,
         m.shape[1], window_k.shape[2], n_q, hkv,
@@ -841,12 +854,15 @@ def _sign_levels(device: torch.device) -> torch.Tensor:
 
 
 def _partials(bh: int, splits: int, g: int, bd: int, device):
-    """Per-split softmax state of the G query rows of each KV head: m, l [BH, S, G] and acc [BH, S, G, BD]."""
-    m = torch.empty(bh, splits, g, dtype=torch.float32, device=device)
-    return m, torch.empty_like(m), torch.empty(bh, splits, g, bd, dtype=torch.float32, device=device)
+    """Per-split softmax state of the G query rows of each KV head: m, l [BH, S, G] and acc [BH, S, G, BD], views of
+    one float32 allocation (one allocator call per step and layer instead of three)."""
+    n = bh * splits * g
+    a = -(-n // 4) * 4  # offsets in whole 16-byte units, so every view is aligned like a fresh allocation
+    buf = torch.empty(2 * a + n * bd, dtype=torch.float32, device=device)
+    return buf[:n].view(bh, splits, g), buf[a:a + n].view(bh, splits, g), buf[2 * a:].view(bh, splits, g, bd)
 
 
-def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, window_k, window_v, key_mask,
+def _codebook_attention(q, q_rot, q_factor, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, window_k, window_v, key_mask,
                         scaling, v_rotation, v_mean):
     tune = DECODE_TUNING["codebook"]
     block_n = tune["block_n"]
@@ -861,8 +877,6 @@ def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, w
     splits, per = _num_splits(b * hkv, n_q, block_n, _sms(q.device))
     m, l_, acc = _partials(b * hkv, splits, g, bd, q.device)
     mask, s_mb, s_mn, has_mask = _mask_args(key_mask)
-    ks = ks if ks.dim() == 4 else ks.unsqueeze(-1)
-    vs = vs if vs.dim() == 4 else vs.unsqueeze(-1)
     if q.dtype == torch.float32:
         table = m  # unused: float32 decodes through the float32 LUT
     else:
@@ -873,8 +887,9 @@ def _codebook_attention(q, q_rot, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, w
         n_q, per, splits, hkv,
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), s_mb, s_mn,
-        scaling * _LOG2E,
-        G=g, GP=gp, D=d, BJ=bj, BITS=bits, NGS=ks.shape[-1], SIGN1=sign1, HAS_MU=k_mu is not None,
+        scaling * q_factor * _LOG2E,  # q_rot is the rotated query / q_factor
+        G=g, GP=gp, D=d, BJ=bj, BITS=bits, NGS=ks.shape[3] if ks.dim() == 4 else 1, SIGN1=sign1,
+        HAS_MU=k_mu is not None,
         HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, ASM=q.is_cuda,
         num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
@@ -885,29 +900,54 @@ def turboquant_decode_attention(
     q, k_codes, k_norms, v_codes, v_norms, num_quantized: int, levels, bits: int, k_rotation, v_rotation,
     k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
 ):
-    b, hq, d = q.shape
-    hkv = k_codes.shape[1]
-    rot_k = k_rotation.float()
-    q_rot = (q.float().reshape(b, hkv, hq // hkv, d) @ rot_k.T).to(q.dtype)  # rotate the query once
+    q_rot, factor = _rotate_query(q, k_rotation)
     k_mu = _mean_in(k_mean, k_rotation) if k_mean is not None else None  # q . mu = (P q) . (P mu)
     return _codebook_attention(
-        q, q_rot, k_mu, k_codes, k_norms, v_codes, v_norms, levels.float().contiguous(), bits, False,
+        q, q_rot, factor, k_mu, k_codes, k_norms, v_codes, v_norms, _f32(levels), bits, False,
         num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
     )
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as contiguous float32 (itself when it already is: the derived-tensor cache keys on the object)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def _query_rotation(rotation: torch.Tensor, dtype: torch.dtype):
+    """(M^T, factor) with P = factor * M for the query's rotation, cached per rotation and dtype.
+
+    A randomized Hadamard rotation has entries +-1/sqrt(d): M is its sign matrix, exact in any dtype, so the query is
+    rotated by one matmul in its own dtype (float32 accumulation, one rounding, as before) and the factor goes into
+    the split kernel's score scale. Any other rotation is used as it is, in float32 (factor 1)."""
+
+    def make():
+        r = rotation.float()
+        c = r.abs().amax()
+        if bool(torch.equal(r.abs(), c.expand_as(r))):
+            return torch.sign(r).T.to(dtype).contiguous(), float(c)
+        return r.T.contiguous(), 1.0
+
+    return _derived(rotation, ("query", dtype), make)
+
+
+def _rotate_query(q: torch.Tensor, rotation: torch.Tensor):
+    """q [B, Hq, D] -> (q @ M^T [B, Hq, D] in q's dtype, factor): the rotated query is factor * (q @ M^T)."""
+    mt, factor = _query_rotation(rotation, q.dtype)
+    b, hq, d = q.shape
+    q2 = q.reshape(b * hq, d)
+    if mt.dtype == q.dtype:
+        return torch.mm(q2, mt).view(b, hq, d), factor
+    return torch.mm(q2.float(), mt).to(q.dtype).view(b, hq, d), factor
 
 
 def bonsai_decode_attention(
     q, k_signs, k_scale, v_signs, v_scale, num_quantized: int, group_size: int, k_rotation, v_rotation,
     k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
 ):
-    b, hq, d = q.shape
-    hkv = k_signs.shape[1]
     k_mu = _mean_in(k_mean, k_rotation) if k_mean is not None else None
-    q_rot = q
-    if k_rotation is not None:
-        q_rot = (q.float().reshape(b, hkv, hq // hkv, d) @ k_rotation.float().T).to(q.dtype)
+    q_rot, factor = (q, 1.0) if k_rotation is None else _rotate_query(q, k_rotation)
     return _codebook_attention(
-        q, q_rot, k_mu, k_signs, k_scale, v_signs, v_scale, None, 1, True,
+        q, q_rot, factor, k_mu, k_signs, k_scale, v_signs, v_scale, None, 1, True,
         num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
     )
 
