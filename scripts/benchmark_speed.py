@@ -294,6 +294,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="4 layers, contexts 1K and 4K")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' QuantizedCache")
     ap.add_argument("--caches", default=None, help="comma-separated subset of the cache names (default: all)")
+    ap.add_argument("--skip-kernels", action="store_true", help="no kernel table and no kernel profile")
     args = ap.parse_args()
     if args.quick:
         args.layers, args.contexts = 4, "1024,4096"
@@ -332,6 +333,8 @@ def main():
     print(f"copy bandwidth {results['copy_bandwidth_tbs']:.2f} TB/s (read + write)")
     big = max(c for c in contexts)
     kernel_points = [(b, c) for b in batches for c in (32768,) if c <= big] or [(batches[-1], contexts[-1])]
+    if args.skip_kernels:
+        kernel_points = []
     for b, c in kernel_points:
         rows = guarded(f"kernel b{b} c{c}", kernel_table, b, c)
         for r in rows or []:
@@ -341,7 +344,7 @@ def main():
         save()
     print_table("kernel: one layer's decode attention", results["kernel"],
                 ["method", "batch", "context", "us", "bytes", "tbs", "of_copy"])
-    prof = guarded("profile", profile_fused, batches[-1], kernel_points[-1][1])
+    prof = guarded("profile", profile_fused, batches[-1], kernel_points[-1][1]) if kernel_points else None
     if prof:
         print(prof)
         results["profile_turboquant4"] = prof

@@ -310,6 +310,32 @@ def test_long_prefill_is_quantized_in_chunks_with_the_same_result(make, monkeypa
             assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.parametrize("make", [lambda: TurboQuantCache(bits=4), lambda: KIVICache(bits=2)], ids=["tq4", "kivi2"])
+def test_long_prefill_holds_one_chunk_at_a_time(make, monkeypatch):
+    """Peak memory of a long prefill: each chunk is written into the final storage before the next is quantized."""
+    import weakref
+
+    import tq_transformers.base as base
+
+    monkeypatch.setattr(base, "CHUNK_TOKENS", 128)
+    cache = make()
+    cache.update(torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64), 0)  # creates the layer
+    layer = cache.layers[0]
+    quantize, alive_at_call = layer._quantize_block, []
+    returned: list[weakref.ref] = []
+
+    def counting(keys, values):
+        alive_at_call.append(sum(r() is not None for r in returned))
+        out = quantize(keys, values)
+        returned.extend(weakref.ref(t) for t in out.values())
+        return out
+
+    layer._quantize_block = counting
+    cache.update(torch.randn(1, 2, 1000, 64), torch.randn(1, 2, 1000, 64), 0)
+    assert len(alive_at_call) >= 6
+    assert max(alive_at_call) <= len(returned) // len(alive_at_call)  # at most the previous chunk's tensors
+
+
 def test_finite_mean_ignores_non_finite_entries():
     from tq_transformers.base import finite_mean
 

@@ -232,13 +232,40 @@ class QuantizedLayer(CacheLayerMixin):
         # A long prefill is quantized in chunks (a multiple of flush_size, so KIVI's key groups stay whole).
         step = max(1, CHUNK_TOKENS // self.cfg.flush_size) * self.cfg.flush_size
         bounds = [(start, min(start + step, count)) for start in range(0, count, step)]
-        chunks = [self._quantize_block(self.keys[..., a:b, :], self.values[..., a:b, :]) for a, b in bounds]
-        for name in chunks[0]:
-            parts = ([self.storage[name]] if name in self.storage else []) + [chunk[name] for chunk in chunks]
-            self.storage[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        if len(bounds) == 1 and self.num_quantized == 0:  # nothing held yet (the means are not replaced)
+            self.storage.update(self._quantize_block(self.keys[..., :count, :], self.values[..., :count, :]))
+        else:
+            self._append_chunks(bounds)
         self.num_quantized = target
         self.keys = compact(self.keys[..., count:, :])
         self.values = compact(self.values[..., count:, :])
+
+    def _append_chunks(self, bounds: list[tuple[int, int]]) -> None:
+        """Quantize the window tokens of `bounds` chunk by chunk and append them to the storage, each chunk written
+        into its place in one new tensor per entry: a long prefill never holds all its chunks and their concatenation
+        at once (peak: old storage + new storage + one chunk, as a single `torch.cat` of one chunk)."""
+        tokens0, count = bounds[0][1], bounds[-1][1]
+        first = self._quantize_block(self.keys[..., :tokens0, :], self.values[..., :tokens0, :])
+        out, offset = {}, {}
+        for name, t in first.items():
+            old = self.storage.get(name)
+            held = 0 if old is None else old.shape[2]
+            new = t.shape[2] * count // tokens0  # entries on dim 2 are proportional to tokens (per token or group)
+            out[name] = t.new_empty((*t.shape[:2], held + new, *t.shape[3:]))
+            if old is not None:
+                out[name][:, :, :held] = old
+            out[name][:, :, held : held + t.shape[2]] = t
+            offset[name] = held + t.shape[2]
+        del first
+        for a, b in bounds[1:]:
+            chunk = self._quantize_block(self.keys[..., a:b, :], self.values[..., a:b, :])
+            for name, t in chunk.items():
+                out[name][:, :, offset[name] : offset[name] + t.shape[2]] = t
+                offset[name] += t.shape[2]
+        for name, t in out.items():
+            if offset[name] != t.shape[2]:  # a method whose storage is not proportional to tokens
+                raise RuntimeError(f"storage {name!r}: wrote {offset[name]} of {t.shape[2]} entries on dim 2")
+        self.storage.update(out)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

@@ -41,12 +41,17 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
+_IMPLS: dict = {}
+
+
 def get_impl(impl: str):
     """The module implementing the kernels: "triton" (imported now) or "reference"."""
     if impl == "reference":
         return reference
     if impl == "triton":
-        return importlib.import_module(".triton_kernels", __name__)
+        if "triton" not in _IMPLS:
+            _IMPLS["triton"] = importlib.import_module(".triton_kernels", __name__)
+        return _IMPLS["triton"]
     raise ValueError(f"impl must be one of ('triton', 'reference'), got {impl!r}")
 
 
