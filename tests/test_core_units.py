@@ -336,6 +336,24 @@ def test_long_prefill_holds_one_chunk_at_a_time(make, monkeypatch):
     assert max(alive_at_call) <= len(returned) // len(alive_at_call)  # at most the previous chunk's tensors
 
 
+def test_prefill_window_takes_owned_states_without_copy_and_copies_slices():
+    """An empty window keeps a model's own key/value tensors (no copy of the prefill), but copies a slice of a larger
+    tensor (a fused QKV projection), which it would otherwise keep alive whole."""
+    b, t, h, d = 2, 40, 2, 64
+    k = torch.randn(b, t, h, d).transpose(1, 2)  # [B, H, T, D] as Llama's attention makes it: strided, owns its bytes
+    v = torch.randn(b, t, h, d).transpose(1, 2)
+    cache = BonsaiCache(group_size=64)  # 40 tokens stay in the 128-token window
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    assert layer.keys.data_ptr() == k.data_ptr() and layer.values.data_ptr() == v.data_ptr()
+    qkv = torch.randn(b, t, 3 * h, d).transpose(1, 2)  # fused projection: q, k, v are slices of one tensor
+    fused = BonsaiCache(group_size=64)
+    fused.update(qkv[:, h : 2 * h], qkv[:, 2 * h :], 0)
+    held = fused.layers[0]
+    assert held.keys.untyped_storage().nbytes() == held.keys.numel() * held.keys.element_size()
+    assert torch.equal(held.keys, qkv[:, h : 2 * h]) and torch.equal(held.values, qkv[:, 2 * h :])
+
+
 def test_finite_mean_ignores_non_finite_entries():
     from tq_transformers.base import finite_mean
 

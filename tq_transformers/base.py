@@ -63,9 +63,14 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     """`t` as a contiguous tensor that owns exactly its own bytes. A slice of a window or of the storage is a view
     that keeps the whole original alive (even an empty slice: ``.contiguous()`` returns such views unchanged), so
     held memory would silently stay at the size before a flush or a crop; this copies those views."""
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+    if t.is_contiguous() and owns_exactly(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def owns_exactly(t: torch.Tensor) -> bool:
+    """Whether `t` spans its whole storage and nothing more (it keeps no larger tensor alive)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def finite_mean(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
@@ -203,8 +208,18 @@ class QuantizedLayer(CacheLayerMixin):
         self._check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        window_k = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
-        window_v = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        window_k, window_v = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
+        # An empty window takes the new states as they are (DynamicLayer does the same on its first update): no copy
+        # of a prefill that is quantized right away (at 8 x 32K, 1 GiB a layer). Only two distinct tensors that own
+        # exactly their storage (not slices of a fused QKV output, which would keep it all alive), with unit stride on
+        # head_dim as the decode kernels read the window; anything else is copied.
+        if (
+            self.keys.shape[-2] > 0
+            or window_k.data_ptr() == window_v.data_ptr()
+            or not all(t.stride(-1) == 1 and owns_exactly(t) for t in (window_k, window_v))
+        ):
+            window_k = torch.cat([self.keys, window_k], dim=-2)
+            window_v = torch.cat([self.values, window_v], dim=-2)
         if self.fast_path is not None and self.num_quantized > 0 and key_states.shape[-2] == 1:
             # Fast-path hook (tq_transformers.fast_attention, off unless set): a single-token decode step skips
             # dequantizing the old tokens; `fast_path` records what this step attends to (the packed tokens held
