@@ -286,7 +286,8 @@ def print_table(title, rows, cols):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "results/speed"))
-    ap.add_argument("--contexts", default="4096,16384,32768,65536")
+    ap.add_argument("--contexts", default="4096,16384,32768,65536,131072",
+                    help="the longest that fits is measured; out-of-memory points are recorded as such")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--layers", type=int, default=32)

@@ -126,6 +126,39 @@ def test_fast_path_matches_reference_on_gpu(name):
     torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-3, atol=1e-3)
 
 
+def _beams_both(name, device):
+    """Beam search (3 beams: every step reorders the cache rows) on the reference path and on the fast path."""
+    model = build_tiny("llama").to(device)
+    ids = _inputs(device)["input_ids"][:1]
+    method, kwargs = _method(name), SETTINGS[name]
+
+    def run(cache):
+        return model.generate(input_ids=ids, max_new_tokens=20, do_sample=False, num_beams=3,
+                              **{CACHE_KWARG: cache})
+
+    ref = run(get_method(method)(model.config, **kwargs))
+    tq_transformers.enable(model, method, fast=True, **kwargs)
+    try:
+        fast = run(fast_attention.prepare_cache(get_method(method)(model.config, **kwargs)))
+    finally:
+        tq_transformers.disable(model)
+    return ref, fast
+
+
+@pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai_improved"])
+def test_fast_path_beam_search_equals_reference_on_cpu(name, monkeypatch):
+    monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
+    ref, fast = _beams_both(name, "cpu")
+    assert torch.equal(fast, ref)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai_improved"])
+def test_fast_path_beam_search_matches_reference_on_gpu(name):
+    ref, fast = _beams_both(name, "cuda")
+    assert torch.equal(fast, ref)
+
+
 @needs_gpu
 @pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai"])
 def test_fast_path_bf16_on_gpu(name):
