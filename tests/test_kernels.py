@@ -220,3 +220,27 @@ def test_triton_decode_reads_only_the_attended_prefix():
     want = decode_attention(layer, q, n_q, wk, wv, None, 0.1, impl="reference")
     got = decode_attention(layer, q, n_q, wk, wv, None, 0.1, impl="triton")
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["turboquant4", "kivi2", "bonsai_improved"])
+def test_triton_kernels_take_strided_states(name):
+    """Llama's attention hands the cache `[B, H, T, D]` views of `[B, T, H, D]` tensors, which an empty window keeps
+    as they are: the compress kernels, and the decode kernel reading such a window, give exactly what contiguous
+    copies give."""
+    b, hkv, d = 2, 2, 64
+    cache, layer = filled_layer(name, b, hkv, d, 300, device=KERNEL_DEVICE)
+    k = make_inputs(b, 128, hkv, d, True, torch.float32, KERNEL_DEVICE, seed=11).transpose(1, 2)
+    v = make_inputs(b, 128, hkv, d, True, torch.float32, KERNEL_DEVICE, seed=12).transpose(1, 2)
+    assert not k.is_contiguous()
+    got = compress_block(layer, k, v, impl="triton")
+    want = compress_block(layer, k.contiguous(), v.contiguous(), impl="triton")
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    wk = make_inputs(b, 5, hkv, d, False, torch.float32, KERNEL_DEVICE, seed=13).transpose(1, 2)
+    wv = make_inputs(b, 5, hkv, d, False, torch.float32, KERNEL_DEVICE, seed=14).transpose(1, 2)
+    q = make_inputs(b, hkv * 4, 1, d, False, torch.float32, KERNEL_DEVICE, seed=15)[:, :, 0]
+    n_q = layer.num_quantized
+    got = decode_attention(layer, q, n_q, wk, wv, None, d**-0.5, impl="triton")
+    want = decode_attention(layer, q, n_q, wk.contiguous(), wv.contiguous(), None, d**-0.5, impl="triton")
+    assert torch.equal(got, want)
