@@ -30,6 +30,7 @@ import contextlib
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -42,6 +43,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache  # noqa: E402
 from tq_transformers import fast_attention, kernels  # noqa: E402
+from tq_transformers.generation import CACHE_KWARG  # noqa: E402  (forward takes `cache` from transformers 5.24)
 
 LLAMA31_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -118,13 +120,18 @@ def use_path(model, cache, mode: str):
     return contextlib.nullcontext()
 
 
-def fill(cache, cfg, batch: int, context: int):
-    """Put `context` tokens of random bf16 keys and values into every layer of `cache`."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def fill(cache, cfg, batch: int, context: int, device="cuda", dtype=torch.bfloat16):
+    """Put `context` tokens of random keys and values into every layer of `cache`."""
+    gen = torch.Generator(device=device).manual_seed(1)
     shape = (batch, cfg.num_key_value_heads, context, cfg.head_dim)
     for layer in range(cfg.num_hidden_layers):
-        k = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         cache.update(k, v, layer)
         del k, v
 
@@ -144,7 +151,7 @@ def decode_run(model, make, mode, batch, context, steps, warmup=2):
 
     def step():
         nonlocal tok
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
 
     with backend:
@@ -169,10 +176,59 @@ def prefill_run(model, make, mode, batch, context):
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
     cache = make(cfg)
     with use_path(model, cache, mode):
-        seconds = sync_time(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
+        seconds = sync_time(lambda: model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1))
     peak = torch.cuda.max_memory_allocated()
     del cache
     return {"prefill_s": seconds, "peak_gib": peak / 2**30}
+
+
+@torch.no_grad()
+def decode_interleaved(model, factories, batch, context, steps, rounds):
+    """Per-token decode time of several caches, measured in alternation: every cache is filled first, then each round
+    times `steps` greedy steps of every cache in turn (the order rotating from round to round). A host whose speed
+    drifts during the run (a shared VM: the same configuration measured 34 to 124 ms a token in different runs) then
+    slows all caches of a round alike, and the per-round ratio to the first cache is what is reported (median over
+    rounds), beside each cache's median ms per token. One warm-up round is not counted."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    names = list(factories)
+    state = {}
+    for name in names:
+        make, mode = factories[name]
+        cache = make(cfg)
+        use_path(model, cache, mode)  # installs the attention function / prepares the cache; switched per turn below
+        fill(cache, cfg, batch, context, device, dtype)
+        state[name] = [cache, torch.randint(0, cfg.vocab_size, (batch, 1), device=device)]
+
+    def turn(name):
+        cache, tok = state[name]
+        backend = use_path(model, cache, factories[name][1])
+        with backend:
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1:].argmax(-1)
+            sync()
+        state[name][1] = tok
+        return (time.perf_counter() - start) / steps * 1e3
+
+    times = {name: [] for name in names}
+    for r in range(rounds + 1):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            ms = turn(name)
+            if r > 0:
+                times[name].append(ms)
+    base = names[0]
+    rows = []
+    for name in names:
+        ratios = [t / b for t, b in zip(times[name], times[base])]
+        rows.append({"cache": name, "batch": batch, "context": context, "ms_median": statistics.median(times[name]),
+                     "ms_rounds": times[name], f"ratio_vs_{base}": statistics.median(ratios)})
+    state.clear()
+    return rows
 
 
 def twice(fn, *args):
@@ -296,6 +352,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' QuantizedCache")
     ap.add_argument("--caches", default=None, help="comma-separated subset of the cache names (default: all)")
     ap.add_argument("--skip-kernels", action="store_true", help="no kernel table and no kernel profile")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved timing at the headline context")
     args = ap.parse_args()
     if args.quick:
         args.layers, args.contexts = 4, "1024,4096"
@@ -308,7 +365,8 @@ def main():
         "card": torch.cuda.get_device_name(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "triton": __import__("triton").__version__,
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "layers": args.layers,
-        "hf_quantized_cache": hf_reason or "quanto backend", "decode": [], "prefill": [], "kernel": [], "errors": [],
+        "hf_quantized_cache": hf_reason or "quanto backend", "decode": [], "interleaved": [], "prefill": [], "kernel": [],
+        "errors": [],
     }
 
     def save():
@@ -369,6 +427,15 @@ def main():
                 if r:
                     results["decode"].append({"cache": name, "batch": b, "context": c, **r})
                     save()
+        if first:  # the headline context: caches timed in alternation (the ratios the targets are judged on)
+            timed = {n: f for n, f in factories.items() if not n.endswith("_ref")}  # ref: seconds a step at 32K
+            for b in sorted(batches, reverse=True):
+                rows = guarded(f"interleaved b{b} c{c}", decode_interleaved, model, timed, b, c, args.decode_steps,
+                               args.rounds)
+                results["interleaved"].extend(rows or [])
+                save()
+            print_table("decode, caches timed in alternation (median ms per token; median per-round ratio)",
+                        results["interleaved"], ["cache", "batch", "context", "ms_median", "ratio_vs_dynamic"])
         if first:  # prefill right after the headline context
             for pc in [x for x in contexts if x <= 32768]:
                 for name, (make, mode) in factories.items():

@@ -37,6 +37,7 @@ from benchmark_speed import OURS, build_model, fill, use_path  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from tq_transformers import fast_attention  # noqa: E402
+from tq_transformers.generation import CACHE_KWARG  # noqa: E402
 
 
 def kernel_stats(prof, steps: int):
@@ -72,7 +73,7 @@ def _step_profile(model, name, make, mode, batch, context, steps, stack):
 
     def step():
         nonlocal tok
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
 
     for _ in range(3):
