@@ -14,6 +14,10 @@ configuration is timed twice in a row; the second timing is reported.
   change the speed; it avoids a prefill per configuration), then `--decode-steps` greedy steps of the full model
   are timed (ms per token). Peak memory is the peak allocated during fill + decode, and during decode alone,
   weights included.
+- decode, in alternation (the headline context, 32K): every cache is filled, then `--rounds` rounds time
+  `--decode-steps` steps of each cache in turn; the median per-round ratio to DynamicCache is reported. On a host
+  whose speed drifts (eager decoding is host-bound: `scripts/profile_decode_step.py`), this is the like-for-like
+  comparison; the isolated runs above give the peak memory.
 - prefill: one forward over the whole prompt through each cache (logits of the last token only), seconds.
 - kernel: one layer's decode attention alone (fused kernel, the reference path's dequantize + SDPA, and SDPA on the
   bf16 cache), with the bytes it must read (codes, metadata, window; query and output are negligible) over its time,
