@@ -145,6 +145,29 @@ def _beams_both(name, device):
     return ref, fast
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_fast_path_on_sliding_window_model_equals_reference(device, monkeypatch):
+    """Gemma3: sliding-window layers stay unquantized (plain SDPA with their window), full layers take the fast path."""
+    if device == "cpu":
+        monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
+    model = build_tiny("gemma3").to(device)
+    inputs = _inputs(device)
+    kwargs = SETTINGS["turboquant"]
+    ref_seq, ref_scores = _generate(model, inputs, get_method("turboquant")(model.config, **kwargs))
+    tq_transformers.enable(model, "turboquant", fast=True, **kwargs)
+    try:
+        cache = fast_attention.prepare_cache(get_method("turboquant")(model.config, **kwargs))
+        fast_seq, fast_scores = _generate(model, inputs, cache)
+    finally:
+        tq_transformers.disable(model)
+    assert len(cache.quantized_layers) == 1 and cache.quantized_layers[0].num_quantized >= 32
+    assert torch.equal(fast_seq, ref_seq)
+    if device == "cpu":
+        assert torch.equal(fast_scores, ref_scores)
+    else:
+        torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai_improved"])
 def test_fast_path_beam_search_equals_reference_on_cpu(name, monkeypatch):
     monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
