@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a decode step's time goes: the host (Python, launches) or the GPU (kernels), per cache.
 
-    python scripts/profile_decode_step.py --out results/step          # Llama-3.1-8B config, 8 x 32K and 1 x 32K
+    python scripts/profile_decode_step.py --out results/step    # a CUDA GPU; Llama-3.1-8B config, 8 x 32K and 1 x 32K
 
 For each cache (DynamicCache on SDPA, and our three on the fast path) and each batch x context point, after a warm-up:
 
