@@ -89,12 +89,17 @@ def cache_factories(include_hf: bool, only: list[str] | None = None):
     return {k: v for k, v in out.items() if only is None or k in only}
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def sync_time(fn, repeat: int = 1) -> float:
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeat
 
 
@@ -124,9 +129,10 @@ def use_path(model, cache, mode: str):
     return contextlib.nullcontext()
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def greedy_step(model, cache, tok: torch.Tensor) -> torch.Tensor:
+    """One greedy decode step of `model` through `cache` from tokens `tok` [B, 1]; returns the next tokens."""
+    out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
 
 
 def fill(cache, cfg, batch: int, context: int, device="cuda", dtype=torch.bfloat16):
@@ -155,8 +161,7 @@ def decode_run(model, make, mode, batch, context, steps, warmup=2):
 
     def step():
         nonlocal tok
-        out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
+        tok = greedy_step(model, cache, tok)
 
     with backend:
         for _ in range(warmup):
@@ -212,8 +217,7 @@ def decode_interleaved(model, factories, batch, context, steps, rounds):
             sync()
             start = time.perf_counter()
             for _ in range(steps):
-                out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-                tok = out.logits[:, -1:].argmax(-1)
+                tok = greedy_step(model, cache, tok)
             sync()
         state[name][1] = tok
         return (time.perf_counter() - start) / steps * 1e3

@@ -33,11 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmark_speed import OURS, build_model, fill, use_path  # noqa: E402
+from benchmark_speed import OURS, build_model, cache_factories, fill, greedy_step, use_path  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from tq_transformers import fast_attention  # noqa: E402
-from tq_transformers.generation import CACHE_KWARG  # noqa: E402
 
 
 def kernel_stats(prof, steps: int):
@@ -73,8 +72,7 @@ def _step_profile(model, name, make, mode, batch, context, steps, stack):
 
     def step():
         nonlocal tok
-        out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
+        tok = greedy_step(model, cache, tok)
 
     for _ in range(3):
         step()
@@ -190,9 +188,7 @@ def main():
         r = layer_call(name, 1, 32768, profile_python=True)
         print(r.pop("python_profile"), flush=True)
     model = build_model(args.layers)
-    makers = {"dynamic": (lambda cfg: DynamicCache(config=cfg), "sdpa"),
-              "dynamic_flash": (lambda cfg: DynamicCache(config=cfg), "flash")}
-    makers.update({n: (m, "fast") for n, m in OURS.items()})
+    makers = {name.removesuffix("_fast"): f for name, f in cache_factories(False).items()}  # ours: fast path
     step_profile(model, "warmup", *makers["dynamic"], 1, 1024, 4)
     for b, c in points:
         for name in names[:1] + ["dynamic_flash"] + names[1:]:

@@ -48,8 +48,9 @@ def _generate(model, inputs, cache, new_tokens=24):
     return out.sequences, torch.stack(out.scores)
 
 
-def _run_both(name, device, dtype=torch.float32):
-    model = build_tiny("llama", dtype).to(device)
+def _run_both(name, device, dtype=torch.float32, arch="llama"):
+    """Greedy generation through the reference path and through the fast path; returns both, and the fast cache."""
+    model = build_tiny(arch, dtype).to(device)
     inputs = _inputs(device)
     method, kwargs = _method(name), SETTINGS[name]
     ref_seq, ref_scores = _generate(model, inputs, get_method(method)(model.config, **kwargs))
@@ -63,13 +64,13 @@ def _run_both(name, device, dtype=torch.float32):
     finally:
         tq_transformers.disable(model)
     assert model.config._attn_implementation == "sdpa"
-    return ref_seq, ref_scores, fast_seq, fast_scores
+    return ref_seq, ref_scores, fast_seq, fast_scores, cache
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_fast_path_fallback_equals_reference_on_cpu(name, monkeypatch):
     monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
-    ref_seq, ref_scores, fast_seq, fast_scores = _run_both(name, "cpu")
+    ref_seq, ref_scores, fast_seq, fast_scores, _ = _run_both(name, "cpu")
     assert torch.equal(fast_seq, ref_seq)
     assert torch.equal(fast_scores, ref_scores)
 
@@ -121,7 +122,7 @@ needs_gpu = pytest.mark.skipif(
 @needs_gpu
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_fast_path_matches_reference_on_gpu(name):
-    ref_seq, ref_scores, fast_seq, fast_scores = _run_both(name, "cuda")
+    ref_seq, ref_scores, fast_seq, fast_scores, _ = _run_both(name, "cuda")
     assert torch.equal(fast_seq, ref_seq)
     torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-3, atol=1e-3)
 
@@ -150,17 +151,8 @@ def test_fast_path_on_sliding_window_model_equals_reference(device, monkeypatch)
     """Gemma3: sliding-window layers stay unquantized (plain SDPA with their window), full layers take the fast path."""
     if device == "cpu":
         monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
-    model = build_tiny("gemma3").to(device)
-    inputs = _inputs(device)
-    kwargs = SETTINGS["turboquant"]
-    ref_seq, ref_scores = _generate(model, inputs, get_method("turboquant")(model.config, **kwargs))
-    tq_transformers.enable(model, "turboquant", fast=True, **kwargs)
-    try:
-        cache = fast_attention.prepare_cache(get_method("turboquant")(model.config, **kwargs))
-        fast_seq, fast_scores = _generate(model, inputs, cache)
-    finally:
-        tq_transformers.disable(model)
-    assert len(cache.quantized_layers) == 1 and cache.quantized_layers[0].num_quantized >= 32
+    ref_seq, ref_scores, fast_seq, fast_scores, cache = _run_both("turboquant", device, arch="gemma3")
+    assert len(cache.quantized_layers) == 1  # (and _run_both checked it went through packed tokens and flushes)
     assert torch.equal(fast_seq, ref_seq)
     if device == "cpu":
         assert torch.equal(fast_scores, ref_scores)
@@ -185,6 +177,6 @@ def test_fast_path_beam_search_matches_reference_on_gpu(name):
 @needs_gpu
 @pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai"])
 def test_fast_path_bf16_on_gpu(name):
-    ref_seq, ref_scores, fast_seq, fast_scores = _run_both(name, "cuda", torch.bfloat16)
+    ref_seq, ref_scores, fast_seq, fast_scores, _ = _run_both(name, "cuda", torch.bfloat16)
     agree = (fast_seq == ref_seq).float().mean().item()
     assert agree > 0.9, f"bf16 greedy agreement {agree:.3f}"

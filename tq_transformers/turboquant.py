@@ -138,7 +138,6 @@ class TurboQuantCodec:
 class TurboQuantLayer(QuantizedLayer):
     """One layer of `TurboQuantCache`."""
 
-
     def __init__(self, method_config: TurboQuantConfig, layer_idx: int = 0):
         super().__init__(method_config, layer_idx)
         names = ("codes", "qjl") if method_config.qjl else ("codes",)

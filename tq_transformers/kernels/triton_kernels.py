@@ -814,8 +814,8 @@ _DERIVED: dict = {}  # id(source) -> (weak reference to source, {tag: tensor}); 
 
 
 def _derived(source: torch.Tensor, tag, make):
-    """``make()``, a tensor derived from `source` only (a decode table, the key mean in the rotated domain), computed
-    once and kept while `source` lives. The caches replace their tensors rather than write into them (flush, crop,
+    """``make()``, a value derived from `source` only (a decode table, the key mean in the rotated domain, the query
+    rotation as sign matrix and factor), computed once and kept while `source` lives. The caches replace their tensors rather than write into them (flush, crop,
     reorder and reset all assign new tensors), so a live source never changes value."""
     entry = _DERIVED.get(id(source))
     if entry is None or entry[0]() is not source:
