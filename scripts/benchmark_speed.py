@@ -5,7 +5,8 @@
     python scripts/benchmark_speed.py --quick --out /tmp/speed        # small contexts, 4 layers
 
 Caches: DynamicCache (bf16, SDPA), transformers' QuantizedCache (quanto backend, when optimum-quanto imports),
-TurboQuant-4, KIVI-2 and Bonsai-1 on the reference path (dequantize + SDPA) and on the fast path ("tq_fused").
+TurboQuant-4, KIVI-2 and Bonsai-1 on the reference path (dequantize + SDPA), on the fast path ("tq_fused") and on
+the fast path with decode steps replayed from CUDA graphs (`tq_transformers.cuda_graphs`, "_graph").
 
 Method (REFERENCE.md section 6): a whole prefill + decode pass is run before anything is timed, and every
 configuration is timed twice in a row; the second timing is reported.
@@ -46,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache  # noqa: E402
-from tq_transformers import fast_attention, kernels  # noqa: E402
+from tq_transformers import cuda_graphs, fast_attention, kernels  # noqa: E402
 from tq_transformers.generation import CACHE_KWARG  # noqa: E402  (forward takes `cache` from transformers 5.24)
 
 LLAMA31_8B = dict(
@@ -74,9 +75,12 @@ def quanto_available() -> str | None:
 
 def cache_factories(include_hf: bool, only: list[str] | None = None):
     """name -> (cache factory, attention mode), in the order they are measured. Modes: "sdpa" (transformers' SDPA
-    attention, PyTorch choosing the backend), "flash" (the same, SDPA held to its flash backend), "fast" (ours)."""
+    attention, PyTorch choosing the backend), "flash" (the same, SDPA held to its flash backend), "fast" (ours),
+    "graph" (ours, decode steps replayed from CUDA graphs)."""
     out = {"dynamic": (lambda cfg: DynamicCache(config=cfg), "sdpa"),
            "dynamic_flash": (lambda cfg: DynamicCache(config=cfg), "flash")}
+    for name, make in OURS.items():
+        out[f"{name}_graph"] = (make, "graph")
     for name, make in OURS.items():
         out[f"{name}_fast"] = (make, "fast")
     for name, make in OURS.items():
@@ -119,9 +123,10 @@ def build_model(layers: int):
 
 def use_path(model, cache, mode: str):
     """Switch `model` to the attention of `mode`; returns the context manager to run its steps in."""
-    if mode == "fast":
+    if mode in ("fast", "graph"):
         fast_attention.install(model)
-        fast_attention.prepare_cache(cache)
+        cuda_graphs.install(model)  # stays installed: it runs only caches prepared with cuda_graphs=True
+        fast_attention.prepare_cache(cache, cuda_graphs=mode == "graph")
     else:
         model.set_attn_implementation("sdpa")
     if mode == "flash":
@@ -130,8 +135,11 @@ def use_path(model, cache, mode: str):
 
 
 def greedy_step(model, cache, tok: torch.Tensor) -> torch.Tensor:
-    """One greedy decode step of `model` through `cache` from tokens `tok` [B, 1]; returns the next tokens."""
-    out = model(input_ids=tok, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+    """One greedy decode step of `model` through `cache` from tokens `tok` [B, 1]; returns the next tokens. The
+    arguments are generate's (position ids, return_dict), for every cache alike."""
+    position_ids = torch.full_like(tok, cache.get_seq_length())
+    out = model(input_ids=tok, position_ids=position_ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1,
+                return_dict=True)
     return out.logits[:, -1:].argmax(-1)
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache
+from tq_transformers.base import StaticShared
 from tq_transformers.kernels import compress_block, decode_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -244,3 +245,33 @@ def test_triton_kernels_take_strided_states(name):
     got = decode_attention(layer, q, n_q, wk, wv, None, d**-0.5, impl="triton")
     want = decode_attention(layer, q, n_q, wk.contiguous(), wv.contiguous(), None, d**-0.5, impl="triton")
     assert torch.equal(got, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["turboquant4", "kivi2", "bonsai_improved"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_triton_decode_with_device_lengths(name, padded):
+    """The static layout's call (CUDA-graph steps): counts read on the device, the grid sized by a larger capacity,
+    storage and window buffers whose unused tails hold garbage (NaN, 0xFF codes): the exact call's output, within
+    the float32 noise of a different split of the packed tokens; the reference gives exactly its exact output."""
+    b, hkv, d = 2, 2, 64
+    cache, layer = filled_layer(name, b, hkv, d, 300, device=KERNEL_DEVICE)
+    n_q, w = layer.num_quantized, layer.keys.shape[2]
+    q = make_inputs(b, hkv * 4, 1, d, False, torch.float32, KERNEL_DEVICE, seed=5)[:, :, 0]
+    mask = left_padding_mask(b, n_q + w, KERNEL_DEVICE) if padded else None
+    want = decode_attention(layer, q, n_q, layer.keys, layer.values, mask, d**-0.5, impl="triton")
+    want_ref = decode_attention(layer, q, n_q, layer.keys, layer.values, mask, d**-0.5, impl="reference")
+    capacity = n_q + 8 * layer.cfg.flush_size
+    key_mask = torch.zeros(b, capacity + 300, dtype=torch.bool, device=KERNEL_DEVICE)  # garbage past n_q + w
+    key_mask[:, : n_q + w] = True if mask is None else mask
+    lengths = torch.tensor([n_q, w, w], device=KERNEL_DEVICE)
+    layer.enter_static(capacity, StaticShared(lengths, key_mask))
+    st = layer.static
+    for name_, buf in st.reserved.items():
+        held = layer.storage[name_].shape[2]
+        buf[:, :, held:] = 255 if buf.dtype == torch.uint8 else float("nan")
+    st.win_k[:, :, w:], st.win_v[:, :, w:] = float("nan"), float("nan")
+    args = (layer, q, capacity, st.win_k, st.win_v, key_mask if padded else None, d**-0.5)
+    got = decode_attention(*args, impl="triton", lengths=lengths)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    assert torch.equal(decode_attention(*args, impl="reference", lengths=lengths), want_ref)

@@ -98,6 +98,38 @@ def warn_non_finite(x: torch.Tensor, what: str) -> None:
         )
 
 
+@dataclasses.dataclass
+class StaticShared:
+    """What all layers of a cache in the static layout share: ``lengths`` (int64 ``[3]`` on the device: packed tokens
+    the step attends to, window tokens it attends to with its own, and the window slot the new token goes to),
+    ``key_mask`` (``[B, capacity + R + F]`` bool on the device, True = attend) and ``graph_step``: True while the graph
+    runner captures a step, whose counts and mask it writes to the device itself before every replay. In an eager
+    step each layer writes ``lengths`` and the model's own mask is used."""
+
+    lengths: torch.Tensor
+    key_mask: torch.Tensor
+    graph_step: bool = False
+
+
+@dataclasses.dataclass
+class StaticLayout:
+    """Preallocated buffers of one quantized layer, so that a decode step has fixed shapes and addresses and can be
+    replayed from a CUDA graph (``tq_transformers.cuda_graphs``).
+
+    ``reserved`` holds each growing storage entry at ``capacity`` packed tokens (``layer.storage`` entries are views of
+    their first ``num_quantized`` tokens); ``win_k`` / ``win_v`` ``[B, H, R + F, D]`` hold the window (``layer.keys``
+    / ``layer.values`` are views of the live part). ``start`` > 0 after a flush: the window's live tokens begin there
+    until the next step moves them to the front (the flushing step's attention still reads the window from slot 0).
+    """
+
+    capacity: int
+    shared: StaticShared
+    reserved: dict[str, torch.Tensor]
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    start: int = 0
+
+
 def head_dim_of(config) -> int | None:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     head_dim = getattr(text, "head_dim", None)
@@ -123,6 +155,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.num_quantized = 0
         self.storage: dict[str, torch.Tensor] = {}
+        self.static: StaticLayout | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Method hooks
@@ -206,6 +239,10 @@ class QuantizedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._check_states(key_states, value_states)
+        if self.static is not None:
+            if key_states.shape[-2] == 1 and self.fast_path is not None:
+                return self._static_update(key_states, value_states)
+            self.leave_static()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         window_k, window_v = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
@@ -282,6 +319,101 @@ class QuantizedLayer(CacheLayerMixin):
                 raise RuntimeError(f"storage {name!r}: wrote {offset[name]} of {t.shape[2]} entries on dim 2")
         self.storage.update(out)
 
+    # ----------------------------------------------------------------------------------------------------------
+    # Static layout (CUDA-graph decoding; see StaticLayout)
+    # ----------------------------------------------------------------------------------------------------------
+    def enter_static(self, capacity: int, shared: StaticShared) -> None:
+        """Move the storage and window into preallocated buffers of `capacity` packed tokens (a multiple of
+        flush_size, at least the tokens held). Called again with a larger capacity, it moves them again."""
+        F, R = self.cfg.flush_size, self.cfg.residual_length
+        if self.num_quantized == 0:
+            raise ValueError(f"layer {self.layer_idx}: the static layout needs packed tokens (none yet)")
+        if capacity % F or capacity < self.num_quantized:
+            raise ValueError(
+                f"capacity must be a multiple of flush_size ({F}) and >= {self.num_quantized} packed tokens, got "
+                f"{capacity}"
+            )
+        self._settle()
+        flushes = self.num_quantized // F
+        reserved = {}
+        for name, t in self.storage.items():
+            if name in self.static_storage:
+                continue
+            per_flush = t.shape[2] // flushes  # entries on dim 2 are proportional to tokens (per token or group)
+            buf = t.new_empty((*t.shape[:2], per_flush * (capacity // F), *t.shape[3:]))
+            buf[:, :, : t.shape[2]] = t
+            reserved[name] = buf
+            self.storage[name] = buf[:, :, : t.shape[2]]
+        w = self.keys.shape[-2]
+        win_k = self.keys.new_empty((*self.keys.shape[:2], R + F, self.keys.shape[-1]))
+        win_v = self.values.new_empty((*self.values.shape[:2], R + F, self.values.shape[-1]))
+        win_k[:, :, :w], win_v[:, :, :w] = self.keys, self.values
+        self.keys, self.values = win_k[:, :, :w], win_v[:, :, :w]
+        self.static = StaticLayout(capacity, shared, reserved, win_k, win_v)
+
+    def leave_static(self) -> None:
+        """Back to the dynamic layout: every tensor exactly its tokens again (the reserved buffers are freed)."""
+        if self.static is None:
+            return
+        self._settle()
+        self.storage = {name: compact(t) for name, t in self.storage.items()}
+        self.keys, self.values = compact(self.keys), compact(self.values)
+        self.static = None
+
+    def _settle(self) -> None:
+        """Move the live window tokens to the front of the window buffers (deferred from the last flush)."""
+        st = self.static
+        if st is None or st.start == 0:
+            return
+        w = self.keys.shape[-2]
+        st.win_k[:, :, :w] = self.keys.clone()
+        st.win_v[:, :, :w] = self.values.clone()
+        self.keys, self.values = st.win_k[:, :, :w], st.win_v[:, :, :w]
+        st.start = 0
+
+    def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """One decode token in the static layout: written to the window slot ``lengths[2]`` read on the device (so a
+        CUDA graph replays it at any position); the host-side counters advance as in `update`. A step that flushes
+        runs eagerly (the graph runner never captures or replays one)."""
+        st = self.static
+        self._settle()
+        w = self.keys.shape[-2]
+        if not st.shared.graph_step:
+            st.shared.lengths.copy_(torch.tensor([self.num_quantized, w + 1, w]))
+        slot = st.shared.lengths[2:3]
+        st.win_k.index_copy_(2, slot, key_states.to(st.win_k.dtype))
+        st.win_v.index_copy_(2, slot, value_states.to(st.win_v.dtype))
+        out_k, out_v = self.fast_path(self, st.win_k, st.win_v)
+        self._advance_one()
+        target = self.cfg.num_quantized(self.cumulative_length)
+        if target > self.num_quantized:
+            self._static_flush(target - self.num_quantized)
+        return out_k, out_v
+
+    def _advance_one(self) -> None:
+        """The host side of a non-flushing static step (the graph runner calls it after each replay)."""
+        st = self.static
+        self.cumulative_length += 1
+        w = self.keys.shape[-2] + 1
+        self.keys, self.values = st.win_k[:, :, :w], st.win_v[:, :, :w]
+
+    def _static_flush(self, count: int) -> None:
+        st = self.static
+        if self.num_quantized + count > st.capacity:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the static layout holds {st.capacity} packed tokens, a flush needs "
+                f"{self.num_quantized + count}; enter_static again with a larger capacity first"
+            )
+        block = self._quantize_block(st.win_k[:, :, :count], st.win_v[:, :, :count])
+        for name, t in block.items():
+            held = self.storage[name].shape[2]
+            st.reserved[name][:, :, held : held + t.shape[2]] = t
+            self.storage[name] = st.reserved[name][:, :, : held + t.shape[2]]
+        self.num_quantized += count
+        w = self.keys.shape[-2]
+        self.keys, self.values = st.win_k[:, :, count:w], st.win_v[:, :, count:w]
+        st.start = count
+
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
@@ -297,10 +429,12 @@ class QuantizedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.num_quantized = 0
         self.storage = {}
+        self.static = None
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        self.leave_static()
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.storage = {name: fn(t) for name, t in self.storage.items()}
 
@@ -329,6 +463,7 @@ class QuantizedLayer(CacheLayerMixin):
             )
         if tokens_to_remove == 0 or not self.is_initialized:
             return
+        self.leave_static()
         keep = max(0, self.cumulative_length + tokens_to_remove)
         if keep >= self.num_quantized:
             window_keep = keep - self.num_quantized
@@ -344,11 +479,15 @@ class QuantizedLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------------------------------------------------
     def memory_footprint(self) -> dict[str, int]:
-        codes = sum(t.numel() * t.element_size() for n, t in self.storage.items() if n in self.code_storage)
-        meta = sum(t.numel() * t.element_size() for n, t in self.storage.items() if n not in self.code_storage)
-        window = 0
-        if self.is_initialized:
-            window = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        """Bytes held: in the static layout, the whole reserved buffers (what the GPU really holds)."""
+        held = dict(self.storage)
+        windows = (self.keys, self.values) if self.is_initialized else ()
+        if self.static is not None:
+            held.update(self.static.reserved)
+            windows = (self.static.win_k, self.static.win_v)
+        codes = sum(t.numel() * t.element_size() for n, t in held.items() if n in self.code_storage)
+        meta = sum(t.numel() * t.element_size() for n, t in held.items() if n not in self.code_storage)
+        window = sum(t.numel() * t.element_size() for t in windows)
         return {"codes": codes, "metadata": meta, "window": window}
 
 
@@ -396,6 +535,8 @@ class QuantizedCacheBase(Cache):
         # Called with each quantized layer created later, lazily, without a config (set by
         # `fast_attention.prepare_cache`, so the fast path also covers layers that do not exist yet).
         self.layer_setup = None
+        # Decode steps replayed from CUDA graphs by a model with `cuda_graphs.install` (set by `prepare_cache`).
+        self.cuda_graphs = False
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.layer_class_to_replicate is not None:

@@ -41,17 +41,30 @@ __all__ = ["ATTN_NAME", "FastView", "install", "prepare_cache", "register", "tq_
 
 @dataclasses.dataclass
 class FastView:
-    """What one decode step of one layer attends to: the first `num_quantized` packed tokens, then the window."""
+    """What one decode step of one layer attends to: the first `num_quantized` packed tokens, then the window.
+
+    In a layer's static layout (CUDA-graph decoding, ``base.StaticLayout``), `keys` / `values` are the whole window
+    buffers, of which the first `window_len` tokens are live, and the kernels read both counts from `lengths` on the
+    device (the host-side ints are exact when the step runs eagerly, stale in a graph replay); `key_mask` is the
+    layout's padding mask in a graph step (the model then gets no mask: building one would sync the host)."""
 
     layer: QuantizedLayer
     num_quantized: int
     keys: torch.Tensor  # [B, Hkv, W, D] full-precision window, this step's token last
     values: torch.Tensor
+    window_len: int
+    lengths: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
 
 
 def _fast_hook(layer: QuantizedLayer, window_k: torch.Tensor, window_v: torch.Tensor):
     """`QuantizedLayer.fast_path`: placeholders (new tensor objects on the window's memory) carrying the view."""
-    view = FastView(layer, layer.num_quantized, window_k, window_v)
+    st = layer.static
+    if st is None:
+        view = FastView(layer, layer.num_quantized, window_k, window_v, window_k.shape[-2])
+    else:  # `window_k` is the window buffer; the new token is in slot keys.shape[-2] (before the host advances)
+        view = FastView(layer, layer.num_quantized, window_k, window_v, layer.keys.shape[-2] + 1, st.shared.lengths,
+                        st.shared.key_mask if st.shared.graph_step else None)
     key, value = window_k.view_as(window_k), window_v.view_as(window_v)
     key.tq_fast_view = view
     return key, value
@@ -68,10 +81,14 @@ def _compress_on_write(layer: QuantizedLayer):
     return quantize_block
 
 
-def prepare_cache(cache, compress: bool = True):
-    """Turn the fast path on for every quantized layer of `cache` (see the module docstring). Returns the cache."""
+def prepare_cache(cache, compress: bool = True, cuda_graphs: bool = False):
+    """Turn the fast path on for every quantized layer of `cache` (see the module docstring); with `cuda_graphs`, a
+    model with ``tq_transformers.cuda_graphs.install`` replays its decode steps from CUDA graphs. Returns the cache."""
     if not isinstance(cache, QuantizedCacheBase):
         raise TypeError(f"cache must be a tq_transformers cache, got {type(cache).__name__}")
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+    cache.cuda_graphs = cuda_graphs
 
     def setup(layer: QuantizedLayer) -> None:
         layer.fast_path = _fast_hook
@@ -115,8 +132,13 @@ def _key_mask(attention_mask: torch.Tensor | None, total: int) -> tuple[bool, to
 
 
 def _reference_tensors(view: FastView, dtype: torch.dtype):
-    """Exactly the keys and values `QuantizedLayer.update` returns on the reference path for this step."""
+    """Exactly the keys and values `QuantizedLayer.update` returns on the reference path for this step. In the static
+    layout the counts are read from the device (a sync: inside a CUDA-graph capture this raises rather than bake
+    the capture's counts into every replay)."""
     layer = view.layer
+    if view.lengths is not None:
+        num_quantized, window_len = (int(x) for x in view.lengths[:2].tolist())
+        view = dataclasses.replace(view, num_quantized=num_quantized, window_len=window_len)
     if layer.num_quantized == view.num_quantized:
         old_k, old_v = layer._dequantize(dtype)
     else:  # this step flushed: dequantize the storage as it was before the flush, as the reference path did
@@ -126,8 +148,9 @@ def _reference_tensors(view: FastView, dtype: torch.dtype):
             old_k, old_v = layer._dequantize(dtype)
         finally:
             layer.storage = held
-    keys = torch.cat([old_k, view.keys.to(dtype)], dim=-2)
-    values = torch.cat([old_v, view.values.to(dtype)], dim=-2)
+    w = view.window_len
+    keys = torch.cat([old_k, view.keys[:, :, :w].to(dtype)], dim=-2)
+    values = torch.cat([old_v, view.values[:, :, :w].to(dtype)], dim=-2)
     return keys, values
 
 
@@ -141,8 +164,11 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer = view.layer
-    total = view.num_quantized + view.keys.shape[-2]
+    total = view.num_quantized + view.window_len
     usable, key_mask = _key_mask(attention_mask, total)
+    static_mask = attention_mask is None and view.key_mask is not None
+    if static_mask:  # the graph runner passes the padding mask through the layout, not the model
+        key_mask = view.key_mask
     fused = (
         usable
         and query.is_cuda
@@ -155,9 +181,16 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
     )
     if not fused:
         keys, values = _reference_tensors(view, query.dtype)
+        if static_mask:  # as transformers' SDPA mask: none when nothing is masked (this path may sync)
+            used = key_mask[:, : keys.shape[-2]]
+            attention_mask = None if bool(used.all()) else used[:, None, None, :]
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = kernels.decode_attention(layer, query[:, :, 0], view.num_quantized, view.keys, view.values, key_mask,
-                                   scaling, impl="triton")  # [B, Hq, D]
+    if view.lengths is None:
+        out = kernels.decode_attention(layer, query[:, :, 0], view.num_quantized, view.keys, view.values, key_mask,
+                                       scaling, impl="triton")  # [B, Hq, D]
+    else:  # static layout: counts on the device, grid sized by the capacity
+        out = kernels.decode_attention(layer, query[:, :, 0], layer.static.capacity, view.keys, view.values, key_mask,
+                                       scaling, impl="triton", lengths=view.lengths)
     return out.unsqueeze(1), None

@@ -48,18 +48,23 @@ def check_cache_continues(cache, input_ids: torch.Tensor | None) -> None:
         )
 
 
-def enable(model, method: str, fast: bool = False, **cache_kwargs):
+def enable(model, method: str, fast: bool = False, cuda_graphs: bool = False, **cache_kwargs):
     """Make every `model.generate` call use a fresh `method` cache ("turboquant", "kivi" or "bonsai").
 
     The cache keyword arguments are validated now (a bad value raises here, not at the first prompt).
     ``fast=True`` also switches the model to the fused decode path (``tq_transformers.fast_attention``: Triton
     kernels on CUDA, the same output as the reference path elsewhere) for the caches that generate uses.
-    Returns the model. Example::
+    ``cuda_graphs=True`` (with ``fast=True``) also replays decode steps from a CUDA graph
+    (``tq_transformers.cuda_graphs``: the host out of the step; without effect on CPU). Returns the model. Example::
 
         tq_transformers.enable(model, "turboquant", bits=4)
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     """
     cache_cls = get_method(method)
+    if not isinstance(fast, bool) or not isinstance(cuda_graphs, bool):
+        raise TypeError(f"fast and cuda_graphs must be bools, got fast={fast!r}, cuda_graphs={cuda_graphs!r}")
+    if cuda_graphs and not fast:
+        raise ValueError("cuda_graphs=True needs fast=True (graphs replay the fused decode path), got fast=False")
     cache_cls(model.config, **cache_kwargs)  # validate the arguments once, at enable time
     original = getattr(model.generate, "__tq_original__", model.generate)
     previous_attn = getattr(model.generate, "__tq_previous_attn__", None)
@@ -68,6 +73,12 @@ def enable(model, method: str, fast: bool = False, **cache_kwargs):
 
         installed = fast_attention.install(model)
         previous_attn = previous_attn or installed
+    from . import cuda_graphs as graphs
+
+    if cuda_graphs:
+        graphs.install(model)
+    else:
+        graphs.uninstall(model)
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
@@ -84,7 +95,7 @@ def enable(model, method: str, fast: bool = False, **cache_kwargs):
         if fast and isinstance(cache, QuantizedCacheBase):
             from .fast_attention import prepare_cache
 
-            prepare_cache(cache)
+            prepare_cache(cache, cuda_graphs=cuda_graphs)
         out = original(*args, **kwargs)
         if isinstance(cache, QuantizedCacheBase):
             sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
@@ -105,4 +116,7 @@ def disable(model):
         if previous_attn is not None:  # enable(fast=True) switched the attention implementation
             model.set_attn_implementation(previous_attn)
         del model.generate
+    from . import cuda_graphs
+
+    cuda_graphs.uninstall(model)
     return model

@@ -130,11 +130,12 @@ def compress_block(layer, keys: torch.Tensor, values: torch.Tensor, impl: str = 
 
 
 def decode_attention(layer, q, num_quantized: int, window_k, window_v, key_mask, scaling: float,
-                     impl: str = "triton") -> torch.Tensor:
+                     impl: str = "triton", lengths: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention on `layer`: q `[B, Hq, D]` -> `[B, Hq, D]`.
 
     Attends to the first `num_quantized` packed tokens of the layer's storage, then to `window_k` / `window_v`
-    `[B, Hkv, W, D]`; `key_mask` `[B, num_quantized + W]` (True = attend) or None.
+    `[B, Hkv, W, D]`; `key_mask` `[B, num_quantized + W]` (True = attend) or None. With `lengths` (int64 on the
+    device, ``[n, W, ...]``), the counts are read there and `num_quantized` is an upper bound (see ``reference``).
     """
     mod = get_impl(impl)
     method = _method(layer)
@@ -143,15 +144,15 @@ def decode_attention(layer, q, num_quantized: int, window_k, window_v, key_mask,
         return mod.turboquant_decode_attention(
             q, s["k_codes"], s["k_norms"], s["v_codes"], s["v_norms"], num_quantized, layer.k_codec.levels,
             cfg.bits, layer.k_codec.rotation, layer.v_codec.rotation, s.get("k_mean"), s.get("v_mean"),
-            window_k, window_v, key_mask, scaling,
+            window_k, window_v, key_mask, scaling, lengths,
         )
     if method == "kivi":
         return mod.kivi_decode_attention(
             q, s["k_codes"], s["k_scale"], s["k_zero"], s["v_codes"], s["v_scale"], s["v_zero"], num_quantized,
-            cfg.bits, cfg.group_size, window_k, window_v, key_mask, scaling,
+            cfg.bits, cfg.group_size, window_k, window_v, key_mask, scaling, lengths,
         )
     rot = layer.rotations if cfg.rotate else {"k": None, "v": None}
     return mod.bonsai_decode_attention(
         q, s["k_signs"], s["k_scale"], s["v_signs"], s["v_scale"], num_quantized, cfg.group_size, rot["k"],
-        rot["v"], s.get("k_mean"), s.get("v_mean"), window_k, window_v, key_mask, scaling,
+        rot["v"], s.get("k_mean"), s.get("v_mean"), window_k, window_v, key_mask, scaling, lengths,
     )

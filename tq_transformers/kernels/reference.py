@@ -12,6 +12,11 @@ Shapes (one decoder layer, one decode step; ``B`` batch, ``Hkv`` KV heads, ``Hq 
     key_mask     [B, n + W] bool     True = attend (left padding masked), or None
     out          [B, Hq, D]          attention output (q's dtype)
 
+``lengths`` (optional, every decode attention): an int64 tensor ``[n, W, ...]`` on the device, the counts read there
+instead (CUDA-graph replays, ``tq_transformers.cuda_graphs``). ``num_quantized`` is then only an upper bound on ``n``
+(what the Triton kernels size their grid by), the window tensors are buffers of at least ``W`` tokens and ``key_mask``
+may be longer than ``n + W``.
+
 Packed layouts are the layers' (see ``turboquant``, ``kivi``, ``bonsai`` and ``packing``).
 """
 
@@ -99,16 +104,27 @@ def attend(q, keys, values, key_mask, scaling: float):
     return out.reshape(b, hq, d).to(q.dtype)
 
 
+def _resolve(num_quantized, window_k, window_v, key_mask, lengths):
+    """The exact arguments that device-side `lengths` stand for (read on the host: the reference may sync)."""
+    if lengths is None:
+        return num_quantized, window_k, window_v, key_mask
+    n, w = (int(x) for x in lengths[:2].tolist())
+    if not 0 <= n <= num_quantized or not 0 < w <= window_k.shape[2]:
+        raise ValueError(f"lengths must hold 0 <= n <= {num_quantized} and 0 < W <= {window_k.shape[2]}, got {n}, {w}")
+    mask = None if key_mask is None else key_mask[:, : n + w]
+    return n, window_k[:, :, :w], window_v[:, :, :w], mask
+
+
 def _with_window(old_k, old_v, window_k, window_v):
     return torch.cat([old_k, window_k.float()], dim=2), torch.cat([old_v, window_v.float()], dim=2)
 
 
 def turboquant_decode_attention(
     q, k_codes, k_norms, v_codes, v_norms, num_quantized: int, levels, bits: int, k_rotation, v_rotation,
-    k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
+    k_mean, v_mean, window_k, window_v, key_mask, scaling: float, lengths=None,
 ):
     """TurboQuant (MSE) decode attention: the first `num_quantized` packed tokens, then the window."""
-    n = num_quantized
+    n, window_k, window_v, key_mask = _resolve(num_quantized, window_k, window_v, key_mask, lengths)
     old = []
     for codes, norms, rot, mean in ((k_codes, k_norms, k_rotation, k_mean), (v_codes, v_norms, v_rotation, v_mean)):
         y = levels[unpack_bits(codes[:, :, :n], bits).long()] * norms[:, :, :n].float().unsqueeze(-1)
@@ -120,9 +136,10 @@ def turboquant_decode_attention(
 
 def kivi_decode_attention(
     q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized: int, bits: int, group_size: int,
-    window_k, window_v, key_mask, scaling: float,
+    window_k, window_v, key_mask, scaling: float, lengths=None,
 ):
     """KIVI decode attention: the first `num_quantized` packed tokens (a multiple of G), then the window."""
+    num_quantized, window_k, window_v, key_mask = _resolve(num_quantized, window_k, window_v, key_mask, lengths)
     g = group_size
     ng = num_quantized // g
     kc = unpack_bits(k_codes[:, :, :ng], bits).float()  # [B, H, Ng, D, G]
@@ -138,10 +155,10 @@ def kivi_decode_attention(
 
 def bonsai_decode_attention(
     q, k_signs, k_scale, v_signs, v_scale, num_quantized: int, group_size: int, k_rotation, v_rotation,
-    k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
+    k_mean, v_mean, window_k, window_v, key_mask, scaling: float, lengths=None,
 ):
     """Bonsai 1-bit decode attention: the first `num_quantized` packed tokens, then the window."""
-    n = num_quantized
+    n, window_k, window_v, key_mask = _resolve(num_quantized, window_k, window_v, key_mask, lengths)
     old = []
     for signs, scale, rot, mean in ((k_signs, k_scale, k_rotation, k_mean), (v_signs, v_scale, v_rotation, v_mean)):
         pm = unpack_bits(signs[:, :, :n], 1).float() * 2 - 1

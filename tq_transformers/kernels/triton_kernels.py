@@ -444,19 +444,20 @@ _PER_STEP = ["n_q", "tokens_per_split", "num_splits", "s_mb"]
 
 @triton.jit(do_not_specialize=_PER_STEP)
 def _codebook_split_kernel(
-    Q, MU, KC, KS, VC, VS, LUT, TABLE, MASK, M_OUT, L_OUT, ACC_OUT,
+    Q, MU, KC, KS, VC, VS, LUT, TABLE, MASK, M_OUT, L_OUT, ACC_OUT, LENS,
     n_q, tokens_per_split, num_splits, H,
     s_kcb, s_kch, s_kcn, s_ksb, s_ksh, s_ksn, s_vcb, s_vch, s_vcn, s_vsb, s_vsh, s_vsn, s_mb, s_mn,
     sm_scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr, BITS: tl.constexpr, NGS: tl.constexpr,
     SIGN1: tl.constexpr, HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, DEV_LEN: tl.constexpr,
 ):
     """TurboQuant (codebook levels x per-token norm) and Bonsai (+-1 x per-group scale) packed tokens.
 
     Q [B*Hkv, G, D] (rotated when the method rotates), MU [B*Hkv, D] float32 (the key mean in Q's domain),
     codes [B, Hkv, N, D*BITS/8] uint8, scales [B, Hkv, N, NGS] ([B, Hkv, N] when NGS = 1);
-    partials M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BD].
+    partials M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BD]. With DEV_LEN, the packed tokens attended are read from LENS[0]
+    on the device (`n_q` is then only the bound the splits were sized for: CUDA-graph replays).
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -483,6 +484,8 @@ def _codebook_split_kernel(
         qd = qf
     else:
         qd = q
+    if DEV_LEN:
+        n_q = tl.load(LENS).to(tl.int32)
     start = pid_s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n_q)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
@@ -492,7 +495,7 @@ def _codebook_split_kernel(
     vc_base = VC + b * s_vcb + h * s_vch
     ks_base = KS + b * s_ksb + h * s_ksh
     vs_base = VS + b * s_vsb + h * s_vsh
-    for it in range(0, tokens_per_split, BLOCK_N):  # the tail is masked by `end`
+    for it in range(0, end - start, BLOCK_N):  # the tail is masked by `end`; none past the packed tokens
         n0 = start + it
         n = n0 + nn
         n_ok = n < end
@@ -531,12 +534,12 @@ def _codebook_split_kernel(
 
 @triton.jit(do_not_specialize=_PER_STEP)
 def _kivi_split_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, TABLE, MASK, M_OUT, L_OUT, ACC_OUT,
+    Q, KC, KS, KZ, VC, VS, VZ, TABLE, MASK, M_OUT, L_OUT, ACC_OUT, LENS,
     n_q, tokens_per_split, num_splits, H,
     s_kcb, s_kch, s_kcg, s_ksb, s_ksh, s_ksg, s_vcb, s_vch, s_vcn, s_vsb, s_vsh, s_vsn, s_mb, s_mn,
     sm_scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, NGB: tl.constexpr,
-    HAS_MASK: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr,
+    HAS_MASK: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr, DEV_LEN: tl.constexpr,
 ):
     """KIVI packed tokens, NGB key groups (NGB * GS tokens) per iteration.
 
@@ -561,6 +564,8 @@ def _kivi_split_kernel(
     q = tl.load(Q + (pid_bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
     if F32:
         q = q.to(tl.float32)
+    if DEV_LEN:
+        n_q = tl.load(LENS).to(tl.int32)
     start = pid_s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n_q)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
@@ -572,7 +577,7 @@ def _kivi_split_kernel(
     vc_base = VC + b * s_vcb + h * s_vch
     vs_base = VS + b * s_vsb + h * s_vsh
     vz_base = VZ + b * s_vsb + h * s_vsh
-    for it in range(0, tokens_per_split, BLOCK_N):  # the tail is masked by `end`
+    for it in range(0, end - start, BLOCK_N):  # the tail is masked by `end`; none past the packed tokens
         n0 = start + it
         grp = n0 // GS + gl  # [NGB]
         g_ok = grp * GS < end
@@ -609,15 +614,20 @@ def _kivi_split_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["num_splits", "W", "n_q", "s_mb"])
 def _reduce_kernel(
-    M, L, ACC, Q, WK, WV, PV, MUV, MASK, OUT,
+    M, L, ACC, Q, WK, WV, PV, MUV, MASK, OUT, LENS,
     num_splits, W, n_q, H,
     s_wkb, s_wkh, s_wkn, s_wvb, s_wvh, s_wvn, s_mb, s_mn,
     sm_scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr, UNROLL: tl.constexpr,
     HAS_ROT: tl.constexpr, HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_W: tl.constexpr, F32: tl.constexpr,
+    DEV_LEN: tl.constexpr,
 ):
-    """One program per KV head of one row: merge the splits, finish the packed part, attend to the window."""
+    """One program per KV head of one row: merge the splits, finish the packed part, attend to the window. With
+    DEV_LEN, the packed and window token counts are LENS[0] and LENS[1], read on the device."""
     pid_bh = tl.program_id(0)
+    if DEV_LEN:
+        n_q = tl.load(LENS).to(tl.int32)
+        W = tl.load(LENS + 1).to(tl.int32)
     b = pid_bh // H
     h = pid_bh % H
     g = tl.arange(0, GP)
@@ -787,7 +797,7 @@ def _mask_args(key_mask):
     return key_mask, key_mask.stride(0), key_mask.stride(-1), True
 
 
-def _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd):
+def _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd, lengths=None):
     """Launch the reduce kernel. q [B, Hq, D] (original domain), partials from a split kernel."""
     b, hq, d = q.shape
     hkv = window_k.shape[1]
@@ -798,14 +808,14 @@ def _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotatio
     muv = _mean_in(v_mean, None) if v_mean is not None else m
     pv = _f32(v_rotation) if v_rotation is not None else m
     _reduce_kernel[(b * hkv,)](
-        m, l_, acc, q, window_k, window_v, pv, muv, mask if has_mask else m, out,
+        m, l_, acc, q, window_k, window_v, pv, muv, mask if has_mask else m, out, m if lengths is None else lengths,
         m.shape[1], window_k.shape[2], n_q, hkv,
         window_k.stride(0), window_k.stride(1), window_k.stride(2),
         window_v.stride(0), window_v.stride(1), window_v.stride(2), s_mb, s_mn,
         scaling * _LOG2E,
         G=g, GP=gp, D=d, BD=bd, SP=_pow2(m.shape[1]), UNROLL=REDUCE_UNROLL,
         HAS_ROT=v_rotation is not None, HAS_MU=v_mean is not None, HAS_MASK=has_mask,
-        BLOCK_W=32, F32=q.dtype == torch.float32, num_warps=4,
+        BLOCK_W=32, F32=q.dtype == torch.float32, DEV_LEN=lengths is not None, num_warps=4,
     )
     return out
 
@@ -863,7 +873,7 @@ def _partials(bh: int, splits: int, g: int, bd: int, device):
 
 
 def _codebook_attention(q, q_rot, q_factor, k_mu, kc, ks, vc, vs, lut, bits, sign1, n_q, window_k, window_v, key_mask,
-                        scaling, v_rotation, v_mean):
+                        scaling, v_rotation, v_mean, lengths=None):
     tune = DECODE_TUNING["codebook"]
     block_n = tune["block_n"]
     q = q.contiguous()
@@ -883,28 +893,28 @@ def _codebook_attention(q, q_rot, q_factor, k_mu, kc, ks, vc, vs, lut, bits, sig
         table = byte_table(_sign_levels(q.device) if sign1 else lut, bits, q.dtype)
     _codebook_split_kernel[(splits, b * hkv)](
         q_rot, k_mu if k_mu is not None else m, kc, ks, vc, vs, lut if lut is not None else m, table,
-        mask if has_mask else m, m, l_, acc,
+        mask if has_mask else m, m, l_, acc, m if lengths is None else lengths,
         n_q, per, splits, hkv,
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), s_mb, s_mn,
         scaling * q_factor * _LOG2E,  # q_rot is the rotated query / q_factor
         G=g, GP=gp, D=d, BJ=bj, BITS=bits, NGS=ks.shape[3] if ks.dim() == 4 else 1, SIGN1=sign1,
         HAS_MU=k_mu is not None,
-        HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, ASM=q.is_cuda,
+        HAS_MASK=has_mask, BLOCK_N=block_n, F32=q.dtype == torch.float32, ASM=q.is_cuda, DEV_LEN=lengths is not None,
         num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
-    return _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd)
+    return _finish(q, window_k, window_v, m, l_, acc, n_q, key_mask, scaling, v_rotation, v_mean, bd, lengths)
 
 
 def turboquant_decode_attention(
     q, k_codes, k_norms, v_codes, v_norms, num_quantized: int, levels, bits: int, k_rotation, v_rotation,
-    k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
+    k_mean, v_mean, window_k, window_v, key_mask, scaling: float, lengths=None,
 ):
     q_rot, factor = _rotate_query(q, k_rotation)
     k_mu = _mean_in(k_mean, k_rotation) if k_mean is not None else None  # q . mu = (P q) . (P mu)
     return _codebook_attention(
         q, q_rot, factor, k_mu, k_codes, k_norms, v_codes, v_norms, _f32(levels), bits, False,
-        num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
+        num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean, lengths,
     )
 
 
@@ -942,19 +952,19 @@ def _rotate_query(q: torch.Tensor, rotation: torch.Tensor):
 
 def bonsai_decode_attention(
     q, k_signs, k_scale, v_signs, v_scale, num_quantized: int, group_size: int, k_rotation, v_rotation,
-    k_mean, v_mean, window_k, window_v, key_mask, scaling: float,
+    k_mean, v_mean, window_k, window_v, key_mask, scaling: float, lengths=None,
 ):
     k_mu = _mean_in(k_mean, k_rotation) if k_mean is not None else None
     q_rot, factor = (q, 1.0) if k_rotation is None else _rotate_query(q, k_rotation)
     return _codebook_attention(
         q, q_rot, factor, k_mu, k_signs, k_scale, v_signs, v_scale, None, 1, True,
-        num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean,
+        num_quantized, window_k, window_v, key_mask, scaling, v_rotation, v_mean, lengths,
     )
 
 
 def kivi_decode_attention(
     q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, num_quantized: int, bits: int, group_size: int,
-    window_k, window_v, key_mask, scaling: float,
+    window_k, window_v, key_mask, scaling: float, lengths=None,
 ):
     b, hq, d = q.shape
     hkv = k_codes.shape[1]
@@ -970,12 +980,12 @@ def kivi_decode_attention(
     table = m if q.dtype == torch.float32 else byte_table(_integer_levels(bits, q.device), bits, q.dtype)
     _kivi_split_kernel[(splits, b * hkv)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, table, mask if has_mask else m, m, l_, acc,
-        num_quantized, per, splits, hkv,
+        m if lengths is None else lengths, num_quantized, per, splits, hkv,
         k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), k_scale.stride(0), k_scale.stride(1),
         k_scale.stride(2), v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), s_mb, s_mn,
         scaling * _LOG2E,
         G=g, GP=gp, D=d, BITS=bits, GS=group_size, NGB=ngb, HAS_MASK=has_mask, F32=q.dtype == torch.float32,
-        ASM=q.is_cuda, num_warps=tune["num_warps"], num_stages=tune["num_stages"],
+        ASM=q.is_cuda, DEV_LEN=lengths is not None, num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
-    return _finish(q, window_k, window_v, m, l_, acc, num_quantized, key_mask, scaling, None, None, d)
+    return _finish(q, window_k, window_v, m, l_, acc, num_quantized, key_mask, scaling, None, None, d, lengths)

@@ -1,0 +1,236 @@
+"""CUDA-graph decoding (`tq_transformers.cuda_graphs`) and the static layout it runs on (`base.StaticLayout`).
+
+CPU: the graph runner with an emulated graph (each replay re-runs the captured forward with the runner's device-side
+counts and mask, then restores the host state as a real replay leaves it): greedy generation gives exactly the
+reference path's scores and tokens, through flushes, regrowths of the capacity and left padding; and the layout's
+own operations (leave, crop, reorder, footprint). GPU: real graphs against the eager fast path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny
+from test_fast_path import SETTINGS, _generate, _inputs, _method
+
+import tq_transformers
+from tq_transformers import cuda_graphs, fast_attention
+from tq_transformers.base import StaticShared
+from tq_transformers.registry import get_method
+
+needs_gpu = pytest.mark.gpu
+
+
+class _EmulatedGraph:
+    """Stands in for a CUDA graph on the CPU: replay runs the captured call again as a graph step, then puts the host
+    state back (a real replay runs no Python)."""
+
+    def __init__(self, fn, layers):
+        self.fn, self.layers = fn, layers
+        self.output = None
+
+    def replay(self):
+        shared = self.layers[0].static.shared
+        saved = [(layer.cumulative_length, layer.keys, layer.values) for layer in self.layers]
+        shared.graph_step = True
+        try:
+            new = self.fn()
+        finally:
+            shared.graph_step = False
+            for layer, (length, keys, values) in zip(self.layers, saved):
+                layer.cumulative_length, layer.keys, layer.values = length, keys, values
+        self.output.logits.copy_(new.logits)
+
+
+def _emulate(fn, layers):
+    graph = _EmulatedGraph(fn, layers)
+    graph.output = fn()
+    return graph, graph.output
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_on_graph_device", lambda layer: True)
+    monkeypatch.setattr(cuda_graphs, "_capture_graph", _emulate)
+    monkeypatch.setattr(cuda_graphs, "GROWTH", 16)  # regrow the capacity every 16 packed tokens
+
+
+def _graphed_generate(model, inputs, name, new_tokens=40):
+    method, kwargs = _method(name), SETTINGS[name]
+    tq_transformers.enable(model, method, fast=True, cuda_graphs=True, **kwargs)
+    try:
+        cache = get_method(method)(model.config, **kwargs)
+        fast_attention.prepare_cache(cache, cuda_graphs=True)
+        seq, scores = _generate(model, inputs, cache, new_tokens)
+        stats = dict(cuda_graphs.runner_of(model).stats)
+    finally:
+        tq_transformers.disable(model)
+    assert cuda_graphs.runner_of(model) is None and "forward" not in vars(model)
+    return seq, scores, cache, stats
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_emulated_graph_generate_equals_reference(name, emulated_graphs):
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    method, kwargs = _method(name), SETTINGS[name]
+    ref_seq, ref_scores = _generate(model, inputs, get_method(method)(model.config, **kwargs), 40)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, name)
+    assert stats["replay"] > 10 and stats["capture"] >= 2 and stats["layout"] >= 2, stats
+    assert all(layer.static is not None for layer in cache.layers)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+
+
+def test_graph_runner_leaves_other_calls_alone(emulated_graphs):
+    """Prefill, a sliding-window model and a call with extra arguments run the original forward (no layout)."""
+    model = build_tiny("gemma3")
+    inputs = _inputs("cpu")
+    seq, scores, cache, stats = _graphed_generate(model, inputs, "turboquant", new_tokens=8)
+    assert stats.get("replay", 0) == 0 and stats.get("layout", 0) == 0
+    assert all(getattr(layer, "static", None) is None for layer in cache.layers)
+
+
+def _static_pair(name, n=70):
+    """A dynamic and a static-layout cache of layer shape [2, 2, *, 64] after the same n tokens (float32, CPU)."""
+    method, kwargs = _method(name), SETTINGS[name]
+    caches = [get_method(method)(**kwargs) for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, n, 64, generator=gen), torch.randn(2, 2, n, 64, generator=gen)
+    for cache in caches:
+        fast_attention.prepare_cache(cache)
+        cache.update(k, v, 0)
+    layer = caches[1].layers[0]
+    shared = StaticShared(torch.zeros(3, dtype=torch.int64), torch.ones(2, 512, dtype=torch.bool))
+    layer.enter_static(layer.num_quantized + 2 * layer.cfg.flush_size, shared)
+    return caches, gen
+
+
+@pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai_improved"])
+def test_static_layout_holds_what_the_dynamic_one_holds(name):
+    """Token by token through two flushes, a crop and a reorder: the same tokens (dequantized exactly alike), the
+    same counters, and a footprint of the reserved buffers."""
+    (dyn, sta), gen = _static_pair(name)
+    ld, ls = dyn.layers[0], sta.layers[0]
+    for step in range(2 * ld.cfg.flush_size):
+        k, v = torch.randn(2, 2, 1, 64, generator=gen), torch.randn(2, 2, 1, 64, generator=gen)
+        dyn.update(k, v, 0)
+        sta.update(k, v, 0)
+        assert ls.static is not None
+        ls._settle()
+        assert (ls.num_quantized, ls.cumulative_length) == (ld.num_quantized, ld.cumulative_length)
+        assert torch.equal(ls.keys, ld.keys) and torch.equal(ls.values, ld.values)
+        for a, b in zip(ls._dequantize(torch.float32), ld._dequantize(torch.float32)):
+            assert torch.equal(a, b)
+    held = ls.memory_footprint()
+    reserved = sum(t.numel() * t.element_size() for t in ls.static.reserved.values())
+    reserved += sum(t.numel() * t.element_size() for n, t in ls.storage.items() if n in ls.static_storage)
+    assert held["codes"] + held["metadata"] == reserved
+    assert held["window"] == 2 * ls.static.win_k.numel() * 4
+    with pytest.raises(RuntimeError, match="capacity"):  # past the capacity without a new layout
+        for _ in range(10 * ld.cfg.flush_size):
+            sta.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64), 0)
+    # crop and reorder leave the static layout: every tensor owns exactly its bytes again
+    (dyn, sta), gen = _static_pair(name)
+    for cache in (dyn, sta):
+        cache.crop(-5)
+        cache.reorder_cache(torch.tensor([1, 0]))
+    ls, ld = sta.layers[0], dyn.layers[0]
+    assert ls.static is None
+    assert ls.memory_footprint() == ld.memory_footprint()
+    assert torch.equal(ls.keys, ld.keys)
+    for a, b in zip(ls._dequantize(torch.float32), ld._dequantize(torch.float32)):
+        assert torch.equal(a, b)
+
+
+def test_enter_static_checks_its_arguments():
+    (dyn, sta), _ = _static_pair("turboquant")
+    layer = dyn.layers[0]
+    shared = sta.layers[0].static.shared
+    with pytest.raises(ValueError, match="capacity must be a multiple of flush_size"):
+        layer.enter_static(layer.num_quantized + 1, shared)
+    with pytest.raises(ValueError, match="capacity must be"):
+        layer.enter_static(layer.num_quantized - layer.cfg.flush_size, shared)
+    empty = get_method("turboquant")(**SETTINGS["turboquant"]).layers
+    assert empty == []
+
+
+def test_enable_cuda_graphs_needs_fast():
+    model = build_tiny("llama")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs fast=True"):
+        tq_transformers.enable(model, "turboquant", cuda_graphs=True)
+    with pytest.raises(TypeError, match="cuda_graphs must be bools"):
+        tq_transformers.enable(model, "turboquant", fast=True, cuda_graphs="yes")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU: real CUDA graphs
+# ----------------------------------------------------------------------------------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai_improved"])
+def test_cuda_graph_generate_matches_eager_fast_path(name, dtype, monkeypatch):
+    """Real graphs (capacity regrown every 16 packed tokens): the same greedy tokens as the eager fast path, scores
+    within float noise (the packed tokens are split among blocks by capacity instead of by length)."""
+    monkeypatch.setattr(cuda_graphs, "GROWTH", 16)
+    model = build_tiny("llama", dtype).to("cuda")
+    inputs = _inputs("cuda")
+    method, kwargs = _method(name), SETTINGS[name]
+    tq_transformers.enable(model, method, fast=True, **kwargs)
+    try:
+        cache = get_method(method)(model.config, **kwargs)
+        fast_attention.prepare_cache(cache)
+        eager_seq, eager_scores = _generate(model, inputs, cache, 40)
+    finally:
+        tq_transformers.disable(model)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, name)
+    assert stats["replay"] > 10 and stats["capture"] >= 2, stats
+    assert torch.equal(seq, eager_seq)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(scores, eager_scores, rtol=tol, atol=tol)
+
+
+def _greedy_loop(model, cache, ids, steps):
+    """generate's decode calls by hand (position ids, return_dict): the logits of each step."""
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+    tok, logits = out.logits[:, -1:].argmax(-1), []
+    for _ in range(steps):
+        pos = torch.full_like(tok, cache.get_seq_length())
+        out = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    return_dict=True)
+        logits.append(out.logits)
+        tok = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits, 1)
+
+
+def test_graph_runner_keeps_a_graph_per_cache_and_skips_unflagged_caches(emulated_graphs):
+    """Two flagged caches decoded in alternation keep their own layouts and graphs (no rebuild at each switch); a
+    cache prepared without cuda_graphs=True is never graphed. Each gives exactly its reference logits."""
+    model = build_tiny("llama")
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(2))
+    kwargs = SETTINGS["kivi"]
+    want = _greedy_loop(model, get_method("kivi")(model.config, **kwargs), ids, 12)
+    fast_attention.install(model)
+    cuda_graphs.install(model)
+    try:
+        caches = [fast_attention.prepare_cache(get_method("kivi")(model.config, **kwargs), cuda_graphs=flag)
+                  for flag in (True, True, False)]
+        outs = [model(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1, return_dict=True)
+                for c in caches]
+        toks = [o.logits[:, -1:].argmax(-1) for o in outs]
+        logits = [[], [], []]
+        for _ in range(12):
+            for i, cache in enumerate(caches):
+                pos = torch.full_like(toks[i], cache.get_seq_length())
+                out = model(input_ids=toks[i], position_ids=pos, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1, return_dict=True)
+                logits[i].append(out.logits)
+                toks[i] = out.logits[:, -1:].argmax(-1)
+        stats = dict(cuda_graphs.runner_of(model).stats)
+    finally:
+        cuda_graphs.uninstall(model)
+        fast_attention.uninstall(model)
+    assert stats["layout"] == 2 and stats["replay"] >= 10, stats
+    assert caches[2].layers[0].static is None and caches[0].layers[0].static is not None
+    for got in logits:
+        assert torch.equal(torch.cat(got, 1), want)

@@ -1,0 +1,250 @@
+"""CUDA-graph decoding: each decode step of `generate` replayed from one CUDA graph, the host out of the step.
+
+    tq_transformers.enable(model, "turboquant", bits=4, fast=True, cuda_graphs=True)
+    model.generate(**inputs)
+
+    # or with your own cache:
+    fast_attention.install(model); cuda_graphs.install(model)
+    fast_attention.prepare_cache(cache, cuda_graphs=True)
+
+Why: an eager decode step issues about 1,500 kernel launches from Python, and on a GPU the step's wall time is the
+host's (docs/RESULTS.md). A graph replay issues them all at once.
+
+How it fits transformers: `install(model)` wraps the model's ``forward`` on the instance (the class is untouched;
+`uninstall` restores it). A call is a *graph step* when it is a plain decode step of a fast-path tq cache on CUDA:
+keyword arguments only, among ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``attention_mask [B, n + 1]``, the
+cache (``past_key_values`` or ``cache``), ``use_cache``, ``return_dict=True`` and ``logits_to_keep``, exactly what
+generate passes; the cache prepared by ``fast_attention.prepare_cache(cache, cuda_graphs=True)``, every one of its
+layers quantized, holding packed tokens and handled by the Triton decode kernel. Anything else runs the original
+forward, unchanged. Each cache has its own graph (kept while the cache lives), so caches can alternate.
+
+For graph steps of one cache:
+
+1. the layers move into a static layout (``base.StaticLayout``): packed storage preallocated to a capacity of the
+   tokens held plus ``GROWTH`` (moved again, larger, when a flush would not fit), the window in a fixed buffer;
+2. a step after which tokens leave the window (every ``flush_size`` tokens) runs eagerly, as does the first step
+   after the layout is (re)built (a warm-up: Triton compiles and cached tables are built outside the capture);
+3. the next step is captured, with the token counts, the window slot and the padding mask read on the device; it
+   and every later non-flushing step copy their inputs into the graph's buffers, write the counts, and replay.
+
+The returned logits are a copy (the graph's own buffer is overwritten by the next replay). The output equals the
+eager static step's exactly (same kernels, same grid), and the dynamic fast path's up to the split of the packed
+tokens among thread blocks (tested on a GPU).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import weakref
+
+import torch
+
+from .base import QuantizedCacheBase, QuantizedLayer, StaticShared
+
+__all__ = ["GROWTH", "install", "runner_of", "uninstall"]
+
+GROWTH = 1024  # packed tokens reserved beyond those held when the static layout is (re)built
+
+_GRAPH_KWARGS = {"input_ids", "position_ids", "attention_mask", "past_key_values", "cache", "use_cache", "return_dict",
+                 "logits_to_keep"}
+
+
+@dataclasses.dataclass
+class _State:
+    """One cache's graph and buffers (nothing here refers to the cache: it is a weak key of the runner's table)."""
+
+    shared: StaticShared
+    layouts: list  # the layers' StaticLayout objects the graph was built for
+    warm: bool = False
+    graph: torch.cuda.CUDAGraph | None = None
+    signature: tuple | None = None
+    inputs: dict | None = None  # the graph's input buffers
+    output: dict | None = None  # the graph's output fields, the cache left out (logits buffer inside)
+    output_class: type | None = None
+    cache_fields: tuple = ()  # the output fields that hold the cache
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _on_graph_device(layer: QuantizedLayer) -> bool:
+    """Whether the layer's tensors are where CUDA graphs and the Triton kernels run."""
+    from . import kernels
+
+    return layer.keys.is_cuda and kernels.triton_available()
+
+
+def _capture_graph(fn, layers):
+    """Capture `fn()` into a CUDA graph; returns (graph, fn's output). Its buffers live in the graph's own pool.
+    (`layers`, the cache's layers, is for the CPU tests' emulation of a graph.)"""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
+def _graph_layers(cache) -> list[QuantizedLayer] | None:
+    """The cache's layers when every one can run a graph step, else None."""
+    from . import kernels
+
+    if not isinstance(cache, QuantizedCacheBase) or not cache.cuda_graphs or not cache.layers:
+        return None
+    layers = cache.layers
+    if not all(isinstance(layer, QuantizedLayer) for layer in layers):
+        return None  # sliding-window layers keep transformers' own (dynamically shaped) layer
+    first = layers[0]
+    if not first.is_initialized or not _on_graph_device(first):
+        return None
+    for layer in layers:
+        if (
+            layer.fast_path is None
+            or not layer.is_initialized
+            or layer.num_quantized == 0
+            or layer.cumulative_length != first.cumulative_length
+            or not kernels.decode_supported(layer)
+        ):
+            return None
+    return layers
+
+
+class _Runner:
+    def __init__(self, model, forward):
+        self.model = model
+        self.forward = forward
+        self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _State
+        self.stats = collections.Counter()  # steps by kind: "eager", "capture", "replay"; and "layout" (re)builds
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        input_ids = kwargs.get("input_ids")
+        if (
+            args
+            or not set(kwargs) <= _GRAPH_KWARGS
+            or not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.shape[1] != 1
+            or kwargs.get("return_dict") is not True
+            or kwargs.get("use_cache", True) is not True
+            or not isinstance(kwargs.get("position_ids"), torch.Tensor)
+        ):
+            return self.forward(*args, **kwargs)
+        layers = _graph_layers(cache)
+        if layers is None:
+            return self.forward(**kwargs)
+        state = self._state_for(cache, layers, input_ids)
+        first = layers[0]
+        n = first.cumulative_length  # tokens held before this step
+        flushes = first.cfg.num_quantized(n + 1) > first.num_quantized
+        if flushes and first.num_quantized + first.cfg.flush_size > first.static.capacity:
+            self._layout(layers, state, first.num_quantized + first.cfg.flush_size)
+        if flushes or not state.warm:
+            state.warm = True
+            self.stats["eager"] += 1
+            return self.forward(**kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            state.shared.key_mask[:, : n + 1] = True
+        else:
+            state.shared.key_mask[:, : n + 1].copy_(mask)
+        for layer in layers:
+            layer._settle()
+        signature = (tuple(input_ids.shape), tuple(kwargs["position_ids"].shape), kwargs.get("logits_to_keep"),
+                     "cache" in kwargs)
+        if state.graph is None or state.signature != signature:
+            self._capture(state, layers, kwargs, signature)
+            self.stats["capture"] += 1
+        for name in ("input_ids", "position_ids"):
+            state.inputs[name].copy_(kwargs[name])
+        w = first.keys.shape[-2]
+        state.shared.lengths.copy_(torch.tensor([first.num_quantized, w + 1, w]))
+        state.graph.replay()
+        self.stats["replay"] += 1
+        for layer in layers:  # what the captured step's Python did on the host
+            layer._advance_one()
+        fields = {k: (v.clone() if k == "logits" else v) for k, v in state.output.items()}
+        return state.output_class(**fields, **{k: cache for k in state.cache_fields})
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def _state_for(self, cache, layers, input_ids) -> _State:
+        state = self.states.get(cache)
+        if state is not None and all(layer.static is layout for layer, layout in zip(layers, state.layouts)):
+            return state
+        self.states.pop(cache, None)  # frees the old graph before the new layout is allocated
+        first = layers[0]
+        device = first.keys.device
+        shared = StaticShared(
+            lengths=torch.zeros(3, dtype=torch.int64, device=device),
+            key_mask=torch.ones(input_ids.shape[0], 0, dtype=torch.bool, device=device),
+        )
+        state = _State(shared, [])
+        self._layout(layers, state, first.num_quantized)
+        self.states[cache] = state
+        return state
+
+    def _layout(self, layers, state: _State, need: int) -> None:
+        """(Re)build the static layout with room for `need` packed tokens; the graph is captured again after it."""
+        cfg = layers[0].cfg
+        capacity = _round_up(need + GROWTH, cfg.flush_size)
+        state.graph, state.inputs, state.output, state.warm = None, None, None, False
+        total = capacity + cfg.residual_length + cfg.flush_size
+        if state.shared.key_mask.shape[1] < total:
+            state.shared.key_mask = torch.ones(state.shared.key_mask.shape[0], total, dtype=torch.bool,
+                                               device=state.shared.key_mask.device)
+        for layer in layers:
+            layer.enter_static(capacity, state.shared)
+        self.stats["layout"] += 1
+        state.layouts = [layer.static for layer in layers]
+
+    def _capture(self, state: _State, layers, kwargs, signature) -> None:
+        state.graph = None
+        inputs = {name: kwargs[name].clone() for name in ("input_ids", "position_ids")}
+        call = dict(kwargs, **inputs)
+        call["attention_mask"] = None  # the mask comes from the layout (building one would sync the host)
+        w = layers[0].keys.shape[-2]
+        state.shared.lengths.copy_(torch.tensor([layers[0].num_quantized, w + 1, w]))
+        saved = [(layer.cumulative_length, layer.keys, layer.values) for layer in layers]
+        state.shared.graph_step = True
+        try:
+            graph, output = _capture_graph(lambda: self.forward(**call), layers)
+        finally:
+            state.shared.graph_step = False
+            for layer, (length, keys, values) in zip(layers, saved):  # the capture ran no step: undo its host side
+                layer.cumulative_length, layer.keys, layer.values = length, keys, values
+        cache = call.get("past_key_values", call.get("cache"))
+        state.graph, state.inputs, state.signature = graph, inputs, signature
+        state.output_class = type(output)
+        state.output = {k: v for k, v in output.items() if v is not cache}
+        state.cache_fields = tuple(k for k, v in output.items() if v is cache)
+
+
+def install(model):
+    """Wrap `model.forward` so that decode steps of fast-path tq caches replay a CUDA graph (module docstring).
+    Idempotent; returns the model."""
+    if getattr(model.forward, "__tq_graph_runner__", None) is not None:
+        return model
+    original = model.forward
+    runner = _Runner(model, original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return runner(*args, **kwargs)
+
+    forward.__tq_graph_runner__ = runner
+    model.forward = forward
+    return model
+
+
+def runner_of(model) -> "_Runner | None":
+    """The graph runner `install` put on `model` (its ``stats`` count the steps by kind), or None."""
+    return getattr(model.forward, "__tq_graph_runner__", None)
+
+
+def uninstall(model):
+    """Undo `install`: the model's own forward again (the graph and its buffers are freed)."""
+    if getattr(model.forward, "__tq_graph_runner__", None) is not None:
+        del model.forward
+    return model
