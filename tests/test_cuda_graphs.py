@@ -8,6 +8,8 @@ own operations (leave, crop, reorder, footprint). GPU: real graphs against the e
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import build_tiny
@@ -19,6 +21,18 @@ from tq_transformers.base import StaticShared
 from tq_transformers.registry import get_method
 
 needs_gpu = pytest.mark.gpu
+
+
+@contextlib.contextmanager
+def _capturing():
+    """What code running inside a CUDA-graph capture sees: transformers then builds its masks without syncing (and
+    without the padding, which the runner hands over through the layout)."""
+    real = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_current_stream_capturing = real
 
 
 class _EmulatedGraph:
@@ -34,7 +48,8 @@ class _EmulatedGraph:
         saved = [(layer.cumulative_length, layer.keys, layer.values) for layer in self.layers]
         shared.graph_step = True
         try:
-            new = self.fn()
+            with _capturing():
+                new = self.fn()
         finally:
             shared.graph_step = False
             for layer, (length, keys, values) in zip(self.layers, saved):
@@ -44,7 +59,8 @@ class _EmulatedGraph:
 
 def _emulate(fn, layers):
     graph = _EmulatedGraph(fn, layers)
-    graph.output = fn()
+    with _capturing():
+        graph.output = fn()
     return graph, graph.output
 
 

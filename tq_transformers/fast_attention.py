@@ -165,10 +165,11 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
                                       **kwargs)
     layer = view.layer
     total = view.num_quantized + view.window_len
-    usable, key_mask = _key_mask(attention_mask, total)
-    static_mask = attention_mask is None and view.key_mask is not None
-    if static_mask:  # the graph runner passes the padding mask through the layout, not the model
-        key_mask = view.key_mask
+    static_mask = view.key_mask is not None
+    if static_mask:  # a graph step: the padding mask comes through the layout. The model's own mask was built
+        usable, key_mask = True, view.key_mask  # without it (and, capturing, to the capture step's length): unused
+    else:
+        usable, key_mask = _key_mask(attention_mask, total)
     fused = (
         usable
         and query.is_cuda
