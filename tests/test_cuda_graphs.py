@@ -18,6 +18,7 @@ from test_fast_path import SETTINGS, _generate, _inputs, _method
 import tq_transformers
 from tq_transformers import cuda_graphs, fast_attention
 from tq_transformers.base import StaticShared
+from tq_transformers.generation import CACHE_KWARG
 from tq_transformers.registry import get_method
 
 needs_gpu = pytest.mark.gpu
@@ -274,3 +275,21 @@ def test_graph_runner_keeps_a_graph_per_cache_and_skips_unflagged_caches(emulate
     assert caches[2].layers[0].static is None and caches[0].layers[0].static is not None
     for got in logits:
         assert torch.equal(torch.cat(got, 1), want)
+
+
+def test_graph_runner_beam_search_equals_reference(emulated_graphs):
+    """Beam search reorders the cache every step: the layers leave the static layout (reorder copies every tensor)
+    and the runner lays them out again; the beams equal the reference path's exactly."""
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    kwargs = SETTINGS["turboquant"]
+    ref = model.generate(**inputs, num_beams=2, max_new_tokens=20, do_sample=False,
+                         **{CACHE_KWARG: get_method("turboquant")(model.config, **kwargs)})
+    tq_transformers.enable(model, "turboquant", fast=True, cuda_graphs=True, **kwargs)
+    try:
+        got = model.generate(**inputs, num_beams=2, max_new_tokens=20, do_sample=False)
+        stats = dict(cuda_graphs.runner_of(model).stats)
+    finally:
+        tq_transformers.disable(model)
+    assert stats["layout"] >= 2, stats
+    assert torch.equal(got, ref)
