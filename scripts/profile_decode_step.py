@@ -170,7 +170,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "results/step"))
     ap.add_argument("--points", default="8x32768,1x32768")
     ap.add_argument("--caches", default="dynamic,turboquant4,kivi2,bonsai1",
-                    help="dynamic first; dynamic_flash (SDPA held to the flash backend) is always added")
+                    help="dynamic first; dynamic_flash (SDPA held to the flash backend) is always added; ours by "
+                         "name (fast path) or name_graph (CUDA-graph steps)")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--layers", type=int, default=32)
     args = ap.parse_args()
@@ -179,12 +180,13 @@ def main():
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d"), "layer_call": [], "step": []}
     names = args.caches.split(",")
+    layer_names = [n for n in names if not n.endswith("_graph")]  # a graph replays whole steps, not layer calls
     for b, c in points:
-        for name in ["dynamic_flash"] + names:
+        for name in ["dynamic_flash"] + layer_names:
             r = layer_call(name, b, c)
             res["layer_call"].append(r)
             print(r, flush=True)
-    for name in names[1:]:
+    for name in layer_names[1:]:
         r = layer_call(name, 1, 32768, profile_python=True)
         print(r.pop("python_profile"), flush=True)
     model = build_model(args.layers)

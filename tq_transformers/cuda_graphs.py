@@ -111,8 +111,9 @@ def _graph_layers(cache) -> list[QuantizedLayer] | None:
 
 
 class _Runner:
-    def __init__(self, model, forward):
-        self.model = model
+    """The wrapped forward of one model (see the module docstring)."""
+
+    def __init__(self, forward):
         self.forward = forward
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _State
         self.stats = collections.Counter()  # steps by kind: "eager", "capture", "replay"; and "layout" (re)builds
@@ -133,7 +134,10 @@ class _Runner:
         ):
             return self.forward(*args, **kwargs)
         layers = _graph_layers(cache)
-        if layers is None:
+        mask = kwargs.get("attention_mask")  # generate's: [B, tokens held + 1]
+        if layers is None or (
+            mask is not None and tuple(mask.shape) != (input_ids.shape[0], layers[0].cumulative_length + 1)
+        ):
             return self.forward(**kwargs)
         state = self._state_for(cache, layers, input_ids)
         first = layers[0]
@@ -145,7 +149,6 @@ class _Runner:
             state.warm = True
             self.stats["eager"] += 1
             return self.forward(**kwargs)
-        mask = kwargs.get("attention_mask")
         if mask is None:
             state.shared.key_mask[:, : n + 1] = True
         else:
@@ -204,8 +207,6 @@ class _Runner:
         inputs = {name: kwargs[name].clone() for name in ("input_ids", "position_ids")}
         call = dict(kwargs, **inputs)
         call["attention_mask"] = None  # the mask comes from the layout (building one would sync the host)
-        w = layers[0].keys.shape[-2]
-        state.shared.lengths.copy_(torch.tensor([layers[0].num_quantized, w + 1, w]))
         saved = [(layer.cumulative_length, layer.keys, layer.values) for layer in layers]
         state.shared.graph_step = True
         try:
@@ -227,7 +228,7 @@ def install(model):
     if getattr(model.forward, "__tq_graph_runner__", None) is not None:
         return model
     original = model.forward
-    runner = _Runner(model, original)
+    runner = _Runner(original)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
