@@ -297,3 +297,46 @@ def test_graph_runner_beam_search_equals_reference(emulated_graphs):
         tq_transformers.disable(model)
     assert stats["layout"] >= 2, stats
     assert torch.equal(got, ref)
+
+
+def test_install_and_enable_restore_instance_level_forward_and_generate():
+    """accelerate's hooks (device_map) put a forward on the instance: uninstall / disable give it back, not the
+    class's."""
+    model = build_tiny("llama")
+    calls = []
+    class_forward, class_generate = model.forward, model.generate
+
+    def hooked_forward(*args, **kwargs):
+        calls.append("forward")
+        return class_forward(*args, **kwargs)
+
+    def hooked_generate(*args, **kwargs):
+        calls.append("generate")
+        return class_generate(*args, **kwargs)
+
+    model.forward, model.generate = hooked_forward, hooked_generate
+    cuda_graphs.install(model)
+    cuda_graphs.install(model)  # idempotent
+    model(input_ids=torch.tensor([[5, 6]]))
+    assert calls == ["forward"]
+    cuda_graphs.uninstall(model)
+    cuda_graphs.uninstall(model)  # nothing left to undo
+    assert vars(model)["forward"] is hooked_forward
+    tq_transformers.enable(model, "kivi", fast=True, cuda_graphs=True)
+    tq_transformers.enable(model, "kivi", fast=True, cuda_graphs=True)  # again: still one level of wrapping
+    model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=2, do_sample=False)
+    assert calls.count("generate") == 1
+    tq_transformers.disable(model)
+    assert vars(model)["generate"] is hooked_generate and vars(model)["forward"] is hooked_forward
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_graph_layers_need_one_device(emulated_graphs):
+    """Layers spread over devices (a pipeline over GPUs) run eagerly: the counts tensor lives on one device."""
+    cache = fast_attention.prepare_cache(get_method("turboquant")(**SETTINGS["turboquant"]), cuda_graphs=True)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(2):
+        cache.update(torch.randn(1, 2, 40, 64, generator=gen), torch.randn(1, 2, 40, 64, generator=gen), i)
+    assert cuda_graphs._graph_layers(cache) == cache.layers
+    cache.layers[1].keys = cache.layers[1].keys.to("meta")
+    assert cuda_graphs._graph_layers(cache) is None

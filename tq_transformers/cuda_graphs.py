@@ -102,6 +102,7 @@ def _graph_layers(cache) -> list[QuantizedLayer] | None:
         if (
             layer.fast_path is None
             or not layer.is_initialized
+            or layer.keys.device != first.keys.device  # one counts tensor for all layers (no pipeline over GPUs)
             or layer.num_quantized == 0
             or layer.cumulative_length != first.cumulative_length
             or not kernels.decode_supported(layer)
@@ -235,6 +236,7 @@ def install(model):
         return runner(*args, **kwargs)
 
     forward.__tq_graph_runner__ = runner
+    forward.__tq_replaced__ = vars(model).get("forward")  # an instance-level forward (accelerate's hooks), or None
     model.forward = forward
     return model
 
@@ -245,7 +247,12 @@ def runner_of(model) -> "_Runner | None":
 
 
 def uninstall(model):
-    """Undo `install`: the model's own forward again (the graph and its buffers are freed)."""
-    if getattr(model.forward, "__tq_graph_runner__", None) is not None:
-        del model.forward
+    """Undo `install`: the forward the model had before (its class's, or an instance-level one such as accelerate's
+    hooks put there); the graphs and their buffers are freed."""
+    forward = vars(model).get("forward")
+    if getattr(forward, "__tq_graph_runner__", None) is not None:
+        if forward.__tq_replaced__ is None:
+            del model.forward
+        else:
+            model.forward = forward.__tq_replaced__
     return model

@@ -105,6 +105,9 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool = False, **
     generate.__tq_original__ = original
     generate.__tq_method__ = (method, dict(cache_kwargs))
     generate.__tq_previous_attn__ = previous_attn
+    # an instance-level generate that was there before the first enable (not ours), or None
+    replaced = vars(model).get("generate")
+    generate.__tq_replaced__ = getattr(replaced, "__tq_replaced__", replaced)
     model.generate = generate
     return model
 
@@ -115,7 +118,11 @@ def disable(model):
         previous_attn = getattr(model.generate, "__tq_previous_attn__", None)
         if previous_attn is not None:  # enable(fast=True) switched the attention implementation
             model.set_attn_implementation(previous_attn)
-        del model.generate
+        replaced = model.generate.__tq_replaced__
+        if replaced is None:
+            del model.generate
+        else:
+            model.generate = replaced
     from . import cuda_graphs
 
     cuda_graphs.uninstall(model)
