@@ -12,6 +12,10 @@ quantized, R = ``residual_length`` and F = ``flush_size``. So the window holds b
 the state depends only on n (not on how tokens arrived), and ``estimate_cache_bytes`` can count it to the byte.
 ``update`` returns the dequantized old tokens followed by the window and the new tokens in full precision: a
 prefill attends to its own exact keys, and every token is exact in the step it arrives.
+
+For CUDA-graph decoding a layer can move into a static layout (``StaticLayout``, ``enter_static``): the same tokens
+and counters, held in preallocated buffers, with the counts a decode step needs also on the device. Anything other
+than a single-token step of the fast path (a prefill, crop, reorder, reset) moves it back first.
 """
 
 from __future__ import annotations
