@@ -340,3 +340,35 @@ def test_graph_layers_need_one_device(emulated_graphs):
     assert cuda_graphs._graph_layers(cache) == cache.layers
     cache.layers[1].keys = cache.layers[1].keys.to("meta")
     assert cuda_graphs._graph_layers(cache) is None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(output_hidden_states=True), dict(logits_to_keep=torch.tensor([0])), dict(attention_mask="4d"), dict(args=1)],
+    ids=["other-argument", "tensor-logits_to_keep", "4d-mask", "positional"],
+)
+def test_graph_runner_runs_unusual_decode_calls_eagerly(extra, emulated_graphs):
+    """Decode calls that are not generate's plain step run the original forward, with the same result."""
+    model = build_tiny("llama")
+    kwargs = SETTINGS["turboquant"]
+    ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(4))
+    outs = []
+    fast_attention.install(model)
+    for graphs in (False, True):
+        if graphs:
+            cuda_graphs.install(model)
+        cache = fast_attention.prepare_cache(get_method("turboquant")(model.config, **kwargs), cuda_graphs=True)
+        model(input_ids=ids, past_key_values=cache, use_cache=True, return_dict=True)
+        call = dict(input_ids=ids[:, :1], position_ids=torch.tensor([[40]]), past_key_values=cache, use_cache=True,
+                    return_dict=True, **{k: v for k, v in extra.items() if k not in ("attention_mask", "args")})
+        if extra.get("attention_mask") == "4d":
+            call["attention_mask"] = torch.zeros(1, 1, 1, 41)
+        if "args" in extra:
+            outs.append(model(call.pop("input_ids"), **call).logits)
+        else:
+            outs.append(model(**call).logits)
+    stats = dict(cuda_graphs.runner_of(model).stats)
+    cuda_graphs.uninstall(model)
+    fast_attention.uninstall(model)
+    assert stats == {}, stats
+    assert torch.equal(outs[0], outs[1])

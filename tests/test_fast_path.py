@@ -180,3 +180,13 @@ def test_fast_path_bf16_on_gpu(name):
     ref_seq, ref_scores, fast_seq, fast_scores, _ = _run_both(name, "cuda", torch.bfloat16)
     agree = (fast_seq == ref_seq).float().mean().item()
     assert agree > 0.9, f"bf16 greedy agreement {agree:.3f}"
+
+
+def test_prepared_cache_on_a_model_without_the_fast_attention_raises():
+    """A prepared cache hands the attention placeholders of the window only: plain SDPA would attend to the window
+    alone, silently. With the model config known, the cache refuses instead."""
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    cache = fast_attention.prepare_cache(get_method("turboquant")(model.config, **SETTINGS["turboquant"]))
+    with pytest.raises(ValueError, match="attention implementation is 'sdpa', not 'tq_fused'"):
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, **{CACHE_KWARG: cache})

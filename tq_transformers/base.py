@@ -536,6 +536,9 @@ class QuantizedCacheBase(Cache):
             super().__init__(layer_class_to_replicate=DynamicLayer)
         # Token ids this cache holds, per batch row, when known (recorded by `tq_transformers.enable`).
         self.token_ids: torch.Tensor | None = None
+        # The model config this cache was built for (None without one): the fast path checks its attention
+        # implementation, so that a prepared cache cannot silently feed window-only placeholders to plain SDPA.
+        self.model_config = config
         # Called with each quantized layer created later, lazily, without a config (set by
         # `fast_attention.prepare_cache`, so the fast path also covers layers that do not exist yet).
         self.layer_setup = None

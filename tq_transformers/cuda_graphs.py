@@ -132,6 +132,7 @@ class _Runner:
             or kwargs.get("return_dict") is not True
             or kwargs.get("use_cache", True) is not True
             or not isinstance(kwargs.get("position_ids"), torch.Tensor)
+            or not isinstance(kwargs.get("logits_to_keep", 0), int)
         ):
             return self.forward(*args, **kwargs)
         layers = _graph_layers(cache)

@@ -25,6 +25,7 @@ How it fits transformers (same mechanism on 5.17 and 5.24):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from transformers import AttentionInterface
@@ -57,8 +58,16 @@ class FastView:
     key_mask: torch.Tensor | None = None
 
 
-def _fast_hook(layer: QuantizedLayer, window_k: torch.Tensor, window_v: torch.Tensor):
-    """`QuantizedLayer.fast_path`: placeholders (new tensor objects on the window's memory) carrying the view."""
+def _fast_hook(layer: QuantizedLayer, window_k: torch.Tensor, window_v: torch.Tensor, config=None):
+    """`QuantizedLayer.fast_path`: placeholders (new tensor objects on the window's memory) carrying the view. Only
+    "tq_fused" reads the view: with `config` (the model config the cache was built for) known, any other attention
+    implementation is an error rather than attention over the window alone."""
+    if config is not None and getattr(config, "_attn_implementation", ATTN_NAME) != ATTN_NAME:
+        raise ValueError(
+            f"the cache is prepared for the fast path (fast_attention.prepare_cache), but the model's attention "
+            f"implementation is {config._attn_implementation!r}, not {ATTN_NAME!r}: call "
+            "tq_transformers.fast_attention.install(model) (or enable(model, ..., fast=True)), or use an unprepared cache"
+        )
     st = layer.static
     if st is None:
         view = FastView(layer, layer.num_quantized, window_k, window_v, window_k.shape[-2])
@@ -90,8 +99,10 @@ def prepare_cache(cache, compress: bool = True, cuda_graphs: bool = False):
         raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
     cache.cuda_graphs = cuda_graphs
 
+    hook = functools.partial(_fast_hook, config=cache.model_config)
+
     def setup(layer: QuantizedLayer) -> None:
-        layer.fast_path = _fast_hook
+        layer.fast_path = hook
         if compress:
             layer._quantize_block = _compress_on_write(layer)
 
