@@ -62,8 +62,7 @@ def _emulate(fn, layers):
     """A real capture runs no kernel; this one runs the step (with the counts the replay will be given: it writes the
     same window slot again), for an output of the right shapes."""
     graph = _EmulatedGraph(fn, layers)
-    w = layers[0].keys.shape[-2]
-    layers[0].static.shared.lengths.copy_(torch.tensor([layers[0].num_quantized, w + 1, w]))
+    layers[0]._write_step_lengths()
     with _capturing():
         graph.output = fn()
     return graph, graph.output

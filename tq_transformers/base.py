@@ -381,9 +381,8 @@ class QuantizedLayer(CacheLayerMixin):
         runs eagerly (the graph runner never captures or replays one)."""
         st = self.static
         self._settle()
-        w = self.keys.shape[-2]
         if not st.shared.graph_step:
-            st.shared.lengths.copy_(torch.tensor([self.num_quantized, w + 1, w]))
+            self._write_step_lengths()
         slot = st.shared.lengths[2:3]
         st.win_k.index_copy_(2, slot, key_states.to(st.win_k.dtype))
         st.win_v.index_copy_(2, slot, value_states.to(st.win_v.dtype))
@@ -393,6 +392,12 @@ class QuantizedLayer(CacheLayerMixin):
         if target > self.num_quantized:
             self._static_flush(target - self.num_quantized)
         return out_k, out_v
+
+    def _write_step_lengths(self) -> None:
+        """Write the next single-token step's counts to the shared device tensor: packed tokens attended, window
+        tokens attended (the new one included), the new token's window slot. Expects a settled window."""
+        w = self.keys.shape[-2]
+        self.static.shared.lengths.copy_(torch.tensor([self.num_quantized, w + 1, w]))
 
     def _advance_one(self) -> None:
         """The host side of a non-flushing static step (the graph runner calls it after each replay)."""

@@ -164,8 +164,7 @@ class _Runner:
             self.stats["capture"] += 1
         for name in ("input_ids", "position_ids"):
             state.inputs[name].copy_(kwargs[name])
-        w = first.keys.shape[-2]
-        state.shared.lengths.copy_(torch.tensor([first.num_quantized, w + 1, w]))
+        first._write_step_lengths()  # all layers hold the same counts and share the tensor
         state.graph.replay()
         self.stats["replay"] += 1
         for layer in layers:  # what the captured step's Python did on the host

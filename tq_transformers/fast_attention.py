@@ -199,10 +199,8 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if view.lengths is None:
-        out = kernels.decode_attention(layer, query[:, :, 0], view.num_quantized, view.keys, view.values, key_mask,
-                                       scaling, impl="triton")  # [B, Hq, D]
-    else:  # static layout: counts on the device, grid sized by the capacity
-        out = kernels.decode_attention(layer, query[:, :, 0], layer.static.capacity, view.keys, view.values, key_mask,
-                                       scaling, impl="triton", lengths=view.lengths)
+    # static layout: the counts are read on the device and the grid is sized by the capacity
+    bound = view.num_quantized if view.lengths is None else layer.static.capacity
+    out = kernels.decode_attention(layer, query[:, :, 0], bound, view.keys, view.values, key_mask, scaling,
+                                   impl="triton", lengths=view.lengths)  # [B, Hq, D]
     return out.unsqueeze(1), None
