@@ -2,32 +2,36 @@
 
     from tq_transformers import TurboQuantCache
     cache = TurboQuantCache(model.config, bits=4)
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)          # past_key_values=cache before transformers 5.24
 """
 
-from .base import QuantizedCacheBase, QuantizedLayer, WindowConfig
-from .bonsai import BonsaiCache, BonsaiConfig, BonsaiLayer
+from .cache import QuantizedKVCache
+from .codec import Codec
+from .formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
 from .generation import disable, enable
-from .kivi import KIVICache, KIVIConfig, KIVILayer
+from .layer import QuantizedKVLayer, WindowConfig
 from .memory import estimate_cache_bytes
+from .methods.bonsai import BonsaiCache, BonsaiConfig
+from .methods.kivi import KIVICache, KIVIConfig
+from .methods.turboquant import TurboQuantCache, TurboQuantConfig
 from .registry import METHOD_NAMES, get_method, make_cache
-from .turboquant import TurboQuantCache, TurboQuantConfig, TurboQuantLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHOD_NAMES",
     "BonsaiCache",
     "BonsaiConfig",
-    "BonsaiLayer",
+    "ChannelAffinePacked",
+    "Codec",
+    "CodebookPacked",
     "KIVICache",
     "KIVIConfig",
-    "KIVILayer",
-    "METHOD_NAMES",
-    "QuantizedCacheBase",
-    "QuantizedLayer",
+    "QuantizedKVCache",
+    "QuantizedKVLayer",
+    "TokenAffinePacked",
     "TurboQuantCache",
     "TurboQuantConfig",
-    "TurboQuantLayer",
     "WindowConfig",
     "disable",
     "enable",

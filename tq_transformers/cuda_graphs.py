@@ -20,7 +20,7 @@ forward, unchanged. Each cache has its own graph (kept while the cache lives), s
 
 For graph steps of one cache:
 
-1. the layers move into a static layout (``base.StaticLayout``): packed storage preallocated to a capacity of the
+1. the layers move into a static layout (``static_layout.StaticLayout``): packed storage preallocated to a capacity of the
    tokens held plus ``GROWTH`` (moved again, larger, when a flush would not fit), the window in a fixed buffer;
 2. a step after which tokens leave the window (every ``flush_size`` tokens) runs eagerly, as does the first step
    after the layout is (re)built (a warm-up: Triton compiles and cached tables are built outside the capture);
@@ -41,7 +41,9 @@ import weakref
 
 import torch
 
-from .base import QuantizedCacheBase, QuantizedLayer, StaticShared
+from .cache import QuantizedKVCache
+from .layer import QuantizedKVLayer
+from .static_layout import StaticShared
 
 __all__ = ["GROWTH", "install", "runner_of", "uninstall"]
 
@@ -70,30 +72,37 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _on_graph_device(layer: QuantizedLayer) -> bool:
+def _on_graph_device(layer: QuantizedKVLayer) -> bool:
     """Whether the layer's tensors are where CUDA graphs and the Triton kernels run."""
     from . import kernels
 
     return layer.keys.is_cuda and kernels.triton_available()
 
 
-def _capture_graph(fn, layers):
-    """Capture `fn()` into a CUDA graph; returns (graph, fn's output). Its buffers live in the graph's own pool.
-    (`layers`, the cache's layers, is for the CPU tests' emulation of a graph.)"""
+def _capture_graph(fn):
+    """Capture `fn()` into a CUDA graph; returns (graph, fn's output). Its buffers live in the graph's own pool."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         output = fn()
     return graph, output
 
 
-def _graph_layers(cache) -> list[QuantizedLayer] | None:
+def _kernel_covers(layer: QuantizedKVLayer) -> bool:
+    """Whether the fused decode kernel reads this layer's packed tokens (a graph step never falls back)."""
+    from . import kernels
+
+    keys, values = layer.packed()
+    return keys is not None and values is not None and kernels.decode_supported(keys, values, layer.dtype)
+
+
+def _graph_layers(cache) -> list[QuantizedKVLayer] | None:
     """The cache's layers when every one can run a graph step, else None."""
     from . import kernels
 
-    if not isinstance(cache, QuantizedCacheBase) or not cache.cuda_graphs or not cache.layers:
+    if not isinstance(cache, QuantizedKVCache) or not cache.cuda_graphs or not cache.layers:
         return None
     layers = cache.layers
-    if not all(isinstance(layer, QuantizedLayer) for layer in layers):
+    if not all(isinstance(layer, QuantizedKVLayer) for layer in layers):
         return None  # sliding-window layers keep transformers' own (dynamically shaped) layer
     first = layers[0]
     if not first.is_initialized or not _on_graph_device(first):
@@ -105,7 +114,7 @@ def _graph_layers(cache) -> list[QuantizedLayer] | None:
             or layer.keys.device != first.keys.device  # one counts tensor for all layers (no pipeline over GPUs)
             or layer.num_quantized == 0
             or layer.cumulative_length != first.cumulative_length
-            or not kernels.decode_supported(layer)
+            or not _kernel_covers(layer)
         ):
             return None
     return layers
@@ -156,7 +165,7 @@ class _Runner:
         else:
             state.shared.key_mask[:, : n + 1].copy_(mask)
         for layer in layers:
-            layer._settle()
+            layer.settle()
         signature = (tuple(input_ids.shape), tuple(kwargs["position_ids"].shape), kwargs.get("logits_to_keep"),
                      "cache" in kwargs)
         if state.graph is None or state.signature != signature:
@@ -164,11 +173,11 @@ class _Runner:
             self.stats["capture"] += 1
         for name in ("input_ids", "position_ids"):
             state.inputs[name].copy_(kwargs[name])
-        first._write_step_lengths()  # all layers hold the same counts and share the tensor
+        first.write_step_counts()  # all layers hold the same counts and share the tensor
         state.graph.replay()
         self.stats["replay"] += 1
         for layer in layers:  # what the captured step's Python did on the host
-            layer._advance_one()
+            layer.advance_one()
         fields = {k: (v.clone() if k == "logits" else v) for k, v in state.output.items()}
         return state.output_class(**fields, **{k: cache for k in state.cache_fields})
 
@@ -211,7 +220,7 @@ class _Runner:
         saved = [(layer.cumulative_length, layer.keys, layer.values) for layer in layers]
         state.shared.graph_step = True
         try:
-            graph, output = _capture_graph(lambda: self.forward(**call), layers)
+            graph, output = _capture_graph(lambda: self.forward(**call))
         finally:
             state.shared.graph_step = False
             for layer, (length, keys, values) in zip(layers, saved):  # the capture ran no step: undo its host side

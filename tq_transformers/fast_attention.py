@@ -9,16 +9,17 @@ How it fits transformers (same mechanism on 5.17 and 5.24):
    ``transformers.AttentionInterface`` (with SDPA's mask function in ``AttentionMaskInterface``, so the masks are
    exactly those the ``"sdpa"`` implementation gets) and switches the model to it with
    ``model.set_attn_implementation("tq_fused")``.
-2. ``prepare_cache(cache)`` sets the ``fast_path`` hook of every quantized layer (``QuantizedLayer.update``). On a
-   single-token decode step with packed tokens, the layer skips dequantizing its history and returns the window
-   tensors tagged with a ``FastView``: the layer, how many packed tokens this step attends to (those held before this
-   step's flush, exactly what the reference path attends to) and the window. Storing and flushing are unchanged, and
-   it also routes the layer's compress-on-write through the Triton kernel when the layer is on CUDA.
+2. ``prepare_cache(cache)`` sets the ``fast_path`` hook of every quantized layer (``QuantizedKVLayer.update``) and
+   its ``use_kernels`` flag (compress-on-write through the Triton kernels on CUDA). On a single-token decode step
+   with packed tokens, the layer skips dequantizing its history and returns the window tensors tagged with a
+   ``FastView``: the layer, how many packed tokens this step attends to (those held before this step's flush, exactly
+   what the reference path attends to) and the window. Storing and flushing are unchanged.
 3. ``tq_fused_attention`` finds the ``FastView`` on the key tensor it is handed (so it always pairs the right layer
-   with the right module, whatever ``module.layer_idx``), and
-   - on CUDA, for a configuration the kernels handle: runs the fused split-K decode kernel;
+   with the right module, whatever ``module.layer_idx``), asks the layer for the packed tokens the step attends to
+   (``layer.packed(n)``, ``formats`` views), and
+   - on CUDA, when ``kernels.decode_supported`` covers the views: runs the fused decode kernel;
    - otherwise (CPU, an unsupported configuration): rebuilds exactly the tensors the reference path would have
-     returned and calls transformers' SDPA attention: identical output;
+     returned (``layer.dequantize``) and calls transformers' SDPA attention: identical output;
    - without a view (prefill, layers that are not quantized, any other cache): plain SDPA, as ``"sdpa"`` does.
 """
 
@@ -33,23 +34,32 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import kernels
-from .base import QuantizedCacheBase, QuantizedLayer
+from .cache import QuantizedKVCache
+from .layer import QuantizedKVLayer
+from .validation import check_bool
 
 ATTN_NAME = "tq_fused"
 
-__all__ = ["ATTN_NAME", "FastView", "install", "prepare_cache", "register", "tq_fused_attention", "uninstall"]
+__all__ = ["ATTN_NAME", "FastView", "attn_implementation_of", "install", "prepare_cache", "register",
+           "tq_fused_attention", "uninstall"]
+
+
+def attn_implementation_of(config) -> str | None:
+    """The attention implementation a model config is set to. transformers has no public getter: the documented
+    way is the ``_attn_implementation`` property of the config, read here and nowhere else in the library."""
+    return getattr(config, "_attn_implementation", None)
 
 
 @dataclasses.dataclass
 class FastView:
     """What one decode step of one layer attends to: the first `num_quantized` packed tokens, then the window.
 
-    In a layer's static layout (CUDA-graph decoding, ``base.StaticLayout``), `keys` / `values` are the whole window
-    buffers, of which the first `window_len` tokens are live, and the kernels read both counts from `lengths` on the
-    device (the host-side ints are exact when the step runs eagerly, stale in a graph replay); `key_mask` is the
-    layout's padding mask in a graph step (the model then gets no mask: building one would sync the host)."""
+    In a layer's static layout (``static_layout``), `keys` / `values` are the whole window buffers, of which the
+    first `window_len` tokens are live, and the kernels read both counts from `lengths` on the device (the host-side
+    ints are exact when the step runs eagerly, stale in a graph replay); `key_mask` is the layout's padding mask in a
+    graph step (the model then gets no mask: building one would sync the host)."""
 
-    layer: QuantizedLayer
+    layer: QuantizedKVLayer
     num_quantized: int
     keys: torch.Tensor  # [B, Hkv, W, D] full-precision window, this step's token last
     values: torch.Tensor
@@ -57,16 +67,22 @@ class FastView:
     lengths: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
 
+    def packed(self):
+        """The packed key and value views this step attends to (capacity-sized buffers in the static layout)."""
+        st = self.layer.static
+        return self.layer.packed(self.num_quantized if self.lengths is None else st.capacity)
 
-def _fast_hook(layer: QuantizedLayer, window_k: torch.Tensor, window_v: torch.Tensor, config=None):
-    """`QuantizedLayer.fast_path`: placeholders (new tensor objects on the window's memory) carrying the view. Only
+
+def _fast_hook(layer: QuantizedKVLayer, window_k: torch.Tensor, window_v: torch.Tensor, config=None):
+    """`QuantizedKVLayer.fast_path`: placeholders (new tensor objects on the window's memory) carrying the view. Only
     "tq_fused" reads the view: with `config` (the model config the cache was built for) known, any other attention
     implementation is an error rather than attention over the window alone."""
-    if config is not None and getattr(config, "_attn_implementation", ATTN_NAME) != ATTN_NAME:
+    impl = attn_implementation_of(config) if config is not None else ATTN_NAME
+    if impl not in (ATTN_NAME, None):
         raise ValueError(
             f"the cache is prepared for the fast path (fast_attention.prepare_cache), but the model's attention "
-            f"implementation is {config._attn_implementation!r}, not {ATTN_NAME!r}: call "
-            "tq_transformers.fast_attention.install(model) (or enable(model, ..., fast=True)), or use an unprepared cache"
+            f"implementation is {impl!r}, not {ATTN_NAME!r}: call tq_transformers.fast_attention.install(model) (or "
+            "enable(model, ..., fast=True)), or use an unprepared cache"
         )
     st = layer.static
     if st is None:
@@ -79,32 +95,26 @@ def _fast_hook(layer: QuantizedLayer, window_k: torch.Tensor, window_v: torch.Te
     return key, value
 
 
-def _compress_on_write(layer: QuantizedLayer):
-    cls_quantize = type(layer)._quantize_block
-
-    def quantize_block(keys, values):
-        if keys.is_cuda and kernels.triton_available() and kernels.compress_supported(layer):
-            return kernels.compress_block(layer, keys, values, impl="triton")
-        return cls_quantize(layer, keys, values)
-
-    return quantize_block
-
-
 def prepare_cache(cache, compress: bool = True, cuda_graphs: bool = False):
-    """Turn the fast path on for every quantized layer of `cache` (see the module docstring); with `cuda_graphs`, a
-    model with ``tq_transformers.cuda_graphs.install`` replays its decode steps from CUDA graphs. Returns the cache."""
-    if not isinstance(cache, QuantizedCacheBase):
-        raise TypeError(f"cache must be a tq_transformers cache, got {type(cache).__name__}")
-    if not isinstance(cuda_graphs, bool):
-        raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
-    cache.cuda_graphs = cuda_graphs
+    """Turn the fast path on for every quantized layer of `cache` (module docstring).
 
+    Args:
+        cache: a tq_transformers cache.
+        compress: also encode with the Triton compress kernels on CUDA.
+        cuda_graphs: let a model with ``tq_transformers.cuda_graphs.install`` replay its decode steps from graphs.
+    Returns:
+        the cache.
+    """
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a tq_transformers cache, got {type(cache).__name__}")
+    check_bool("compress", compress)
+    check_bool("cuda_graphs", cuda_graphs)
+    cache.cuda_graphs = cuda_graphs
     hook = functools.partial(_fast_hook, config=cache.model_config)
 
-    def setup(layer: QuantizedLayer) -> None:
+    def setup(layer: QuantizedKVLayer) -> None:
         layer.fast_path = hook
-        if compress:
-            layer._quantize_block = _compress_on_write(layer)
+        layer.use_kernels = compress
 
     for layer in cache.quantized_layers:
         setup(layer)
@@ -121,12 +131,13 @@ def register() -> None:
 def install(model) -> str:
     """Register and switch `model` to "tq_fused"; returns the previous attention implementation."""
     register()
-    previous = model.config._attn_implementation
+    previous = attn_implementation_of(model.config)
     model.set_attn_implementation(ATTN_NAME)
     return previous
 
 
 def uninstall(model, previous: str = "sdpa") -> None:
+    """Switch `model` back to `previous` (what ``install`` returned)."""
     model.set_attn_implementation(previous)
 
 
@@ -143,23 +154,13 @@ def _key_mask(attention_mask: torch.Tensor | None, total: int) -> tuple[bool, to
 
 
 def _reference_tensors(view: FastView, dtype: torch.dtype):
-    """Exactly the keys and values `QuantizedLayer.update` returns on the reference path for this step. In the static
-    layout the counts are read from the device (a sync: inside a CUDA-graph capture this raises rather than bake
-    the capture's counts into every replay)."""
-    layer = view.layer
+    """Exactly the keys and values ``QuantizedKVLayer.update`` returns on the reference path for this step. In the
+    static layout the counts are read from the device (a sync: inside a CUDA-graph capture this raises rather than
+    bake the capture's counts into every replay)."""
+    n, w = view.num_quantized, view.window_len
     if view.lengths is not None:
-        num_quantized, window_len = (int(x) for x in view.lengths[:2].tolist())
-        view = dataclasses.replace(view, num_quantized=num_quantized, window_len=window_len)
-    if layer.num_quantized == view.num_quantized:
-        old_k, old_v = layer._dequantize(dtype)
-    else:  # this step flushed: dequantize the storage as it was before the flush, as the reference path did
-        held = layer.storage
-        layer.storage = layer._storage_prefix(view.num_quantized)
-        try:
-            old_k, old_v = layer._dequantize(dtype)
-        finally:
-            layer.storage = held
-    w = view.window_len
+        n, w = (int(x) for x in view.lengths[:2].tolist())
+    old_k, old_v = view.layer.dequantize(dtype, n)
     keys = torch.cat([old_k, view.keys[:, :, :w].to(dtype)], dim=-2)
     values = torch.cat([old_v, view.values[:, :, :w].to(dtype)], dim=-2)
     return keys, values
@@ -168,19 +169,22 @@ def _reference_tensors(view: FastView, dtype: torch.dtype):
 def tq_fused_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: fused decode attention on the packed cache, SDPA otherwise.
 
-    query `[B, Hq, q_len, D]`; returns (`[B, q_len, Hq, D]`, None) like ``sdpa_attention_forward``.
+    Args:
+        query: ``[B, Hq, q_len, D]``; key / value: what the cache returned.
+    Returns:
+        (``[B, q_len, Hq, D]``, None), like ``sdpa_attention_forward``.
     """
     view = getattr(key, "tq_fast_view", None)
     if view is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    layer = view.layer
     total = view.num_quantized + view.window_len
     static_mask = view.key_mask is not None
     if static_mask:  # a graph step: the padding mask comes through the layout. The model's own mask was built
         usable, key_mask = True, view.key_mask  # without it (and, capturing, to the capture step's length): unused
     else:
         usable, key_mask = _key_mask(attention_mask, total)
+    packed_k, packed_v = view.packed()
     fused = (
         usable
         and query.is_cuda
@@ -188,8 +192,10 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
         and (dropout == 0.0 or not module.training)
         and kwargs.get("softcap") is None
         and kwargs.get("sliding_window") is None
+        and packed_k is not None
+        and packed_v is not None
         and kernels.triton_available()
-        and kernels.decode_supported(layer)
+        and kernels.decode_supported(packed_k, packed_v, query.dtype)
     )
     if not fused:
         keys, values = _reference_tensors(view, query.dtype)
@@ -199,8 +205,7 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    # static layout: the counts are read on the device and the grid is sized by the capacity
-    bound = view.num_quantized if view.lengths is None else layer.static.capacity
-    out = kernels.decode_attention(layer, query[:, :, 0], bound, view.keys, view.values, key_mask, scaling,
-                                   impl="triton", lengths=view.lengths)  # [B, Hq, D]
+    out = kernels.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=view.keys,
+                                   window_v=view.values, key_mask=key_mask, scaling=scaling,
+                                   lengths=view.lengths)  # [B, Hq, D]
     return out.unsqueeze(1), None

@@ -19,8 +19,9 @@ import torch
 import transformers
 from packaging import version
 
-from .base import QuantizedCacheBase
+from .cache import QuantizedKVCache
 from .registry import get_method
+from .validation import check_bool
 
 # transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name still works, with a warning).
 CACHE_KWARG = "cache" if version.parse(transformers.__version__) >= version.parse("5.24.0.dev0") else "past_key_values"
@@ -48,21 +49,28 @@ def check_cache_continues(cache, input_ids: torch.Tensor | None) -> None:
         )
 
 
-def enable(model, method: str, fast: bool = False, cuda_graphs: bool = False, **cache_kwargs):
-    """Make every `model.generate` call use a fresh `method` cache ("turboquant", "kivi" or "bonsai").
+def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = None, **cache_kwargs):
+    """Make every `model.generate` call use a fresh `method` cache (a name of ``METHOD_NAMES``).
 
-    The cache keyword arguments are validated now (a bad value raises here, not at the first prompt).
-    ``fast=True`` also switches the model to the fused decode path (``tq_transformers.fast_attention``: Triton
-    kernels on CUDA, the same output as the reference path elsewhere) for the caches that generate uses.
-    ``cuda_graphs=True`` (with ``fast=True``) also replays decode steps from a CUDA graph
-    (``tq_transformers.cuda_graphs``: the host out of the step; without effect on CPU). Returns the model. Example::
+    Args:
+        model: a transformers model with ``generate``.
+        method: "turboquant", "kivi" or "bonsai".
+        fast: switch the model to the fused decode path (``tq_transformers.fast_attention``: Triton kernels on CUDA,
+            the same output as the reference path elsewhere) for the caches that generate uses.
+        cuda_graphs: replay decode steps from CUDA graphs (``tq_transformers.cuda_graphs``: the host out of the step;
+            without effect on CPU). Default: on with ``fast=True``.
+        **cache_kwargs: the method's settings, validated now (a bad value raises here, not at the first prompt).
+    Returns:
+        the model. Example::
 
-        tq_transformers.enable(model, "turboquant", bits=4)
-        pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+            tq_transformers.enable(model, "turboquant", bits=4)
+            pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     """
     cache_cls = get_method(method)
-    if not isinstance(fast, bool) or not isinstance(cuda_graphs, bool):
-        raise TypeError(f"fast and cuda_graphs must be bools, got fast={fast!r}, cuda_graphs={cuda_graphs!r}")
+    check_bool("fast", fast)
+    if cuda_graphs is None:
+        cuda_graphs = fast
+    check_bool("cuda_graphs", cuda_graphs)
     if cuda_graphs and not fast:
         raise ValueError("cuda_graphs=True needs fast=True (graphs replay the fused decode path), got fast=False")
     cache_cls(model.config, **cache_kwargs)  # validate the arguments once, at enable time
@@ -90,14 +98,14 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool = False, **
             kwargs.pop("past_key_values", None)
             cache = cache_cls(model.config, **cache_kwargs)
             kwargs[CACHE_KWARG] = cache
-        elif isinstance(cache, QuantizedCacheBase):
+        elif isinstance(cache, QuantizedKVCache):
             check_cache_continues(cache, input_ids)
-        if fast and isinstance(cache, QuantizedCacheBase):
+        if fast and isinstance(cache, QuantizedKVCache):
             from .fast_attention import prepare_cache
 
             prepare_cache(cache, cuda_graphs=cuda_graphs)
         out = original(*args, **kwargs)
-        if isinstance(cache, QuantizedCacheBase):
+        if isinstance(cache, QuantizedKVCache):
             sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
             cache.token_ids = None if sequences is None else sequences.detach()
         return out

@@ -6,45 +6,59 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import DynamicCache, DynamicLayer
 
-from .base import head_dim_of
-from .registry import get_method
+from .cache import head_dim_of
+from .registry import METHOD_NAMES, get_method
+from .validation import check_int
 
+__all__ = ["FULL", "MIB", "estimate_cache_bytes"]
 
-def _layers_of(config) -> list:
-    """The layer objects a DynamicCache builds for `config` (full attention: DynamicLayer; others keep theirs)."""
-    return DynamicCache(config=config).layers
+FULL = "full"  # the unquantized baseline: a DynamicCache in the model's dtype
+MIB = 2**20
 
 
 def estimate_cache_bytes(
     config,
     seq_len: int,
     batch_size: int = 1,
-    method: str = "fp16",
+    method: str = FULL,
     dtype: torch.dtype = torch.float16,
-    **method_kwargs,
+    **settings,
 ) -> dict[str, int]:
-    """Bytes held by a cache after `seq_len` tokens: codes, metadata, window, unquantized_layers, total.
+    """Bytes held by a cache after `seq_len` tokens.
 
-    method: "fp16" (a DynamicCache in `dtype`), "turboquant", "kivi" or "bonsai" with that cache's keyword
-    arguments (bits, group_size, residual_length, ...). `dtype` is the model's dtype (the window's).
+    Args:
+        config: a model config (``model.config`` or ``AutoConfig``), loaded or not.
+        seq_len: tokens held.
+        batch_size: batch rows.
+        method: "full" (a DynamicCache in `dtype`; "fp16" is a deprecated alias) or a quantized method
+            ("turboquant", "kivi", "bonsai") with that cache's settings as keyword arguments.
+        dtype: the model's dtype (the window's and the full cache's).
+    Returns:
+        {"codes", "metadata", "window", "unquantized_layers", "total"}, bytes.
     """
-    if not isinstance(seq_len, int) or seq_len < 0:
-        raise ValueError(f"seq_len must be a non-negative integer, got {seq_len!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("seq_len", seq_len, 0, "a non-negative integer")
+    check_int("batch_size", batch_size, 1, "a positive integer")
+    if method == "fp16":
+        warnings.warn('method="fp16" is deprecated: the full-precision baseline is method="full" (in `dtype`)',
+                      FutureWarning, stacklevel=2)
+        method = FULL
+    if method != FULL and method not in METHOD_NAMES:
+        raise ValueError(f"method must be one of {(FULL, *METHOD_NAMES)}, got {method!r}")
     text = config.get_text_config(decoder=True)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = head_dim_of(config)
     item = torch.empty((), dtype=dtype).element_size()
     per_token_fp = 2 * heads * head_dim * item  # K and V of one token, all heads, one row
-    cfg = None if method == "fp16" else get_method(method).config_class(**method_kwargs)
+    cfg = None if method == FULL else get_method(method).make_config(**settings)
     if cfg is not None:
         cfg.check_head_dim(head_dim)
     out = {"codes": 0, "metadata": 0, "window": 0, "unquantized_layers": 0}
-    for layer in _layers_of(config):
+    for layer in DynamicCache(config=config).layers:
         if type(layer) is not DynamicLayer:
             window = getattr(layer, "sliding_window", None)
             held = seq_len if window is None else min(seq_len, window - 1)
@@ -60,6 +74,3 @@ def estimate_cache_bytes(
         out["window"] += batch_size * (seq_len - q) * per_token_fp
     out["total"] = sum(out.values())
     return out
-
-
-MIB = 2**20

@@ -9,7 +9,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from .models import parse_dtype
 from .runner import REFERENCE, MethodSpec
+from .util import describe
 
 #: configs/ of a source checkout (absent in a plain wheel install: then DEFAULTS is used).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -20,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "dtype": "bf16",
     "methods": [
-        {"name": "fp16", "method": "fp16"},
+        {"name": "full", "method": "full"},
         {"name": "turboquant-4", "method": "turboquant", "bits": 4},
         {"name": "kivi-2", "method": "kivi", "bits": 2, "group_size": 32, "residual_length": 128},
         {"name": "bonsai-1", "method": "bonsai", "group_size": 128, "residual_length": 128},
@@ -98,7 +100,7 @@ def load_config(spec: str = "default") -> dict:
 
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ValueError(f"config {path} must hold a mapping at the top level, got {describe(data)}")
     unknown = set(data) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"config keys must be among {sorted(DEFAULTS)}, got unknown {sorted(unknown)} in {path}")
@@ -146,6 +148,15 @@ _POSITIVE_INTS = {
 
 def validate(cfg: dict) -> dict:
     """Raise a ValueError naming the key, what is allowed and the value given, for any bad setting; returns `cfg`."""
+    for key in ("name", "model", "device"):
+        if not isinstance(cfg[key], str) or not cfg[key]:
+            raise ValueError(f"{key} must be a non-empty string, got {describe(cfg[key])}")
+    parse_dtype(cfg["dtype"], "dtype")
+    for section in (*_POSITIVE_INTS, "quick"):
+        if not isinstance(cfg[section], dict):
+            raise ValueError(f"{section} must be a mapping, got {describe(cfg[section])}")
+    if not isinstance(cfg["methods"], list) or not cfg["methods"]:
+        raise ValueError(f"methods must be a non-empty list of settings, got {describe(cfg['methods'])}")
     for section, keys in _POSITIVE_INTS.items():
         for key in keys:
             value = cfg[section][key]
@@ -170,7 +181,7 @@ def method_specs(cfg: dict, only: list[str] | None = None) -> list[MethodSpec]:
     entries = []
     for entry in cfg["methods"]:
         if not isinstance(entry, dict) or "method" not in entry:
-            raise ValueError(f"methods entries must be mappings with a 'method' key, got {entry!r}")
+            raise ValueError(f"methods entries must be mappings with a 'method' key, got {describe(entry)}")
         entry = dict(entry)
         method = entry.pop("method")
         name = entry.pop("name", method)

@@ -78,3 +78,36 @@ def common_prefix_length(a, b) -> int:
 def relative_change(value: float, reference: float) -> float:
     """(value - reference) / reference, in percent."""
     return 100.0 * (value - reference) / reference
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood (nats, float64) of each of `targets` [N] under `logits` [N, V]: a [N] tensor."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def bootstrap_perplexity_change(nll, ref_nll, resamples: int = 2000, block: int = 8, level: float = 0.95,
+                                seed: int = 0) -> tuple[float, float]:
+    """Percentile interval (in percent) of the perplexity change of `nll` against `ref_nll` (per-token NLLs of the
+    same scored tokens), by a paired moving-block bootstrap.
+
+    Each resample draws ceil(N / block) blocks of `block` consecutive token positions (the same positions for both,
+    so the pairing is kept and nearby tokens' correlation is respected), and computes
+    100 * (exp(mean nll - mean ref_nll) - 1). Returns the (1 - level) / 2 and (1 + level) / 2 quantiles.
+    """
+    nll = torch.as_tensor(nll, dtype=torch.float64).flatten()
+    ref_nll = torch.as_tensor(ref_nll, dtype=torch.float64).flatten()
+    if nll.shape != ref_nll.shape or nll.numel() == 0:
+        raise ValueError(f"nll and ref_nll must be non-empty and of one length, got {nll.numel()} and {ref_nll.numel()}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    n = nll.numel()
+    block = max(1, min(int(block), n))
+    n_blocks = -(-n // block)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - block + 1, (resamples, n_blocks), generator=gen)
+    idx = (starts[:, :, None] + torch.arange(block)).reshape(resamples, -1)[:, :n]  # [R, n]
+    diff = (nll - ref_nll)[idx].mean(-1)
+    change = 100.0 * torch.expm1(diff)
+    lo, hi = torch.quantile(change, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)

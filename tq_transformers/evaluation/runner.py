@@ -6,45 +6,81 @@ per cache, against the full-precision reference in the first block.
 - The prefill runs once in full precision (a `DynamicCache`) and its keys and values are replayed into each method's
   cache with the same `update` calls the model would make; the state is the same as after a prefill through that
   cache (a prefill attends to its own exact keys in every method), at a fraction of the cost.
-- `FidelityProbe` wraps the model's attention function: for the reference row it feeds the exact new keys and values
-  into shadow caches of each method and compares softmax(q K^T / sqrt(d)) V from the shadow's (partly quantized)
-  keys and values with the exact ones, for the same queries.
+- `FidelityProbe` sees the model's attention calls (through the attention function `capture_attention` registers
+  under its own name, `PROBE_ATTN_NAME`): for the reference row it feeds the exact new keys and values into shadow
+  caches of each method and compares softmax(q K^T / sqrt(d)) V from the shadow's (partly quantized) keys and values
+  with the exact ones, for the same queries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import inspect
 import math
-import dataclasses
+import warnings
 from typing import Any
 
 import torch
-from transformers import DynamicCache, DynamicLayer
+from transformers import AttentionInterface, DynamicCache, DynamicLayer
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..registry import METHOD_NAMES, make_cache
+from .. import METHOD_NAMES, make_cache
 from . import metrics
+from .progress import FORWARD_OVERHEAD, LineProgress, Overall, bar
+from .util import describe
 
-try:  # tqdm is an "eval" extra
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    def tqdm(iterable=None, **kwargs):
-        return iterable
+#: The full-precision reference setting: a `DynamicCache` in the model's dtype (bf16, fp16 or fp32).
+REFERENCE = "full"
+#: Former name of the reference, accepted with a FutureWarning.
+DEPRECATED_REFERENCE_NAMES = ("fp16",)
+#: The attention implementation name the fidelity probe registers (SDPA plus the probe's observation).
+PROBE_ATTN_NAME = "tq_probe"
 
 
-REFERENCE = "fp16"
+def canonical_method(method: str, where: str = "") -> str:
+    """`method`, with the deprecated reference name "fp16" mapped to "full" (and a FutureWarning)."""
+    if method in DEPRECATED_REFERENCE_NAMES:
+        warnings.warn(
+            f"method {method!r}{where} is deprecated: the full-precision reference is named {REFERENCE!r} "
+            f"(it runs in the model's dtype, not necessarily fp16)", FutureWarning, stacklevel=3)
+        return REFERENCE
+    return method
+
+
+def reference_label(dtype: torch.dtype | str) -> str:
+    """Display name of the reference setting, e.g. "full (bfloat16)"."""
+    name = str(dtype).removeprefix("torch.")
+    return f"{REFERENCE} ({name})"
+
+
+def attn_implementation(model) -> str | None:
+    """The model's attention implementation name.
+
+    transformers (through 5.x) has no public getter: `set_attn_implementation` is the public setter and the models
+    dispatch on `config._attn_implementation`, so this one helper reads that property.
+    """
+    return model.config._attn_implementation
 
 
 @dataclasses.dataclass
 class MethodSpec:
-    """One cache setting: a display `name`, a `method` ("fp16" or a quantized method) and its keyword arguments."""
+    """One cache setting: a display `name`, a `method` ("full" or a quantized method) and its keyword arguments."""
 
     name: str
     method: str
     kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {describe(self.name)}")
+        if not isinstance(self.method, str):
+            raise TypeError(f"method must be a str, got {describe(self.method)} (in setting {self.name!r})")
+        if not isinstance(self.kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, got {describe(self.kwargs)} (in setting {self.name!r})")
+        self.method = canonical_method(self.method, f" (in setting {self.name!r})")
         allowed = (REFERENCE, *METHOD_NAMES)
         if self.method not in allowed:
             raise ValueError(f"method must be one of {allowed}, got {self.method!r} (in setting {self.name!r})")
@@ -219,74 +255,120 @@ class FidelityProbe:
         return out
 
 
-@contextlib.contextmanager
-def capture_attention(model, probe: FidelityProbe):
-    """Route the model's attention calls through `probe.observe` (sdpa or eager attention) while inside."""
+_ACTIVE_PROBE: contextvars.ContextVar[FidelityProbe | None] = contextvars.ContextVar("tq_probe", default=None)
+
+
+def _probe_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """SDPA attention that first shows its inputs to the active `FidelityProbe` (if any)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    impl = model.config._attn_implementation
+    probe = _ACTIVE_PROBE.get()
+    if probe is not None:
+        probe.observe(module, query, key, value)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def register_probe_attention() -> None:
+    """Register `PROBE_ATTN_NAME` with transformers: SDPA's attention (observed) and SDPA's mask. Idempotent."""
+    AttentionInterface.register(PROBE_ATTN_NAME, _probe_attention)
+    AttentionMaskInterface.register(PROBE_ATTN_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def capture_attention(model, probe: FidelityProbe):
+    """Route `model`'s attention calls through `probe.observe` while inside.
+
+    The model is switched to the registered `PROBE_ATTN_NAME` implementation (SDPA underneath, so eager models are
+    probed under SDPA) and switched back to its own implementation afterwards; no other model and no global
+    attention function is changed.
+    """
+    impl = attn_implementation(model)
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"attention implementation must be 'sdpa' or 'eager' for the fidelity probe, got {impl!r}")
-    if impl == "eager":
-        model.set_attn_implementation("sdpa")
-    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
-        probe.observe(module, query, key, value)
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapped
+    register_probe_attention()
+    token = _ACTIVE_PROBE.set(probe)
+    model.set_attn_implementation(PROBE_ATTN_NAME)
     try:
         yield probe
     finally:
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = original
-        if impl == "eager":
-            model.set_attn_implementation("eager")
+        model.set_attn_implementation(impl)
+        _ACTIVE_PROBE.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Passes
 # ----------------------------------------------------------------------------------------------------------------
+def forward_units(rows: int, tokens: int) -> int:
+    """Work of one forward pass of `rows` x `tokens` new tokens, in the units of `progress.Overall`."""
+    return rows * tokens + FORWARD_OVERHEAD
+
+
+def quality_units(n_specs: int, segments: int, context_length: int, continuation_length: int, chunk_size: int) -> int:
+    """Work of `quality_pass` (prefill of each segment, then the scored chunks of every setting side by side)."""
+    scored = continuation_length  # a segment holds one more token than it scores
+    chunks = [min(chunk_size, scored - s) for s in range(0, scored, chunk_size)]
+    return segments * (forward_units(1, context_length) + sum(forward_units(n_specs, c) for c in chunks))
+
+
+def greedy_units(n_specs: int, rows: int, prompt_length: int, new_tokens: int) -> int:
+    """Work of `greedy_pass` (prefill of the prompts, then `new_tokens - 1` decode steps of every setting)."""
+    return forward_units(rows, prompt_length) + (new_tokens - 1) * forward_units(n_specs * rows, 1)
+
+
+def _settings_label(specs: list[MethodSpec]) -> str:
+    return f"{len(specs)} caches side by side" if len(specs) > 1 else specs[0].name
+
+
 def quality_pass(model, segments: list[torch.Tensor], specs: list[MethodSpec], context_length: int,
-                 chunk_size: int) -> dict[str, Any]:
+                 chunk_size: int, overall: Overall | None = None) -> dict[str, Any]:
     """Perplexity, top-1 agreement, KL and attention fidelity of each setting (`specs[0]` is the reference).
 
     Each segment [context_length + C + 1] is prefilled for `context_length` tokens, then the next C tokens are fed
     in chunks of `chunk_size` through every cache side by side; the C predictions (of tokens context+1 .. context+C)
-    are scored. Returns per setting: nll sum, token count, top-1 and KL sums, bytes held at the end, and fidelity.
+    are scored. Returns per setting: perplexity, top-1, KL, the per-token negative log-likelihoods (for intervals),
+    bytes held at the end, and fidelity.
     """
     n = len(specs)
-    stats = {s.name: {"nll": 0.0, "top1": 0.0, "kl": 0.0, "tokens": 0} for s in specs}
+    stats = {s.name: {"nll": 0.0, "top1": 0.0, "kl": 0.0, "tokens": 0, "token_nll": []} for s in specs}
     fidelity = None
     held: dict[str, int] = {}
-    for seg in tqdm(segments, desc="perplexity + fidelity segments", leave=False):
-        seg = seg.to(model.device)
-        caches, _, prefill = build_caches(model, specs, seg[None, :context_length])
-        probe = FidelityProbe(specs, model.config, prefill)
-        del prefill
-        cache = RowSplitCache(caches, [1] * n)
-        cont = seg[context_length:]
-        steps = range(0, len(cont) - 1, chunk_size)
-        with capture_attention(model, probe):
-            probe.active = True
-            for start in tqdm(steps, desc="continuation chunks", leave=False):
-                inputs = cont[start:min(start + chunk_size, len(cont) - 1)]
-                targets = cont[start + 1:start + 1 + len(inputs)]
-                logits = forward(model, inputs[None].repeat(n, 1), cache)  # [n, c, V]
-                ref = logits[0]
-                for i, spec in enumerate(specs):
-                    st = stats[spec.name]
-                    c = len(targets)
-                    st["nll"] += c * math.log(metrics.perplexity(logits[i], targets))
-                    st["top1"] += c * metrics.top1_agreement(logits[i], ref)
-                    st["kl"] += c * metrics.kl_divergence(logits[i], ref)
-                    st["tokens"] += c
-        if fidelity is None:
-            fidelity = probe
-        else:
-            fidelity.add(probe)
-        held = {spec.name: cache_bytes(c) for spec, c in zip(specs, caches)}
-        held_len = caches[0].get_seq_length()
+    held_len = None
+    steps_per_segment = [range(0, len(seg) - context_length - 1, chunk_size) for seg in segments]
+    progress = bar(desc=f"perplexity+fidelity ({_settings_label(specs)})", unit="chunk",
+                   total=sum(len(s) for s in steps_per_segment), overall=overall)
+    with progress:
+        for k, (seg, steps) in enumerate(zip(segments, steps_per_segment)):
+            progress.set_postfix_str(f"segment {k + 1}/{len(segments)}: prefilling {context_length} tokens")
+            seg = seg.to(model.device)
+            caches, _, prefill = build_caches(model, specs, seg[None, :context_length])
+            probe = FidelityProbe(specs, model.config, prefill)
+            del prefill
+            _advance(progress, overall, forward_units(1, context_length), 0)
+            cache = RowSplitCache(caches, [1] * n)
+            cont = seg[context_length:]
+            with capture_attention(model, probe):
+                probe.active = True
+                for start in steps:
+                    inputs = cont[start:min(start + chunk_size, len(cont) - 1)]
+                    targets = cont[start + 1:start + 1 + len(inputs)]
+                    logits = forward(model, inputs[None].repeat(n, 1), cache)  # [n, c, V]
+                    ref = logits[0]
+                    for i, spec in enumerate(specs):
+                        st = stats[spec.name]
+                        c = len(targets)
+                        st["nll"] += c * math.log(metrics.perplexity(logits[i], targets))
+                        st["top1"] += c * metrics.top1_agreement(logits[i], ref)
+                        st["kl"] += c * metrics.kl_divergence(logits[i], ref)
+                        st["tokens"] += c
+                        st["token_nll"].extend(metrics.token_nll(logits[i], targets).tolist())
+                    _advance(progress, overall, forward_units(n, len(inputs)), 1,
+                             f"segment {k + 1}/{len(segments)}, {chunk_size} tokens a chunk")
+            if fidelity is None:
+                fidelity = probe
+            else:
+                fidelity.add(probe)
+            held = {spec.name: cache_bytes(c) for spec, c in zip(specs, caches)}
+            held_len = caches[0].get_seq_length()
     fid = fidelity.summary() if fidelity is not None else {}
     out = {}
     for spec in specs:
@@ -297,6 +379,7 @@ def quality_pass(model, segments: list[torch.Tensor], specs: list[MethodSpec], c
             "top1_agreement": st["top1"] / tokens,
             "kl_divergence": st["kl"] / tokens,
             "scored_tokens": st["tokens"],
+            "token_nll": st["token_nll"],
             "held_bytes": held.get(spec.name),
             "held_tokens": held_len,
             "fidelity": fid.get(spec.name, {"mean": 1.0, "worst_layer": None, "worst_layer_mean": 1.0}),
@@ -304,16 +387,33 @@ def quality_pass(model, segments: list[torch.Tensor], specs: list[MethodSpec], c
     return out
 
 
-def greedy_pass(model, prompts: torch.Tensor, specs: list[MethodSpec], new_tokens: int, desc: str = "greedy decode"):
+def _advance(progress, overall: Overall | None, units: int, steps: int, postfix: str | None = None) -> None:
+    """Count `steps` steps on the phase's bar and `units` of work on the overall estimate."""
+    if overall is not None:
+        overall.advance(units)
+    text = "; ".join(t for t in (postfix, overall.describe() if overall is not None else None) if t)
+    if text and not isinstance(progress, LineProgress):  # a plain-line display appends the overall estimate itself
+        progress.set_postfix_str(text, refresh=False)
+    elif postfix is not None:
+        progress.set_postfix_str(postfix)
+    progress.update(steps)
+
+
+def greedy_pass(model, prompts: torch.Tensor, specs: list[MethodSpec], new_tokens: int, desc: str = "greedy decode",
+                overall: Overall | None = None):
     """Greedy continuation of `prompts` [b, T] through every setting side by side: token ids [len(specs), b, N]."""
     prompts = prompts.to(model.device)
     b, n = prompts.shape[0], len(specs)
-    caches, last_logits, prefill = build_caches(model, specs, prompts)
-    del prefill
-    cache = RowSplitCache(caches, [b] * n)
-    token = last_logits.argmax(-1).repeat(n)  # the prefill's prediction is exact for every cache
-    out = [token]
-    for _ in tqdm(range(new_tokens - 1), desc=desc, leave=False):
-        token = forward(model, token[:, None], cache)[:, -1].argmax(-1)
-        out.append(token)
+    with bar(desc=f"{desc} ({_settings_label(specs)})", unit="token", total=new_tokens, overall=overall) as progress:
+        progress.set_postfix_str(f"prefilling {b} x {prompts.shape[1]} tokens")
+        caches, last_logits, prefill = build_caches(model, specs, prompts)
+        del prefill
+        cache = RowSplitCache(caches, [b] * n)
+        token = last_logits.argmax(-1).repeat(n)  # the prefill's prediction is exact for every cache
+        out = [token]
+        _advance(progress, overall, forward_units(b, prompts.shape[1]), 1, f"{b} x {n} rows a step")
+        for _ in range(new_tokens - 1):
+            token = forward(model, token[:, None], cache)[:, -1].argmax(-1)
+            out.append(token)
+            _advance(progress, overall, forward_units(n * b, 1), 1, f"{b} x {n} rows a step")
     return torch.stack(out, dim=-1).view(n, b, new_tokens).cpu()

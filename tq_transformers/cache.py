@@ -1,0 +1,172 @@
+"""`QuantizedKVCache`: a thin transformers ``Cache`` over quantized layers, and the method registry it feeds.
+
+A method's cache is a subclass that names three things, and nothing else::
+
+    class TurboQuantCache(QuantizedKVCache):
+        method = "turboquant"              # the registry name (enable, make_cache, estimate_cache_bytes, tq-eval)
+        config_class = TurboQuantConfig    # the single source of its settings: keyword arguments of the cache
+
+Layers come from ``DynamicCache(config=config)`` (the public way to learn each layer's type on every transformers
+version): plain full-attention ``DynamicLayer``s are replaced by ``QuantizedKVLayer``s, sliding-window and other
+layers keep their normal class. Without a config, every layer is created lazily, quantized, on its first update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable, ClassVar
+
+import torch
+from transformers import Cache, DynamicCache, DynamicLayer, PreTrainedConfig
+
+from .layer import QuantizedKVLayer
+from .static_layout import StaticLayout
+from .validation import short_repr
+
+__all__ = ["QuantizedKVCache", "head_dim_of", "registered_methods"]
+
+_REGISTRY: dict[str, type["QuantizedKVCache"]] = {}
+
+
+def registered_methods() -> dict[str, type["QuantizedKVCache"]]:
+    """Method name -> cache class, for every subclass that set ``method`` (see ``registry``)."""
+    return dict(_REGISTRY)
+
+
+def head_dim_of(config) -> int | None:
+    """The head dim a config declares (``head_dim``, else hidden_size / num_attention_heads), or None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None)
+    if head_dim is None and getattr(text, "hidden_size", None) and getattr(text, "num_attention_heads", None):
+        head_dim = text.hidden_size // text.num_attention_heads
+    return head_dim
+
+
+class QuantizedKVCache(Cache):
+    """A transformers ``Cache`` whose full-attention layers are quantized (module docstring).
+
+    Args:
+        config: the model's config (``model.config``), or None to create every layer lazily, quantized.
+        **settings: the method's settings, the fields of ``config_class`` (e.g. ``bits=4``).
+    """
+
+    method: ClassVar[str | None] = None
+    config_class: ClassVar[type]
+    layer_class: ClassVar[type[QuantizedKVLayer]] = QuantizedKVLayer
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("method")
+        if name is not None:
+            if name in _REGISTRY and _REGISTRY[name] is not cls:
+                raise ValueError(f"method name {name!r} is already used by {_REGISTRY[name].__name__}")
+            _REGISTRY[name] = cls
+
+    def __init__(self, config=None, **settings):
+        if config is not None and not isinstance(config, PreTrainedConfig):
+            raise TypeError(
+                f"config must be a transformers PreTrainedConfig (model.config) or None, got {type(config).__name__} "
+                f"{short_repr(config)}; method settings are keyword arguments, e.g. {type(self).__name__}(model.config, "
+                "bits=4)"
+            )
+        self.method_config = self.make_config(**settings)
+        if config is not None:
+            head_dim = head_dim_of(config)
+            if head_dim is not None:
+                self.method_config.check_head_dim(head_dim)
+            template = DynamicCache(config=config).layers
+            layers = [
+                self.layer_class(self.method_config, layer_idx=i) if type(layer) is DynamicLayer else layer
+                for i, layer in enumerate(template)
+            ]
+            super().__init__(layers=layers)
+            if not self.quantized_layers:
+                warnings.warn(
+                    f"{type(self).__name__}: the config has no full-attention layer (layer types "
+                    f"{sorted({type(layer).__name__ for layer in layers})}), so nothing will be quantized and the cache "
+                    "saves no memory",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        else:
+            super().__init__(layer_class_to_replicate=DynamicLayer)
+        #: token ids this cache holds, per batch row, when known (recorded by ``tq_transformers.enable``)
+        self.token_ids: torch.Tensor | None = None
+        #: the model config this cache was built for (None without one): the fast path checks its attention
+        #: implementation, so that a prepared cache cannot silently feed window-only placeholders to plain SDPA
+        self.model_config = config
+        #: called with each quantized layer created later, lazily, without a config (``fast_attention``)
+        self.layer_setup: Callable[[QuantizedKVLayer], None] | None = None
+        #: decode steps replayed from CUDA graphs by a model with ``cuda_graphs.install``
+        self.cuda_graphs = False
+
+    @classmethod
+    def make_config(cls, **settings):
+        """The method config of `settings` (a TypeError naming the accepted settings for an unknown one)."""
+        fields = [f.name for f in dataclasses.fields(cls.config_class) if f.init]
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise TypeError(f"{cls.__name__} got unknown settings {unknown}; accepted: {fields}")
+        return cls.config_class(**settings)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store new states in layer `layer_idx` and return what its attention reads (``QuantizedKVLayer.update``).
+
+        Args:
+            key_states / value_states: ``[B, H, T, D]``.
+            layer_idx: the decoder layer.
+        Returns:
+            (keys, values) ``[B, H, n + T, D]``.
+        """
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                layer = self.layer_class(self.method_config, layer_idx=len(self.layers))
+                if self.layer_setup is not None:
+                    self.layer_setup(layer)
+                self.layers.append(layer)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch rows of every layer.
+
+        Args:
+            beam_idx: ``[B]`` the source row of each new row.
+
+        In the static layout (CUDA graphs) the buffers are reordered in place, so the captured graph keeps replaying
+        (``StaticLayout.reorder_in_place``); otherwise, or if that is not possible, each layer reorders its own
+        tensors (leaving the static layout: the next steps run eagerly until the layout is rebuilt).
+        """
+        layers = self.quantized_layers
+        if layers and len(layers) == len(self.layers) and all(layer.static is not None for layer in layers):
+            if StaticLayout.reorder_in_place(layers, beam_idx):
+                return
+        super().reorder_cache(beam_idx)
+
+    def reset(self):
+        super().reset()
+        self.token_ids = None
+
+    @property
+    def quantized_layers(self) -> list[QuantizedKVLayer]:
+        return [layer for layer in self.layers if isinstance(layer, QuantizedKVLayer)]
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes held by this cache.
+
+        Returns:
+            {"codes", "metadata" (norms, scales, zero points, means), "window" (the quantized layers' full-precision
+            window), "unquantized_layers" (sliding-window ones), "total"}, each an int.
+        """
+        out = {"codes": 0, "metadata": 0, "window": 0, "unquantized_layers": 0}
+        for layer in self.layers:
+            if isinstance(layer, QuantizedKVLayer):
+                for key, value in layer.memory_footprint().items():
+                    out[key] += value
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                out["unquantized_layers"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        out["total"] = sum(out.values())
+        return out
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.method_config}, layers={len(self.layers)})"

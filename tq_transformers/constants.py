@@ -1,0 +1,32 @@
+"""Constants shared by the methods, named once. Each says where it comes from.
+
+- ``METADATA_DTYPE``: every norm, scale, zero point and centering mean is stored in float16 (the papers' choice:
+  TurboQuant's fp16 norm, KIVI's fp16 scale and zero, Q1_0's fp16 scale). The full-precision window keeps the
+  model's dtype.
+- ``NORM_EPS``: the smallest norm (TurboQuant) or L1 mass (Bonsai's "l2" scale) divided by; a zero vector encodes
+  to norm 0 and decodes to the mean.
+- ``KIVI_SCALE_EPS``: KIVI's lower clamp of ``(max - min) / (2^b - 1)`` (the paper's code clamps the scale with an
+  epsilon; 1e-5 is representable in fp16 (a subnormal), so the fp16 scale is never 0).
+- Seeds of the per-layer rotations (docs/METHODS.md, "TurboQuant"): layer ``i`` rotates keys with seed
+  ``seed + LAYER_SEED_STRIDE * i`` and values with that ``+ VALUE_SEED_OFFSET``; TurboQuant's QJL sketch uses the
+  rotation's seed ``+ QJL_SEED_OFFSET``. The offsets only need to give distinct, reproducible streams.
+- ``CHUNK_TOKENS``: tokens quantized (or averaged) per pass, bounding the float32 temporaries of a long prefill's
+  first flush (at 8 x 32K a float32 copy of one layer's keys would be 1 GiB).
+"""
+
+from __future__ import annotations
+
+import torch
+
+METADATA_DTYPE = torch.float16
+NORM_EPS = 1e-8
+KIVI_SCALE_EPS = 1e-5
+LAYER_SEED_STRIDE = 1000
+VALUE_SEED_OFFSET = 500
+QJL_SEED_OFFSET = 7919
+CHUNK_TOKENS = 4096
+
+
+def layer_seed(seed: int, layer_idx: int) -> int:
+    """The seed of layer `layer_idx`'s key rotation (its value rotation adds ``VALUE_SEED_OFFSET``)."""
+    return seed + LAYER_SEED_STRIDE * layer_idx

@@ -1,0 +1,187 @@
+"""KIVI (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", arXiv 2402.02750, ICML 2024).
+
+Asymmetric min-max quantization (docs/METHODS.md, "KIVI"): ``scale = (max - min) / (2^b - 1)`` (clamped below by
+``KIVI_SCALE_EPS``), ``zero = min``, both fp16; the codes are computed against the fp16-rounded scale and zero, so
+dequantization ``zero + code * scale`` uses exactly what was used to quantize.
+
+- keys, per channel: a group is G consecutive tokens of one channel (``formats.ChannelAffinePacked``: ``codes``
+  ``[B, H, N/G, D, G*b/8]``, ``scale`` / ``zero`` ``[B, H, N/G, D]``).
+- values, per token: groups of G consecutive channels (``formats.TokenAffinePacked``: ``codes`` ``[B, H, N, D*b/8]``,
+  ``scale`` / ``zero`` ``[B, H, N, D/G]``).
+
+The per-channel zero point removes a key offset shared by the tokens of a group, which is why KIVI survives the key
+outlier channels of Qwen2.5 where per-token key grouping (transformers' QuantizedCache) does not.
+
+Departure from the paper: one window rule for keys and values (``layer``): the most recent R (= residual_length) to
+R + G - 1 tokens stay in full precision and tokens are quantized G at a time. The paper's key residual fills up to R
+tokens and is flushed whole; its value window is exactly R tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import kernels
+from ..cache import QuantizedKVCache
+from ..codec import Codec
+from ..constants import KIVI_SCALE_EPS, METADATA_DTYPE
+from ..formats import ChannelAffinePacked, TokenAffinePacked
+from ..layer import WindowConfig
+from ..packing import pack_bits
+from ..validation import check_int
+
+__all__ = ["KIVICache", "KIVIConfig", "KIVIKeyCodec", "KIVIValueCodec", "kivi_encode_keys", "kivi_encode_values",
+           "minmax_quantize"]
+
+
+@dataclasses.dataclass
+class KIVIConfig(WindowConfig):
+    """KIVI settings (the keyword arguments of ``KIVICache``).
+
+    bits: 2 or 4 (1, 3 and 8 work too).
+    group_size: G, tokens per key group and channels per value group; a multiple of 8 that divides head_dim.
+    residual_length: R, the fewest recent tokens kept in full precision (a multiple of group_size).
+    The flush size is always group_size.
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual_length: int = 128
+    flush_size: int = dataclasses.field(default=0, init=False, repr=False)
+
+    def __post_init__(self):
+        check_int("bits", self.bits, 1, "an integer in 1..8 (2 and 4 are KIVI's)", maximum=8)
+        check_int("group_size", self.group_size, 8, "a positive multiple of 8")
+        if self.group_size % 8:
+            raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size!r}")
+        check_int("residual_length", self.residual_length, 0)
+        if self.residual_length % self.group_size:
+            raise ValueError(
+                f"residual_length must be a multiple of group_size={self.group_size}, got {self.residual_length!r}"
+            )
+        self.flush_size = self.group_size
+        super().__post_init__()
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.group_size:
+            raise ValueError(
+                f"group_size must divide head_dim={head_dim} (values are grouped along head_dim), "
+                f"got group_size={self.group_size}"
+            )
+
+    def make_codecs(self, head_dim: int, layer_idx: int, device):
+        return KIVIKeyCodec(self.bits, self.group_size), KIVIValueCodec(self.bits, self.group_size)
+
+    def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
+        item = torch.empty((), dtype=METADATA_DTYPE).element_size()
+        codes = 2 * num_quantized * head_dim * self.bits // 8
+        key_meta = (num_quantized // self.group_size) * head_dim * 2 * item  # scale + zero per channel group
+        value_meta = num_quantized * (head_dim // self.group_size) * 2 * item  # scale + zero per token group
+        return codes, key_meta + value_meta
+
+
+def minmax_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of float32 `x` along `dim`: (codes uint8, scale fp16, zero fp16), reduced on `dim`.
+
+    Non-finite entries are left out of the min and max (they cannot spread to the other entries of their group)
+    and get code 0.
+    """
+    finite = torch.isfinite(x)
+    lo = torch.where(finite, x, torch.full_like(x, float("inf"))).amin(dim, keepdim=True)
+    hi = torch.where(finite, x, torch.full_like(x, float("-inf"))).amax(dim, keepdim=True)
+    none = ~torch.isfinite(lo)
+    lo, hi = torch.where(none, 0.0, lo), torch.where(none, 0.0, hi)
+    qmax = 2**bits - 1
+    zero = lo.to(METADATA_DTYPE)
+    scale = ((hi - zero.float()) / qmax).clamp_min(KIVI_SCALE_EPS).to(METADATA_DTYPE)
+    codes = torch.round((x - zero.float()) / scale.float()).clamp(0, qmax)
+    codes = torch.where(finite, codes, torch.zeros_like(codes)).to(torch.uint8)
+    return codes, scale.squeeze(dim), zero.squeeze(dim)
+
+
+def kivi_encode_keys(x: torch.Tensor, bits: int, group_size: int):
+    """Keys per channel over groups of G tokens, the reference of ``kernels.kivi_compress_keys``.
+
+    Args:
+        x: ``[B, H, T, D]``, T a multiple of G.
+    Returns:
+        (codes uint8 ``[B, H, T/G, D, G*b/8]``, scale fp16 ``[B, H, T/G, D]``, zero fp16 ``[B, H, T/G, D]``).
+    """
+    b, h, t, d = x.shape
+    codes, scale, zero = minmax_quantize(x.float().reshape(b, h, t // group_size, group_size, d), bits, dim=3)
+    return pack_bits(codes.transpose(-1, -2), bits), scale, zero
+
+
+def kivi_encode_values(x: torch.Tensor, bits: int, group_size: int):
+    """Values per token over groups of G channels, the reference of ``kernels.kivi_compress_values``.
+
+    Args:
+        x: ``[B, H, T, D]``.
+    Returns:
+        (codes uint8 ``[B, H, T, D*b/8]``, scale fp16 ``[B, H, T, D/G]``, zero fp16 ``[B, H, T, D/G]``).
+    """
+    b, h, t, d = x.shape
+    codes, scale, zero = minmax_quantize(x.float().reshape(b, h, t, d // group_size, group_size), bits, dim=4)
+    return pack_bits(codes.reshape(b, h, t, d), bits), scale, zero
+
+
+class _KIVICodec(Codec):
+    code_pieces = ("codes",)
+    encoder = None  # the PyTorch encoder
+    kernel = ""  # the name of the matching function in ``kernels``
+
+    def __init__(self, bits: int, group_size: int):
+        super().__init__(center=False)
+        self.bits, self.group_size = bits, group_size
+
+    def encode(self, x, pieces, use_kernels=False):
+        if use_kernels and x.is_cuda and kernels.triton_available() and kernels.kivi_compress_supported(
+                x.shape[-1], self.bits, self.group_size):
+            encoder = getattr(kernels, self.kernel)
+        else:
+            encoder = type(self).encoder
+        codes, scale, zero = encoder(x, self.bits, self.group_size)
+        return {"codes": codes, "scale": scale, "zero": zero}
+
+
+class KIVIKeyCodec(_KIVICodec):
+    """KIVI keys: per channel, groups of G tokens (a flush is a whole number of groups)."""
+
+    encoder = staticmethod(kivi_encode_keys)
+    kernel = "kivi_compress_keys"
+
+    def __init__(self, bits: int, group_size: int):
+        super().__init__(bits, group_size)
+        self.tokens_per_entry = group_size
+
+    def packed(self, pieces):
+        return ChannelAffinePacked(pieces["codes"], pieces["scale"], pieces["zero"], self.bits, self.group_size)
+
+
+class KIVIValueCodec(_KIVICodec):
+    """KIVI values: per token, groups of G channels."""
+
+    encoder = staticmethod(kivi_encode_values)
+    kernel = "kivi_compress_values"
+
+    def packed(self, pieces):
+        return TokenAffinePacked(pieces["codes"], pieces["scale"], pieces["zero"], self.bits, self.group_size)
+
+
+class KIVICache(QuantizedKVCache):
+    """KV cache quantized with KIVI (module docstring: the algorithm and where we depart from the paper).
+
+    Args:
+        config: ``model.config`` or None.
+        **settings: ``KIVIConfig`` fields: bits (2), group_size (32), residual_length (128).
+
+    Example::
+
+        cache = KIVICache(model.config, bits=2, group_size=32, residual_length=128)
+        model.generate(**inputs, cache=cache)      # past_key_values=cache before transformers 5.24
+    """
+
+    method = "kivi"
+    config_class = KIVIConfig

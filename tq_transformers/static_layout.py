@@ -1,0 +1,170 @@
+"""The static layout of a quantized layer: fixed shapes and addresses, so a decode step replays from a CUDA graph.
+
+The graph runner (``tq_transformers.cuda_graphs``) moves every layer of a cache into this layout and then uses only
+the layer's public protocol: ``enter_static`` / ``leave_static``, ``settle``, ``write_step_counts``, ``advance_one``
+and ``static`` (this object, or None). Anything other than a single-token step of the fast path (a prefill, crop,
+reorder, reset) makes the layer leave the layout first.
+
+In the layout:
+
+- each growing storage entry is held in a buffer of ``capacity`` packed tokens (``reserved``); ``layer.storage``
+  entries are views of their first ``num_quantized`` tokens;
+- the window lives in ``win_k`` / ``win_v`` ``[B, H, R + F, D]``; ``layer.keys`` / ``layer.values`` are views of the
+  live part. After a flush the live tokens begin at ``start`` until the next step moves them to the front, so the
+  flushing step's attention still reads the window it attended to from slot 0;
+- the counts a step needs are on the device, in ``StaticShared.lengths`` (shared by all layers of the cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["StaticLayout", "StaticShared"]
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@dataclasses.dataclass
+class StaticShared:
+    """What all layers of a cache in the static layout share.
+
+    lengths: int64 ``[3]`` on the device: packed tokens the step attends to, window tokens it attends to (its own
+        included), and the window slot the new token goes to.
+    key_mask: ``[B, capacity + R + F]`` bool on the device, True = attend.
+    graph_step: True while the graph runner captures a step; it then writes the counts and the mask to the device
+        itself before every replay. In an eager step each layer writes ``lengths`` and the model's own mask is used.
+    """
+
+    lengths: torch.Tensor
+    key_mask: torch.Tensor
+    graph_step: bool = False
+
+
+@dataclasses.dataclass
+class StaticLayout:
+    """Preallocated buffers of one layer (module docstring)."""
+
+    capacity: int
+    shared: StaticShared
+    reserved: dict[str, torch.Tensor]
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    start: int = 0
+
+    @classmethod
+    def build(cls, layer, capacity: int, shared: StaticShared) -> "StaticLayout":
+        """Move `layer`'s storage and window into new buffers with room for `capacity` packed tokens."""
+        F, R = layer.cfg.flush_size, layer.cfg.residual_length
+        if layer.num_quantized == 0:
+            raise ValueError(f"layer {layer.layer_idx}: the static layout needs packed tokens (none yet)")
+        if capacity % F or capacity < layer.num_quantized:
+            raise ValueError(
+                f"capacity must be a multiple of flush_size ({F}) and >= {layer.num_quantized} packed tokens, got "
+                f"{capacity}"
+            )
+        layer.settle()
+        flushes = layer.num_quantized // F
+        growing = {name for name in layer.storage if name[2:] not in layer.codecs[name[0]].static_pieces}
+        reserved = {}
+        for name in growing:
+            t = layer.storage[name]
+            per_flush = t.shape[2] // flushes  # entries on dim 2 are proportional to tokens (per token or group)
+            buf = t.new_empty((*t.shape[:2], per_flush * (capacity // F), *t.shape[3:]))
+            buf[:, :, : t.shape[2]] = t
+            reserved[name] = buf
+            layer.storage[name] = buf[:, :, : t.shape[2]]
+        w = layer.keys.shape[-2]
+        win_k = layer.keys.new_empty((*layer.keys.shape[:2], R + F, layer.keys.shape[-1]))
+        win_v = layer.values.new_empty((*layer.values.shape[:2], R + F, layer.values.shape[-1]))
+        win_k[:, :, :w], win_v[:, :, :w] = layer.keys, layer.values
+        layer.keys, layer.values = win_k[:, :, :w], win_v[:, :, :w]
+        return cls(capacity, shared, reserved, win_k, win_v)
+
+    @staticmethod
+    def reorder_in_place(layers: list, beam_idx: torch.Tensor) -> bool:
+        """Beam search in the static layout: reorder the batch rows of every buffer of `layers` in place, so that a
+        captured graph stays valid. Only when every piece that is not a buffer (the centering means) is the same in
+        the rows it maps (the beams of one prompt share their prefill's means); returns False, changing nothing,
+        otherwise (one device sync either way)."""
+        idx = beam_idx.to(layers[0].static.win_k.device)
+        same = torch.ones((), dtype=torch.bool, device=idx.device)
+        for layer in layers:
+            for name, t in layer.storage.items():
+                if name not in layer.static.reserved:
+                    same &= (t.index_select(0, idx.to(t.device)) == t).all()
+        if not bool(same):
+            return False
+        for layer in layers:
+            st = layer.static
+            for buf in (*st.reserved.values(), st.win_k, st.win_v):
+                buf.copy_(buf.index_select(0, idx))
+        return True
+
+    def release(self, layer) -> None:
+        """Give `layer` back tensors of exactly its tokens (the buffers are freed with this object)."""
+        self.settle(layer)
+        layer.storage = {name: _compact(t) for name, t in layer.storage.items()}
+        layer.keys, layer.values = _compact(layer.keys), _compact(layer.values)
+
+    def reserved_storage(self, layer) -> dict[str, torch.Tensor]:
+        """`layer.storage` with each growing entry replaced by its whole buffer (``capacity`` packed tokens)."""
+        return {**layer.storage, **self.reserved}
+
+    def settle(self, layer) -> None:
+        """Move the live window tokens to the front of the window buffers (deferred from the last flush)."""
+        if self.start == 0:
+            return
+        w = layer.keys.shape[-2]
+        self.win_k[:, :, :w] = layer.keys.clone()
+        self.win_v[:, :, :w] = layer.values.clone()
+        layer.keys, layer.values = self.win_k[:, :, :w], self.win_v[:, :, :w]
+        self.start = 0
+
+    def write_step_counts(self, layer) -> None:
+        """Counts of the next single-token step: packed tokens attended, window tokens attended (the new one
+        included), the new token's window slot. Expects a settled window."""
+        w = layer.keys.shape[-2]
+        self.shared.lengths.copy_(torch.tensor([layer.num_quantized, w + 1, w]))
+
+    def decode_update(self, layer, key_states: torch.Tensor, value_states: torch.Tensor):
+        """One decode token: written to the window slot ``lengths[2]`` read on the device (so a CUDA graph replays it
+        at any position); the host-side counters advance as in ``layer.update``. A step that flushes runs eagerly
+        (the graph runner never captures or replays one)."""
+        self.settle(layer)
+        if not self.shared.graph_step:
+            self.write_step_counts(layer)
+        slot = self.shared.lengths[2:3]
+        self.win_k.index_copy_(2, slot, key_states.to(self.win_k.dtype))
+        self.win_v.index_copy_(2, slot, value_states.to(self.win_v.dtype))
+        out_k, out_v = layer.fast_path(layer, self.win_k, self.win_v)
+        self.advance_one(layer)
+        target = layer.cfg.num_quantized(layer.cumulative_length)
+        if target > layer.num_quantized:
+            self._flush(layer, target - layer.num_quantized)
+        return out_k, out_v
+
+    def advance_one(self, layer) -> None:
+        """The host side of a non-flushing step (the graph runner calls it after each replay)."""
+        layer.cumulative_length += 1
+        w = layer.keys.shape[-2] + 1
+        layer.keys, layer.values = self.win_k[:, :, :w], self.win_v[:, :, :w]
+
+    def _flush(self, layer, count: int) -> None:
+        if layer.num_quantized + count > self.capacity:
+            raise RuntimeError(
+                f"layer {layer.layer_idx}: the static layout holds {self.capacity} packed tokens, a flush needs "
+                f"{layer.num_quantized + count}; enter_static again with a larger capacity first"
+            )
+        block = layer.encode_block(self.win_k[:, :, :count], self.win_v[:, :, :count])
+        for name, t in block.items():
+            held = layer.storage[name].shape[2]
+            self.reserved[name][:, :, held : held + t.shape[2]] = t
+            layer.storage[name] = self.reserved[name][:, :, : held + t.shape[2]]
+        layer.num_quantized += count
+        w = layer.keys.shape[-2]
+        layer.keys, layer.values = self.win_k[:, :, count:w], self.win_v[:, :, count:w]
+        self.start = count

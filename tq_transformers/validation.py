@@ -1,0 +1,32 @@
+"""Argument checks that raise a ValueError or TypeError naming the parameter, what is allowed and what was given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_REPR_LIMIT = 80
+
+
+def short_repr(value: Any) -> str:
+    """`repr(value)` cut to a readable length (a config or tokenizer repr runs to kilobytes)."""
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
+def check_int(name: str, value: Any, minimum: int, allowed: str | None = None, maximum: int | None = None) -> None:
+    """TypeError unless `value` is an int (not a bool); ValueError unless minimum <= value (<= maximum)."""
+    allowed = allowed or (f"an integer in {minimum}..{maximum}" if maximum is not None else f"an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {short_repr(value)}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {short_repr(value)}")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {short_repr(value)}")
