@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .codec import Codec, warn_non_finite
+from .codec import Codec, NonFiniteWatch
 from .constants import CHUNK_TOKENS
 from .formats import PackedFormat
 from .static_layout import StaticLayout, StaticShared
@@ -76,8 +76,9 @@ class WindowConfig:
     def check_head_dim(self, head_dim: int) -> None:
         """Raise a ValueError if this configuration cannot quantize vectors of `head_dim`."""
 
-    def make_codecs(self, head_dim: int, layer_idx: int, device) -> tuple[Codec, Codec]:
-        """The key and value codecs of layer `layer_idx` for vectors of `head_dim`, on `device`."""
+    def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device) -> tuple[Codec, Codec]:
+        """The key and value codecs of layer `layer_idx` for keys of `key_dim` and values of `value_dim`, on
+        `device` (the two dims differ in MLA-style attention)."""
         raise NotImplementedError
 
     def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
@@ -113,6 +114,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.fast_path: Callable | None = None
         #: encode with the Triton compress kernels on CUDA (set by ``fast_attention.prepare_cache``)
         self.use_kernels = False
+        self.non_finite = NonFiniteWatch()
 
     # ------------------------------------------------------------------------------------------------------------
     # Packed tokens
@@ -163,7 +165,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Encode `[B, H, T, D]` tokens leaving the window; returns prefixed pieces to append on dim 2."""
         out = {}
         for side, x, what in (("k", keys, "key_states"), ("v", values, "value_states")):
-            warn_non_finite(x, f"{what} of layer {self.layer_idx}")
+            self.non_finite.check(x, f"{what} of layer {self.layer_idx}")
             new = self.codecs[side].encode(x, self.pieces(side), use_kernels=self.use_kernels)
             out.update({f"{side}_{name}": t for name, t in new.items()})
         return out
@@ -176,7 +178,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.head_dim = key_states.shape[-1]
         self.value_head_dim = value_states.shape[-1]
         self.cfg.check_head_dim(self.head_dim)
-        key_codec, value_codec = self.cfg.make_codecs(self.head_dim, self.layer_idx, self.device)
+        if self.value_head_dim != self.head_dim:
+            self.cfg.check_head_dim(self.value_head_dim)
+        key_codec, value_codec = self.cfg.make_codecs(self.head_dim, self.value_head_dim, self.layer_idx, self.device)
         self.codecs = {"k": key_codec, "v": value_codec}
         self.keys = key_states[..., :0, :].clone()
         self.values = value_states[..., :0, :].clone()

@@ -74,9 +74,9 @@ class BonsaiConfig(WindowConfig):
                 f"group_size={self.group_size}; use group_size={head_dim} or a divisor of it"
             )
 
-    def make_codecs(self, head_dim: int, layer_idx: int, device):
+    def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device):
         seed = layer_seed(self.seed, layer_idx)
-        return BonsaiCodec(self, head_dim, seed, device), BonsaiCodec(self, head_dim, seed + VALUE_SEED_OFFSET, device)
+        return BonsaiCodec(self, key_dim, seed, device), BonsaiCodec(self, value_dim, seed + VALUE_SEED_OFFSET, device)
 
     def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
         item = torch.empty((), dtype=METADATA_DTYPE).element_size()

@@ -71,7 +71,7 @@ class KIVIConfig(WindowConfig):
                 f"got group_size={self.group_size}"
             )
 
-    def make_codecs(self, head_dim: int, layer_idx: int, device):
+    def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device):
         return KIVIKeyCodec(self.bits, self.group_size), KIVIValueCodec(self.bits, self.group_size)
 
     def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:

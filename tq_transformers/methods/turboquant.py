@@ -82,10 +82,10 @@ class TurboQuantConfig(WindowConfig):
         if head_dim % 8 != 0 or head_dim < 8:
             raise ValueError(f"head_dim must be a multiple of 8 for TurboQuant bit packing, got {head_dim}")
 
-    def make_codecs(self, head_dim: int, layer_idx: int, device):
+    def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device):
         seed = layer_seed(self.seed, layer_idx)
-        return (TurboQuantCodec(self, head_dim, seed, device),
-                TurboQuantCodec(self, head_dim, seed + VALUE_SEED_OFFSET, device))
+        return (TurboQuantCodec(self, key_dim, seed, device),
+                TurboQuantCodec(self, value_dim, seed + VALUE_SEED_OFFSET, device))
 
     def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
         item = torch.empty((), dtype=METADATA_DTYPE).element_size()
