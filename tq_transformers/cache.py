@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from transformers import Cache, DynamicCache, DynamicLayer, PreTrainedConfig
@@ -26,10 +27,10 @@ from .validation import short_repr
 
 __all__ = ["QuantizedKVCache", "head_dim_of", "registered_methods"]
 
-_REGISTRY: dict[str, type["QuantizedKVCache"]] = {}
+_REGISTRY: dict[str, type[QuantizedKVCache]] = {}
 
 
-def registered_methods() -> dict[str, type["QuantizedKVCache"]]:
+def registered_methods() -> dict[str, type[QuantizedKVCache]]:
     """Method name -> cache class, for every subclass that set ``method`` (see ``registry``)."""
     return dict(_REGISTRY)
 
@@ -67,8 +68,8 @@ class QuantizedKVCache(Cache):
         if config is not None and not isinstance(config, PreTrainedConfig):
             raise TypeError(
                 f"config must be a transformers PreTrainedConfig (model.config) or None, got {type(config).__name__} "
-                f"{short_repr(config)}; method settings are keyword arguments, e.g. {type(self).__name__}(model.config, "
-                "bits=4)"
+                f"{short_repr(config)}; method settings are keyword arguments, e.g. "
+                f"{type(self).__name__}(model.config, bits=4)"
             )
         self.method_config = self.make_config(**settings)
         if config is not None:
@@ -84,8 +85,8 @@ class QuantizedKVCache(Cache):
             if not self.quantized_layers:
                 warnings.warn(
                     f"{type(self).__name__}: the config has no full-attention layer (layer types "
-                    f"{sorted({type(layer).__name__ for layer in layers})}), so nothing will be quantized and the cache "
-                    "saves no memory",
+                    f"{sorted({type(layer).__name__ for layer in layers})}), so nothing will be quantized and the "
+                    "cache saves no memory",
                     UserWarning,
                     stacklevel=2,
                 )

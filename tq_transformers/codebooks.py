@@ -68,7 +68,7 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_lloyd_max(bits: int, iters: int = 2000) -> torch.Tensor:
     """Lloyd-Max levels (float64, sorted, 2**bits) of the standard normal density."""
     _check_bits(bits)
@@ -77,7 +77,7 @@ def gaussian_lloyd_max(bits: int, iters: int = 2000) -> torch.Tensor:
     return _symmetrize(_lloyd(grid, weights, bits, _symmetric_init(bits, 1.0), iters))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sphere_lloyd_max(bits: int, dim: int, iters: int = 2000) -> torch.Tensor:
     """Lloyd-Max levels (float64, sorted, 2**bits) for one coordinate of a uniform unit vector in R^dim."""
     _check_bits(bits)

@@ -20,8 +20,8 @@ forward, unchanged. Each cache has its own graph (kept while the cache lives), s
 
 For graph steps of one cache:
 
-1. the layers move into a static layout (``static_layout.StaticLayout``): packed storage preallocated to a capacity of the
-   tokens held plus ``GROWTH`` (moved again, larger, when a flush would not fit), the window in a fixed buffer;
+1. the layers move into a static layout (``static_layout.StaticLayout``): packed storage preallocated to a capacity of
+   the tokens held plus ``GROWTH`` (moved again, larger, when a flush would not fit), the window in a fixed buffer;
 2. a step after which tokens leave the window (every ``flush_size`` tokens) runs eagerly, as does the first step
    after the layout is (re)built (a warm-up: Triton compiles and cached tables are built outside the capture);
 3. the next step is captured, with the token counts, the window slot and the padding mask read on the device; it
@@ -97,7 +97,6 @@ def _kernel_covers(layer: QuantizedKVLayer) -> bool:
 
 def _graph_layers(cache) -> list[QuantizedKVLayer] | None:
     """The cache's layers when every one can run a graph step, else None."""
-    from . import kernels
 
     if not isinstance(cache, QuantizedKVCache) or not cache.cuda_graphs or not cache.layers:
         return None
@@ -250,7 +249,7 @@ def install(model):
     return model
 
 
-def runner_of(model) -> "_Runner | None":
+def runner_of(model) -> _Runner | None:
     """The graph runner `install` put on `model` (its ``stats`` count the steps by kind), or None."""
     return getattr(model.forward, "__tq_graph_runner__", None)
 

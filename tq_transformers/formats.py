@@ -68,7 +68,7 @@ class CodebookPacked:
         """Coordinates sharing one scale: head_dim for a per-token scale."""
         return self.head_dim if self.scale.dim() == 3 else self.head_dim // self.scale.shape[-1]
 
-    def prefix(self, n: int) -> "CodebookPacked":
+    def prefix(self, n: int) -> CodebookPacked:
         return dataclasses.replace(self, codes=self.codes[:, :, :n], scale=self.scale[:, :, :n])
 
     def dequantize_rotated(self) -> torch.Tensor:
@@ -106,7 +106,7 @@ class ChannelAffinePacked:
     def head_dim(self) -> int:
         return self.codes.shape[3]
 
-    def prefix(self, n: int) -> "ChannelAffinePacked":
+    def prefix(self, n: int) -> ChannelAffinePacked:
         if n % self.group_size:
             raise ValueError(f"n must be a multiple of group_size={self.group_size}, got {n}")
         g = n // self.group_size
@@ -138,7 +138,7 @@ class TokenAffinePacked:
     def head_dim(self) -> int:
         return self.codes.shape[-1] * 8 // self.bits
 
-    def prefix(self, n: int) -> "TokenAffinePacked":
+    def prefix(self, n: int) -> TokenAffinePacked:
         return dataclasses.replace(self, codes=self.codes[:, :, :n], scale=self.scale[:, :, :n],
                                    zero=self.zero[:, :, :n])
 

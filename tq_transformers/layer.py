@@ -22,7 +22,7 @@ CUDA-graph replays, entered with ``enter_static``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import CacheLayerMixin

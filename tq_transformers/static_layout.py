@@ -56,7 +56,7 @@ class StaticLayout:
     start: int = 0
 
     @classmethod
-    def build(cls, layer, capacity: int, shared: StaticShared) -> "StaticLayout":
+    def build(cls, layer, capacity: int, shared: StaticShared) -> StaticLayout:
         """Move `layer`'s storage and window into new buffers with room for `capacity` packed tokens."""
         F, R = layer.cfg.flush_size, layer.cfg.residual_length
         if layer.num_quantized == 0:

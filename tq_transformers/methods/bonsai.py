@@ -87,7 +87,7 @@ class BonsaiConfig(WindowConfig):
         return codes, meta
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sign_levels(device: torch.device) -> torch.Tensor:
     """The codebook of a sign bit: bit 0 -> -1, bit 1 -> +1 (float32, on `device`)."""
     return torch.tensor([-1.0, 1.0], device=device)
@@ -156,7 +156,7 @@ class BonsaiCache(QuantizedKVCache):
     config_class = BonsaiConfig
 
     @classmethod
-    def improved(cls, config=None, **settings) -> "BonsaiCache":
+    def improved(cls, config=None, **settings) -> BonsaiCache:
         """Centered, Hadamard-rotated 1-bit cache: the best variant measured on the real model (module docstring).
 
         Args:
