@@ -3,13 +3,15 @@
 
     python scripts/benchmark_speed.py --out results/speed            # full run (one H200: about 8 minutes)
     python scripts/benchmark_speed.py --quick --out /tmp/speed        # small contexts, 4 layers
+    python scripts/benchmark_speed.py --kernels-only --out /tmp/speed # the per-layer kernel table alone
 
 Caches: DynamicCache (bf16, SDPA), transformers' QuantizedCache (quanto backend, when optimum-quanto imports),
 TurboQuant-4, KIVI-2 and Bonsai-1 on the reference path (dequantize + SDPA), on the fast path ("tq_fused") and on
 the fast path with decode steps replayed from CUDA graphs (`tq_transformers.cuda_graphs`, "_graph").
 
-Method (REFERENCE.md section 6): a whole prefill + decode pass is run before anything is timed, and every
-configuration is timed twice in a row; the second timing is reported.
+Method (the first configuration timed in a process runs slow: docs/RESULTS.md, "Speed (GPU)"): a whole prefill +
+decode pass is run before anything is timed, and every configuration is timed twice in a row; the second timing is
+reported.
 
 - decode: the cache is filled with `context` tokens of random keys and values per layer (the contents do not
   change the speed; it avoids a prefill per configuration), then `--decode-steps` greedy steps of the full model
@@ -20,9 +22,10 @@ configuration is timed twice in a row; the second timing is reported.
   whose speed drifts (eager decoding is host-bound: `scripts/profile_decode_step.py`), this is the like-for-like
   comparison; the isolated runs above give the peak memory.
 - prefill: one forward over the whole prompt through each cache (logits of the last token only), seconds.
-- kernel: one layer's decode attention alone (fused kernel, the reference path's dequantize + SDPA, and SDPA on the
-  bf16 cache), with the bytes it must read (codes, metadata, window; query and output are negligible) over its time,
-  against the copy bandwidth measured here (bytes read + written by a device-to-device copy).
+- kernel: one layer's decode attention alone (``scripts/tune_decode_kernels.py``'s table: flash SDPA on the bf16
+  cache and each method's fused kernel on each GPU path, CUDA-graph replays, L2 flushed), with the bytes it must read
+  (codes, metadata, window) over its time, against the copy bandwidth measured here (bytes read + written by a
+  device-to-device copy); ``--kernels-only`` runs this table alone (no model).
 
 Everything is printed as tables and written to `--out`/speed.json (rewritten after every measurement, so a run cut
 short keeps what it measured). Work runs in priority order: kernels, decode at 32K, prefill, the other contexts.
@@ -43,11 +46,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tune_decode_kernels: the kernel table
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache  # noqa: E402
-from tq_transformers import cuda_graphs, fast_attention, kernels  # noqa: E402
+from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache, cuda_graphs, fast_attention  # noqa: E402  # noqa: E402
 from tq_transformers.generation import CACHE_KWARG  # noqa: E402  (forward takes `cache` from transformers 5.24)
 
 LLAMA31_8B = dict(
@@ -179,7 +182,7 @@ def decode_run(model, make, mode, batch, context, steps, warmup=2):
     held = cache.memory_footprint()["total"] if hasattr(cache, "memory_footprint") else None
     if held is None and isinstance(cache, DynamicCache):
         held = sum(layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
-    del cache
+    cache = None  # noqa: F841 - freed before the next configuration
     return {"ms_per_token": seconds * 1e3, "peak_gib": max(peak_fill, peak_decode) / 2**30,
             "peak_decode_gib": peak_decode / 2**30, "cache_mib": None if held is None else held / 2**20}
 
@@ -195,7 +198,7 @@ def prefill_run(model, make, mode, batch, context):
     with use_path(model, cache, mode):
         seconds = sync_time(lambda: model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1))
     peak = torch.cuda.max_memory_allocated()
-    del cache
+    cache = None  # noqa: F841 - freed before the next configuration
     return {"prefill_s": seconds, "peak_gib": peak / 2**30}
 
 
@@ -248,7 +251,7 @@ def decode_interleaved(model, factories, batch, context, steps, rounds):
 
 
 def twice(fn, *args):
-    """REFERENCE.md section 6: time a configuration twice and keep the second."""
+    """Time a configuration twice and keep the second (the first timing of a process runs slow)."""
     fn(*args)
     return fn(*args)
 
@@ -260,85 +263,25 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     dst.copy_(src)
     seconds = min(sync_time(lambda: dst.copy_(src), 10) for _ in range(3))
-    del src, dst
     return 2 * 2**31 / seconds
 
 
-def layer_bytes(layer) -> int:
-    fp = layer.memory_footprint()
-    return fp["codes"] + fp["metadata"] + fp["window"]
-
-
 @torch.no_grad()
-def kernel_table(batch, context, hq=32, hkv=8, d=128, iters=50):
-    """One layer's decode attention: fused kernel, reference dequantize + SDPA, and SDPA on the bf16 cache."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def kernel_table(batch, context, copy_bw: float):
+    """One layer's decode attention at batch x context: flash SDPA on the bf16 cache, and per method the fused
+    kernel on each GPU path (``tune_decode_kernels.point``: CUDA-graph replays, L2 flushed, bytes of codes +
+    metadata + window, % of the copy bandwidth, ratio to flash)."""
+    import tune_decode_kernels
 
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    k = torch.randn(batch, hkv, context, d, generator=gen, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(batch, hkv, context, d, generator=gen, device="cuda", dtype=torch.bfloat16)
-    q = torch.randn(batch, hq, 1, d, generator=gen, device="cuda", dtype=torch.bfloat16)
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal, module.training = hq // hkv, True, False
-    scaling = d**-0.5
-    rows = []
-    t = sync_time(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=scaling), iters)
-    rows.append({"method": "bf16_sdpa", "batch": batch, "context": context, "us": t * 1e6,
-                 "bytes": 2 * k.numel() * k.element_size()})
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # the FP16 anchor: flash, each KV head read once (enable_gqa)
-        t = sync_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling,
-                                                                               enable_gqa=True), iters)
-    rows.append({"method": "bf16_flash_gqa", "batch": batch, "context": context, "us": t * 1e6,
-                 "bytes": 2 * k.numel() * k.element_size()})
-    for name, make in OURS.items():
-        cache = make(None)
-        cache.update(k, v, 0)
-        cache.update(k[:, :, :1], v[:, :, :1], 0)
-        layer = cache.layers[0]
-        n_q = layer.num_quantized
-
-        def fused():
-            kernels.decode_attention(layer, q[:, :, 0], n_q, layer.keys, layer.values, None, scaling)
-
-        def reference():
-            old_k, old_v = layer._dequantize(q.dtype)
-            kk = torch.cat([old_k, layer.keys], 2)
-            vv = torch.cat([old_v, layer.values], 2)
-            sdpa_attention_forward(module, q, kk, vv, None, scaling=scaling)
-
-        fused()
-        t_fused = sync_time(fused, iters)
-        t_ref = sync_time(reference, 5)
-        nbytes = layer_bytes(layer)
-        rows.append({"method": f"{name}_fast", "batch": batch, "context": context, "us": t_fused * 1e6,
-                     "bytes": nbytes})
-        rows.append({"method": f"{name}_ref", "batch": batch, "context": context, "us": t_ref * 1e6,
-                     "bytes": nbytes})
-        del cache, layer
-    del k, v
-    return rows
+    return tune_decode_kernels.point(batch, context, check=False, sweep=False, copy_bw=copy_bw,
+                                     methods=tune_decode_kernels.METHODS)
 
 
-@torch.no_grad()
-def profile_fused(batch, context, name="turboquant4", d=128):
-    """torch.profiler's CUDA-kernel times of one fused decode attention call (split kernel vs reduce vs glue)."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_fused(batch, context):
+    """torch.profiler's CUDA-kernel times of one fused decode attention call per method (split vs reduce vs glue)."""
+    import tune_decode_kernels
 
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    k = torch.randn(batch, 8, context, d, generator=gen, device="cuda", dtype=torch.bfloat16)
-    cache = OURS[name](None)
-    cache.update(k, k, 0)
-    cache.update(k[:, :, :1], k[:, :, :1], 0)
-    layer = cache.layers[0]
-    q = torch.randn(batch, 32, d, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        kernels.decode_attention(layer, q, layer.num_quantized, layer.keys, layer.values, None, d**-0.5)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            kernels.decode_attention(layer, q, layer.num_quantized, layer.keys, layer.values, None, d**-0.5)
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8)
+    return tune_decode_kernels.profile(batch, context)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -368,6 +311,9 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' QuantizedCache")
     ap.add_argument("--caches", default=None, help="comma-separated subset of the cache names (default: all)")
     ap.add_argument("--skip-kernels", action="store_true", help="no kernel table and no kernel profile")
+    ap.add_argument("--kernels-only", action="store_true", help="the kernel table alone (no model; about a minute)")
+    ap.add_argument("--kernel-points", default="1x4096,1x32768,8x32768,1x131072,8x131072",
+                    help="batch x context points of the kernel table")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved timing at the headline context")
     args = ap.parse_args()
     if args.quick:
@@ -381,7 +327,8 @@ def main():
         "card": torch.cuda.get_device_name(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "triton": __import__("triton").__version__,
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "layers": args.layers,
-        "hf_quantized_cache": hf_reason or "quanto backend", "decode": [], "interleaved": [], "prefill": [], "kernel": [],
+        "hf_quantized_cache": hf_reason or "quanto backend", "decode": [], "interleaved": [], "prefill": [],
+        "kernel": [],
         "errors": [],
     }
 
@@ -406,23 +353,25 @@ def main():
 
     results["copy_bandwidth_tbs"] = copy_bandwidth() / 1e12
     print(f"copy bandwidth {results['copy_bandwidth_tbs']:.2f} TB/s (read + write)")
-    big = max(c for c in contexts)
-    kernel_points = [(b, c) for b in batches for c in (32768,) if c <= big] or [(batches[-1], contexts[-1])]
+    kernel_points = [tuple(map(int, p.split("x"))) for p in args.kernel_points.split(",")]
     if args.skip_kernels:
         kernel_points = []
     for b, c in kernel_points:
-        rows = guarded(f"kernel b{b} c{c}", kernel_table, b, c)
+        rows = guarded(f"kernel b{b} c{c}", kernel_table, b, c, results["copy_bandwidth_tbs"] * 1e12)
         for r in rows or []:
             r["tbs"] = r["bytes"] / (r["us"] * 1e-6) / 1e12
-            r["of_copy"] = r["tbs"] / results["copy_bandwidth_tbs"]
             results["kernel"].append(r)
         save()
-    print_table("kernel: one layer's decode attention", results["kernel"],
-                ["method", "batch", "context", "us", "bytes", "tbs", "of_copy"])
-    prof = guarded("profile", profile_fused, batches[-1], kernel_points[-1][1]) if kernel_points else None
+    print_table("kernel: one layer's decode attention (GPU time of CUDA-graph replays, L2 flushed)", results["kernel"],
+                ["method", "impl", "batch", "context", "us", "bytes", "tbs", "of_copy", "vs_flash"])
+    prof = guarded("profile", profile_fused, 8, 32768) if kernel_points else None
     if prof:
         print(prof)
-        results["profile_turboquant4"] = prof
+        results["profile"] = prof
+    if args.kernels_only:
+        save()
+        print(f"done in {time.time() - t0:.0f} s; wrote {os.path.join(args.out, 'speed.json')}")
+        return
 
     model = build_model(args.layers)
     factories = cache_factories(hf_reason is None, args.caches.split(",") if args.caches else None)

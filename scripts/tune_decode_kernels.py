@@ -1,18 +1,18 @@
 #!/usr/bin/env python
-"""Sweep the launch settings of the fused decode kernels and check every setting against the PyTorch reference.
+"""Check and time the decode kernels on the Llama-3.1-8B attention shape, and sweep the CUDA split kernel's plan.
 
-One layer, Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128), bf16 queries, random keys and
-values, each cache with its defaults. For each method and batch x context point, every combination of packed tokens
-per iteration (`block_n`), warps, pipelining stages and split waves is run once against the reference (relative
-error of the output) and timed with `triton.testing.do_bench` (median, L2 flushed between repetitions). The bytes
-the kernel must read (codes + metadata + window) over its time give the achieved bandwidth, compared with a
-device-to-device copy measured in the same run (bytes read + written). SDPA on the bf16 cache of the same shape is
-timed as the anchor.
+One layer: 32 query heads, 8 KV heads, head_dim 128, bf16 queries, random keys and values packed by the compress
+kernels (TurboQuant-4 centered; KIVI-2, group 32; Bonsai-1, group 128; as the caches' defaults), a 64-token window.
+For every batch x context point: a device-to-device copy (bytes read + written) gives the bandwidth ceiling; flash
+SDPA on the bf16 cache (each KV head read once, ``enable_gqa``) is the anchor; each method's decode step is timed
+with ``triton.testing.do_bench`` (median, L2 flushed before every repetition) on the Triton split kernel
+(``impl="triton_only"``) and on the default GPU path (``impl="triton"``: the CUDA split kernel where it covers the
+pair), and checked against the reference at the points named by --check. Bytes read = codes + metadata + window.
 
-    python scripts/tune_decode_kernels.py --out $OUT                   # full sweep (one H200: a few minutes)
-    python scripts/tune_decode_kernels.py --quick --out /tmp/tune      # the shipped settings only
+    python scripts/tune_decode_kernels.py --out $OUT                       # table + sweep (one H200: ~2 minutes)
+    python scripts/tune_decode_kernels.py --points 8x32768 --no-sweep      # one point
 
-Prints one row per setting and, last, the best setting per method and point; writes tune_decode_kernels.json.
+Self-contained on ``tq_transformers.kernels`` and ``formats`` (no caches, no model). Writes tune_decode_kernels.json.
 """
 
 from __future__ import annotations
@@ -22,117 +22,202 @@ import itertools
 import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache, kernels  # noqa: E402
+from tq_transformers import kernels  # noqa: E402
+from tq_transformers.codebooks import codebook  # noqa: E402
+from tq_transformers.formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked  # noqa: E402
+from tq_transformers.kernels import cuda_split  # noqa: E402
+from tq_transformers.rotation import random_rotation  # noqa: E402
 
-CACHES = {
-    "turboquant4": (lambda: TurboQuantCache(bits=4), "codebook"),
-    "kivi2": (lambda: KIVICache(bits=2), "kivi"),
-    "bonsai1": (lambda: BonsaiCache(), "codebook"),
-}
-
-
-def bench(fn) -> float:
-    """Median microseconds of `fn` (triton.testing.do_bench: warm-up, L2 flushed before every repetition)."""
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+HQ, HKV, D, WINDOW = 32, 8, 128, 64
+METHODS = ("turboquant4", "kivi2", "bonsai1")
+META = torch.float16  # stored metadata dtype
 
 
-def copy_tbps() -> float:
-    x = torch.empty(2**31, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    us = bench(lambda: y.copy_(x))
-    del x, y
-    return 2 * 2**31 / (us * 1e-6) / 1e12
+def bench(fn, graph: bool = True) -> float:
+    """Median microseconds of `fn` (do_bench: warm-up, L2 flushed before every repetition). With `graph`, `fn` is
+    captured in a CUDA graph and its replays are timed: the GPU time of the step as the caches' CUDA-graph decoding
+    runs it, without the host's launch overhead (which an idle GPU would otherwise add to the event timing)."""
+    import triton.testing
+
+    if graph:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 4 GiB device-to-device copy."""
+    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src), graph=False)
+    return 2 * 2**31 / (us * 1e-6)
+
+
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def pack(method: str, k: torch.Tensor, v: torch.Tensor):
+    """(keys, values, bytes of codes + metadata) of `method` from bf16 [B, H, N, D] keys and values."""
+    dev = k.device
+    if method == "turboquant4":
+        out = []
+        for i, x in enumerate((k, v)):
+            mean = x.float().mean(2, keepdim=True).to(META)
+            rot, levels = random_rotation(D, 7 + i, dev), codebook(4, D, dev)
+            codes, norms = kernels.turboquant_compress(x, mean, rot, levels, 4)
+            out.append(CodebookPacked(codes, norms, levels, 4, rot, mean))
+        return out[0], out[1], nbytes(out[0].codes, out[0].scale, out[1].codes, out[1].scale)
+    if method == "kivi2":
+        keys = ChannelAffinePacked(*kernels.kivi_compress_keys(k, 2, 32), 2, 32)
+        values = TokenAffinePacked(*kernels.kivi_compress_values(v, 2, 32), 2, 32)
+        return keys, values, nbytes(keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero)
+    from tq_transformers.methods.bonsai import sign_levels
+
+    levels = sign_levels(dev)
+    sides = [CodebookPacked(*kernels.bonsai_compress(x, None, None, 128), levels, 1) for x in (k, v)]
+    return sides[0], sides[1], nbytes(sides[0].codes, sides[0].scale, sides[1].codes, sides[1].scale)
+
+
+def rel_err(got, want) -> float:
+    return float((got.float() - want.float()).abs().amax() / want.float().abs().amax().clamp_min(1.0))
 
 
 @torch.no_grad()
+def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, methods):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(batch, HKV, context, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, HKV, context, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, HQ, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    wk, wv = k[:, :, -WINDOW:].contiguous(), v[:, :, -WINDOW:].contiguous()
+    rows = []
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        t = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=D**-0.5,
+                                                                           enable_gqa=True))
+    flash_us = t
+    rows.append({"method": "bf16_flash", "impl": "sdpa", "batch": batch, "context": context, "us": t,
+                 "bytes": nbytes(k, v)})
+    for method in methods:
+        keys, values, packed = pack(method, k[:, :, :context - WINDOW], v[:, :, :context - WINDOW])
+        args = {"q": q, "keys": keys, "values": values, "window_k": wk, "window_v": wv, "key_mask": None,
+                "scaling": D**-0.5}
+        total = packed + nbytes(wk, wv)
+        want = kernels.decode_attention(**args, impl="reference") if check else None
+        impls = ["triton_only"] + (["triton"] if cuda_split.supported(q, keys, values) else [])
+        for impl in impls:
+            err = rel_err(kernels.decode_attention(**args, impl=impl), want) if check else None
+            t = bench(lambda a=args, i=impl: kernels.decode_attention(**a, impl=i))
+            eager = bench(lambda a=args, i=impl: kernels.decode_attention(**a, impl=i), graph=False)
+            rows.append({"method": method, "impl": "cuda" if impl == "triton" else "triton", "batch": batch,
+                         "context": context, "us": t, "eager_us": eager, "bytes": total, "err": err})
+        if sweep and "triton" in impls:
+            saved = dict(cuda_split.CUDA_PLAN)
+            for minb, waves, min_tok in itertools.product((0, 4), (1, 2), (256, 512)):
+                cuda_split.CUDA_PLAN.update(min_blocks=minb, waves=waves, min_tokens=min_tok)
+                t = bench(lambda a=args: kernels.decode_attention(**a, impl="triton"))
+                rows.append({"method": method, "impl": f"cuda b{minb} v{waves} t{min_tok}", "batch": batch,
+                             "context": context, "us": t, "bytes": total, "sweep": True})
+            cuda_split.CUDA_PLAN.update(saved)
+        del keys, values, want
+    for r in rows:
+        r["of_copy"] = r["bytes"] / (r["us"] * 1e-6) / copy_bw
+        r["vs_flash"] = r["us"] / flash_us
+    return rows
+
+
+@torch.no_grad()
+def profile(batch: int = 8, context: int = 32768):
+    """torch.profiler's CUDA kernel times of one decode step of each method (default path), as a table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(batch, HKV, context, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, HQ, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for method in METHODS:
+        keys, values, _ = pack(method, k, k)
+        args = {"q": q, "keys": keys, "values": values, "window_k": k[:, :, -WINDOW:], "window_v": k[:, :, -WINDOW:],
+                "key_mask": None, "scaling": D**-0.5}
+        for _ in range(3):
+            kernels.decode_attention(**args)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                kernels.decode_attention(**args)
+            torch.cuda.synchronize()
+        out.append(f"{method}:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "results/tune"))
-    ap.add_argument("--points", default="8x32768,1x32768")
-    ap.add_argument("--methods", default=",".join(CACHES))
-    ap.add_argument("--block-n", default="32,64,128")
-    ap.add_argument("--warps", default="4,8")
-    ap.add_argument("--stages", default="2,3,4")
-    ap.add_argument("--waves", default="4,8,16,32")
-    ap.add_argument("--quick", action="store_true", help="only the shipped settings")
+    ap.add_argument("--points", default="1x4096,1x32768,8x32768,1x131072,8x131072")
+    ap.add_argument("--check", default="1x4096,8x32768", help="points checked against the reference")
+    ap.add_argument("--sweep-points", default="1x32768,8x32768,1x131072")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's kernel times at 8x32768")
     args = ap.parse_args()
-    from tq_transformers.kernels import triton_kernels as tk
-
-    shipped = {k: dict(v) for k, v in tk.DECODE_TUNING.items()}
-    shipped_waves = tk.SPLIT_WAVES
     os.makedirs(args.out, exist_ok=True)
-    bw = copy_tbps()
-    print(f"{torch.cuda.get_device_name()}: copy {bw:.2f} TB/s (read + write)", flush=True)
-    rows = []
-    for point in args.points.split(","):
-        batch, context = map(int, point.split("x"))
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        k = torch.randn(batch, 8, context, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(batch, 8, context, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(batch, 32, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
-        sdpa_us = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None], k, v, scale=128**-0.5, enable_gqa=True))
-        rows.append(dict(method="bf16_sdpa_gqa", batch=batch, context=context, us=round(sdpa_us, 1),
-                         of_copy=round(2 * k.numel() * 2 / (sdpa_us * 1e-6) / 1e12 / bw, 4)))
-        print(json.dumps(rows[-1]), flush=True)
-        for name in args.methods.split(","):
-            make, family = CACHES[name]
-            cache = make()
-            cache.update(k, v, 0)
-            cache.update(k[:, :, :1], v[:, :, :1], 0)
-            layer = cache.layers[0]
-            fp = layer.memory_footprint()
-            nbytes = fp["codes"] + fp["metadata"] + fp["window"]
-            call = (layer, q, layer.num_quantized, layer.keys, layer.values, None, 128**-0.5)
-            ref = kernels.decode_attention(*call, impl="reference").float()
-            grid = [(shipped[family]["block_n"], shipped[family]["num_warps"], shipped[family]["num_stages"],
-                     shipped_waves)]
-            if not args.quick:
-                grid = list(itertools.product(*(map(int, a.split(",")) for a in (
-                    args.block_n, args.warps, args.stages, args.waves))))
-            for block_n, warps, stages, waves in grid:
-                tk.DECODE_TUNING[family] = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-                tk.SPLIT_WAVES = waves
-                row = dict(method=name, batch=batch, context=context, block_n=block_n, warps=warps, stages=stages,
-                           waves=waves)
-                try:
-                    out = kernels.decode_attention(*call, impl="triton").float()
-                    row["rel_err"] = float((out - ref).norm() / ref.norm())
-                    us = bench(lambda: kernels.decode_attention(*call, impl="triton"))
-                    row.update(us=round(us, 1), mb=round(nbytes / 1e6, 1),
-                               of_copy=round(nbytes / (us * 1e-6) / 1e12 / bw, 4),
-                               vs_sdpa=round(us / sdpa_us, 3))
-                except Exception as exc:  # noqa: BLE001 - a setting that does not compile (shared memory) is skipped
-                    row["error"] = repr(exc)[:200]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            tk.DECODE_TUNING[family] = dict(shipped[family])
-            tk.SPLIT_WAVES = shipped_waves
-            del cache, layer
-        del k, v
-    with open(os.path.join(args.out, "tune_decode_kernels.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "copy_tbps": bw, "torch": torch.__version__, "rows": rows},
-                  f, indent=1)
-    print("\n| method | batch x context | best block_n/warps/stages/waves | us | of copy | vs SDPA bf16 | rel err |")
+    bw = copy_bandwidth()
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "command": " ".join(sys.argv),
+           "date": time.strftime("%Y-%m-%d"), "copy_bandwidth_tbs": bw / 1e12, "rows": [], "errors": []}
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    for p in args.points.split(","):
+        batch, context = map(int, p.split("x"))
+        try:
+            rows = point(batch, context, p in args.check.split(","), not args.no_sweep and p in
+                         args.sweep_points.split(","), bw, args.methods.split(","))
+        except torch.cuda.OutOfMemoryError:
+            res["errors"].append(f"{p}: out of memory")
+            continue
+        res["rows"].extend(rows)
+        for r in rows:
+            err = "" if r.get("err") is None else f" err {r['err']:.2e}"
+            err += "" if r.get("eager_us") is None else f" eager {r['eager_us']:.1f} us"
+            print(f"{p:>9} {r['method']:>12} {r['impl']:>20} {r['us']:9.1f} us {r['bytes'] / 1e6:8.1f} MB "
+                  f"{100 * r['of_copy']:5.1f}% of copy {r['vs_flash']:5.2f}x flash{err}", flush=True)
+        torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "tune_decode_kernels.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    print("\n| point | method | impl | us | MB | % of copy | x flash |")
     print("|---|---|---|---|---|---|---|")
-    for point in args.points.split(","):
-        batch, context = map(int, point.split("x"))
-        for name in args.methods.split(","):
-            ok = [r for r in rows if r["method"] == name and r["batch"] == batch and r["context"] == context
-                  and "us" in r and r["rel_err"] < 2e-2]
-            if ok:
-                r = min(ok, key=lambda r: r["us"])
-                print(f"| {name} | {batch} x {context} | {r['block_n']}/{r['warps']}/{r['stages']}/{r['waves']} | "
-                      f"{r['us']} | {r['of_copy']:.1%} | {r['vs_sdpa']} | {r['rel_err']:.1e} |")
-    bad = [r for r in rows if "rel_err" in r and r["rel_err"] >= 2e-2]
-    print(f"settings over the error bound: {len(bad)}; errors: {sum('error' in r for r in rows)}")
+    for r in res["rows"]:
+        if not r.get("sweep"):
+            print(f"| {r['batch']}x{r['context']} | {r['method']} | {r['impl']} | {r['us']:.1f} | "
+                  f"{r['bytes'] / 1e6:.1f} | {100 * r['of_copy']:.1f} | {r['vs_flash']:.2f} |")
+    best = {}
+    for r in res["rows"]:
+        if r.get("sweep"):
+            key = (r["method"], r["batch"], r["context"])
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    for key, r in best.items():
+        print(f"best plan {key}: {r['impl']} {r['us']:.1f} us ({100 * r['of_copy']:.1f}% of copy)")
+    for e in res["errors"]:
+        print("error:", e)
+    if args.profile:
+        res["profile"] = profile()
+        print(res["profile"])
+    res["cuda_build_failures"] = {str(k): v for k, v in cuda_split._FAILED.items()}
+    print("CUDA build failures:", res["cuda_build_failures"] or "none")
+    with open(os.path.join(args.out, "tune_decode_kernels.json"), "w") as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

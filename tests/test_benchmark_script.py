@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny
 from transformers import DynamicCache
 
 from tq_transformers import TurboQuantCache
+
+from conftest import build_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 benchmark_speed = pytest.importorskip("benchmark_speed")

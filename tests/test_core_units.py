@@ -1,17 +1,23 @@
 """Model-free unit tests: bit layouts, codebooks, rotations, per-method error floors, memory arithmetic."""
 
 import math
+import weakref
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
-from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache, estimate_cache_bytes
+import tq_transformers.codec
+import tq_transformers.layer
+from tq_transformers import BonsaiCache, TurboQuantCache, estimate_cache_bytes
 from tq_transformers.codebooks import GAUSSIAN_LEVELS, gaussian_lloyd_max, sphere_lloyd_max
+from tq_transformers.codec import finite_mean
+from tq_transformers.memory import MIB
+from tq_transformers.methods.turboquant import TurboQuantCodec, TurboQuantConfig
 from tq_transformers.packing import byte_table, pack_bits, packed_size, unpack_bits
 from tq_transformers.rotation import hadamard_matrix, random_rotation
 
-MIB = 2**20
+from cases import CASES, case, params
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,19 +101,17 @@ def test_sphere_codebook_close_to_scaled_gaussian(bits):
     exact = sphere_lloyd_max(bits, 128) * math.sqrt(128)
     gauss = torch.tensor(GAUSSIAN_LEVELS[bits], dtype=torch.float64)
     rel = (exact[2 ** (bits - 1) :] - gauss).abs() / gauss
-    assert rel.max() < 0.02  # REFERENCE.md: the exact Beta codebook differs by under 2% at d = 128
+    assert rel.max() < 0.02  # docs/METHODS.md, "TurboQuant": under 2% at d = 128
     assert rel.max() > 0  # and it is computed, not copied
 
 
 @pytest.mark.parametrize("bits,mse", [(1, 0.36), (2, 0.117), (3, 0.035), (4, 0.0095)], ids=lambda x: str(x))
 def test_unit_vector_mse_matches_paper(bits, mse):
-    from tq_transformers.turboquant import TurboQuantCodec, TurboQuantConfig
-
     cfg = TurboQuantConfig(bits=bits, norm_correction=False, center=False)
     codec = TurboQuantCodec(cfg, 128, seed=3, device="cpu")
     x = torch.randn(1, 1, 4000, 128, generator=torch.Generator().manual_seed(0))
     x = x / x.norm(dim=-1, keepdim=True)
-    err = ((codec.dequantize(codec.quantize(x)) - x) ** 2).sum(-1).mean().item()
+    err = ((codec.decode(codec.encode(x, {})) - x) ** 2).sum(-1).mean().item()
     assert err == pytest.approx(mse, rel=0.08)
 
 
@@ -145,7 +149,7 @@ def _inputs(kind: str, n: int = 512, d: int = 128, seed: int = 0) -> torch.Tenso
 
 def _round_trip(cache, x: torch.Tensor) -> torch.Tensor:
     cache.update(x, x.clone(), 0)
-    k, _ = cache.layers[0]._dequantize(torch.float32)
+    k, _ = cache.layers[0].dequantize(torch.float32)
     return k
 
 
@@ -153,31 +157,29 @@ def _cos(a, b):
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
-METHODS = {
-    "turboquant4": (lambda: TurboQuantCache(bits=4, residual_length=0, flush_size=512), 0.99),
-    "turboquant3": (lambda: TurboQuantCache(bits=3, residual_length=0, flush_size=512), 0.97),
-    "turboquant2": (lambda: TurboQuantCache(bits=2, residual_length=0, flush_size=512), 0.92),
-    "turboquant3-qjl": (lambda: TurboQuantCache(bits=3, qjl=True, residual_length=0, flush_size=512), 0.88),
-    "kivi4": (lambda: KIVICache(bits=4, residual_length=0), 0.99),
-    "kivi2": (lambda: KIVICache(bits=2, residual_length=0), 0.90),
-    "bonsai-faithful": (lambda: BonsaiCache(residual_length=0, flush_size=512), 0.75),
-    "bonsai-improved": (lambda: BonsaiCache.improved(residual_length=0, flush_size=512), 0.78),
-}
+def _whole(c, n: int = 512, **overrides):
+    """A cache of case `c` (head_dim 128, the method's own group size) that packs a prefill of `n` tokens at once."""
+    window = {"residual_length": 0, **({"flush_size": n} if c.accepts("flush_size") else {})}
+    return c.cache(window="default", head_dim=128, **window, **overrides)
+
+
+# measured floors of the mean cosine (random and outlier inputs; faithful 1-bit fails on outliers, asserted below)
+FLOORS = {"turboquant4": 0.99, "turboquant3": 0.97, "turboquant2": 0.92, "turboquant3-qjl": 0.88, "kivi4": 0.99,
+          "kivi2": 0.90, "bonsai": 0.75, "bonsai-improved": 0.78}
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "outliers"])
-@pytest.mark.parametrize("method", list(METHODS))
-def test_error_floor_on_centered_content(method, kind):
+@pytest.mark.parametrize("c", params(*FLOORS))
+def test_error_floor_on_centered_content(c, kind):
     """Cosine of the token-to-token part (x minus the mean over tokens), what attention actually reads."""
-    make, floor = METHODS[method]
     x = _inputs(kind)
-    k = _round_trip(make(), x)
+    k = _round_trip(_whole(c), x)
     mu = x.mean(dim=2, keepdim=True)
     cos = _cos(k - mu, x - mu).mean().item()
-    if method == "bonsai-faithful" and kind == "outliers":
-        assert cos < 0.6  # the known failure of faithful Q1_0 on outlier channels (REFERENCE.md section 1)
+    if c.id == "bonsai" and kind == "outliers":
+        assert cos < 0.6  # the known failure of faithful Q1_0 on outlier channels (docs/METHODS.md, "Bonsai 1-bit")
     else:
-        assert cos > floor, f"{method} on {kind}: mean cosine {cos:.4f} below floor {floor}"
+        assert cos > FLOORS[c.id], f"{c.id} on {kind}: mean cosine {cos:.4f} below floor {FLOORS[c.id]}"
 
 
 def test_bonsai_improvements_restore_inner_product_slope():
@@ -193,16 +195,15 @@ def test_bonsai_improvements_restore_inner_product_slope():
     assert slopes["improved"] == pytest.approx(1.0, abs=0.05)
 
 
-@pytest.mark.parametrize("method", ["turboquant4", "kivi2", "bonsai-faithful", "bonsai-improved"])
-def test_nan_in_one_token_stays_in_that_token(method):
-    make, _ = METHODS[method]
+@pytest.mark.parametrize("c", params("turboquant4", "kivi2", "bonsai", "bonsai-improved"))
+def test_nan_in_one_token_stays_in_that_token(c):
     x = _inputs("gaussian", n=512)
-    clean = _round_trip(make(), x)
+    clean = _round_trip(_whole(c), x)
     bad = x.clone()
     bad[0, 0, 7, 3] = float("nan")
     bad[0, 1, 40, :] = float("inf")
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        dirty = _round_trip(make(), bad)
+        dirty = _round_trip(_whole(c), bad)
     others = torch.ones(512, dtype=torch.bool)
     others[[7, 40]] = False
     assert torch.isfinite(dirty[:, :, others]).all()
@@ -226,8 +227,9 @@ LLAMA_8B = dict(
 
 def test_llama_8b_32k_projection():
     cfg = LlamaConfig(**LLAMA_8B)
-    fp16 = estimate_cache_bytes(cfg, 32768, method="fp16")["total"]
-    assert fp16 == 4096 * MIB
+    full = estimate_cache_bytes(cfg, 32768, method="full")["total"]
+    assert full == 4096 * MIB
+    assert estimate_cache_bytes(cfg, 32768)["total"] == full  # the default
     tq = estimate_cache_bytes(cfg, 32768, method="turboquant", bits=4)["total"]
     kivi = estimate_cache_bytes(cfg, 32768, method="kivi", bits=2)["total"]
     bonsai = estimate_cache_bytes(cfg, 32768, method="bonsai")["total"]
@@ -239,22 +241,33 @@ def test_llama_8b_32k_projection():
     assert tq > 1050 * MIB and kivi > 760 * MIB and bonsai > 280 * MIB  # not suspiciously small
 
 
+def test_fp16_baseline_name_is_a_deprecated_alias_of_full():
+    cfg = LlamaConfig(**LLAMA_8B)
+    with pytest.warns(FutureWarning, match='method="full"'):
+        old = estimate_cache_bytes(cfg, 1000, method="fp16")
+    assert old == estimate_cache_bytes(cfg, 1000, method="full")
+    with pytest.raises(ValueError, match=r"method must be one of \('full', 'bonsai', 'kivi', 'turboquant'\), got 'q4'"):
+        estimate_cache_bytes(cfg, 1000, method="q4")
+
+
 @pytest.mark.parametrize(
-    "make,method,kwargs",
+    "c,overrides",
     [
-        (TurboQuantCache, "turboquant", dict(bits=4)),
-        (TurboQuantCache, "turboquant", dict(bits=3, qjl=True, residual_length=16, flush_size=32)),
-        (KIVICache, "kivi", dict(bits=2)),
-        (KIVICache, "kivi", dict(bits=4, group_size=64, residual_length=64)),
-        (BonsaiCache, "bonsai", dict()),
-        (BonsaiCache, "bonsai", dict(center=True, rotate=True, scale="l2", group_size=64)),
+        (case("turboquant4"), {}),
+        (case("turboquant3-qjl"), dict(residual_length=16, flush_size=32)),
+        (case("kivi2"), {}),
+        (case("kivi4"), dict(group_size=64, residual_length=64)),
+        (case("bonsai"), {}),
+        (case("bonsai-improved-l2"), dict(group_size=64)),
     ],
-    ids=["tq4", "tq3-qjl", "kivi2", "kivi4-g64", "bonsai", "bonsai-improved-g64"],
+    ids=["turboquant4", "turboquant3-qjl-r16-f32", "kivi2", "kivi4-g64-r64", "bonsai", "bonsai-improved-l2-g64"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_memory_footprint_equals_estimate(make, method, kwargs, dtype):
+def test_memory_footprint_equals_estimate(c, overrides, dtype):
     cfg = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": 2, "num_key_value_heads": 2})
-    cache = make(cfg, **kwargs)
+    kwargs = c.settings_for("default", **overrides)
+    method = c.method
+    cache = c.cache_class(cfg, **kwargs)
     gen = torch.Generator().manual_seed(0)
     n = 0
     for chunk in (256, 44, 1, 1, 57, 1, 200):  # prefill (256: TurboQuant-4 flushes it all), decode steps, chunks
@@ -287,18 +300,25 @@ def test_codes_are_really_packed():
     assert cache.layers[0].keys.shape[-2] == 0
 
 
+def _patch_chunk(monkeypatch, tokens: int) -> None:
+    """CHUNK_TOKENS where it is read: the layer's flush chunks and the codec's chunked mean."""
+    monkeypatch.setattr(tq_transformers.layer, "CHUNK_TOKENS", tokens)
+    monkeypatch.setattr(tq_transformers.codec, "CHUNK_TOKENS", tokens)
+
+
 @pytest.mark.parametrize(
-    "make",
-    [lambda: TurboQuantCache(bits=4, center=False), lambda: KIVICache(bits=2), lambda: BonsaiCache.improved()],
-    ids=["tq4", "kivi2", "bonsai-improved"],
+    "c,overrides",
+    [(case("turboquant4"), dict(center=False)), (case("kivi2"), {}), (case("bonsai-improved"), {})],
+    ids=["turboquant4-uncentered", "kivi2", "bonsai-improved"],
 )
-def test_long_prefill_is_quantized_in_chunks_with_the_same_result(make, monkeypatch):
-    import tq_transformers.base as base
+def test_long_prefill_is_quantized_in_chunks_with_the_same_result(c, overrides, monkeypatch):
+    def make():
+        return c.cache(window="default", head_dim=128, **overrides)
 
     x = torch.randn(2, 2, 1000, 128, generator=torch.Generator().manual_seed(4))
     whole = make()
     whole.update(x, x * 0.5, 0)
-    monkeypatch.setattr(base, "CHUNK_TOKENS", 128)  # 1000 tokens now flush in 7 passes
+    _patch_chunk(monkeypatch, 128)  # 1000 tokens now flush in 7 passes
     chunked = make()
     chunked.update(x, x * 0.5, 0)
     a, b = whole.layers[0].storage, chunked.layers[0].storage
@@ -310,18 +330,14 @@ def test_long_prefill_is_quantized_in_chunks_with_the_same_result(make, monkeypa
             assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("make", [lambda: TurboQuantCache(bits=4), lambda: KIVICache(bits=2)], ids=["tq4", "kivi2"])
-def test_long_prefill_holds_one_chunk_at_a_time(make, monkeypatch):
+@pytest.mark.parametrize("c", params("turboquant4", "kivi2"))
+def test_long_prefill_holds_one_chunk_at_a_time(c, monkeypatch):
     """Peak memory of a long prefill: each chunk is written into the final storage before the next is quantized."""
-    import weakref
-
-    import tq_transformers.base as base
-
-    monkeypatch.setattr(base, "CHUNK_TOKENS", 128)
-    cache = make()
+    _patch_chunk(monkeypatch, 128)
+    cache = c.cache(window="default", head_dim=64)
     cache.update(torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64), 0)  # creates the layer
     layer = cache.layers[0]
-    quantize, alive_at_call = layer._quantize_block, []
+    quantize, alive_at_call = layer.encode_block, []
     returned: list[weakref.ref] = []
 
     def counting(keys, values):
@@ -330,7 +346,7 @@ def test_long_prefill_holds_one_chunk_at_a_time(make, monkeypatch):
         returned.extend(weakref.ref(t) for t in out.values())
         return out
 
-    layer._quantize_block = counting
+    layer.encode_block = counting
     cache.update(torch.randn(1, 2, 1000, 64), torch.randn(1, 2, 1000, 64), 0)
     assert len(alive_at_call) >= 6
     assert max(alive_at_call) <= len(returned) // len(alive_at_call)  # at most the previous chunk's tensors
@@ -355,8 +371,32 @@ def test_prefill_window_takes_owned_states_without_copy_and_copies_slices():
 
 
 def test_finite_mean_ignores_non_finite_entries():
-    from tq_transformers.base import finite_mean
-
     x = torch.tensor([[[[1.0, 2.0], [3.0, float("nan")], [5.0, float("inf")]]]])  # [1, 1, 3, 2]
     assert finite_mean(x).tolist() == [[[[3.0, 2.0]]]]
     assert finite_mean(torch.full((1, 1, 2, 1), float("nan"))).tolist() == [[[[0.0]]]]
+
+
+@pytest.mark.parametrize("c", params(*CASES))
+def test_packed_views_decode_to_what_the_layer_dequantizes(c):
+    """``layer.packed(n)`` (the kernels' input, ``formats`` views) and ``layer.dequantize(dtype, n)`` (the reference
+    path) describe the same tokens, for all packed tokens and for a prefix; a codec without a kernel format (QJL)
+    has no view and still dequantizes."""
+    cache = c.cache(head_dim=64)
+    x = torch.randn(2, 2, 70, 64, generator=torch.Generator().manual_seed(2))
+    cache.update(x, x * 0.5, 0)
+    layer = cache.layers[0]
+    assert layer.num_quantized > layer.cfg.flush_size
+    k, v = layer.dequantize(torch.float32)
+    assert k.shape == v.shape == (2, 2, layer.num_quantized, 64)
+    n = layer.cfg.flush_size  # a whole number of KIVI key groups
+    k_n, v_n = layer.dequantize(torch.float32, n)
+    assert torch.equal(k_n, k[:, :, :n]) and torch.equal(v_n, v[:, :, :n])
+    views = layer.packed()
+    if c.settings.get("qjl"):
+        assert views == (None, None)
+        return
+    for view, want, want_n, prefix in zip(views, (k, v), (k_n, v_n), layer.packed(n)):
+        assert view.num_tokens == layer.num_quantized and view.head_dim == 64
+        assert torch.equal(view.dequantize(), want)
+        assert prefix.num_tokens == n and torch.equal(prefix.dequantize(), want_n)
+        assert torch.equal(view.prefix(n).dequantize(), want_n)

@@ -1,4 +1,4 @@
-"""CUDA-graph decoding (`tq_transformers.cuda_graphs`) and the static layout it runs on (`base.StaticLayout`).
+"""CUDA-graph decoding (`tq_transformers.cuda_graphs`) and the static layout it runs on (`static_layout`).
 
 CPU: the graph runner with an emulated graph (each replay re-runs the captured forward with the runner's device-side
 counts and mask, then restores the host state as a real replay leaves it): greedy generation gives exactly the
@@ -12,16 +12,16 @@ import contextlib
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_fast_path import SETTINGS, _generate, _inputs, _method
 
 import tq_transformers
 from tq_transformers import cuda_graphs, fast_attention
-from tq_transformers.base import StaticShared
+from tq_transformers.fast_attention import attn_implementation_of
 from tq_transformers.generation import CACHE_KWARG
-from tq_transformers.registry import get_method
+from tq_transformers.static_layout import StaticShared
 
-needs_gpu = pytest.mark.gpu
+from cases import FAST, SHORT, assert_valid_tokens, build_tiny, case, needs_gpu, params
+from cases import generate_with_scores as _generate
+from cases import padded_inputs as _inputs
 
 
 @contextlib.contextmanager
@@ -62,7 +62,7 @@ def _emulate(fn, layers):
     """A real capture runs no kernel; this one runs the step (with the counts the replay will be given: it writes the
     same window slot again), for an output of the right shapes."""
     graph = _EmulatedGraph(fn, layers)
-    layers[0]._write_step_lengths()
+    layers[0].write_step_counts()
     with _capturing():
         graph.output = fn()
     return graph, graph.output
@@ -70,16 +70,27 @@ def _emulate(fn, layers):
 
 @pytest.fixture
 def emulated_graphs(monkeypatch):
+    """CUDA graphs emulated on the CPU. ``_capture_graph(fn)`` is handed only the step; the layers it runs on are
+    those the runner found for the step (``_graph_layers``) just before capturing, kept here in a closure."""
+    found = {}
+    graph_layers = cuda_graphs._graph_layers
+
+    def recording(cache):
+        layers = graph_layers(cache)
+        if layers is not None:
+            found["layers"] = layers
+        return layers
+
     monkeypatch.setattr(cuda_graphs, "_on_graph_device", lambda layer: True)
-    monkeypatch.setattr(cuda_graphs, "_capture_graph", _emulate)
+    monkeypatch.setattr(cuda_graphs, "_graph_layers", recording)
+    monkeypatch.setattr(cuda_graphs, "_capture_graph", lambda fn: _emulate(fn, found["layers"]))
     monkeypatch.setattr(cuda_graphs, "GROWTH", 16)  # regrow the capacity every 16 packed tokens
 
 
-def _graphed_generate(model, inputs, name, new_tokens=40):
-    method, kwargs = _method(name), SETTINGS[name]
-    tq_transformers.enable(model, method, fast=True, cuda_graphs=True, **kwargs)
+def _graphed_generate(model, inputs, c, new_tokens=40):
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=True, **c.kwargs(model.config))
     try:
-        cache = get_method(method)(model.config, **kwargs)
+        cache = c.cache(model.config)
         fast_attention.prepare_cache(cache, cuda_graphs=True)
         seq, scores = _generate(model, inputs, cache, new_tokens)
         stats = dict(cuda_graphs.runner_of(model).stats)
@@ -89,13 +100,12 @@ def _graphed_generate(model, inputs, name, new_tokens=40):
     return seq, scores, cache, stats
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
-def test_emulated_graph_generate_equals_reference(name, emulated_graphs):
+@pytest.mark.parametrize("c", params(*FAST))
+def test_emulated_graph_generate_equals_reference(c, emulated_graphs):
     model = build_tiny("llama")
     inputs = _inputs("cpu")
-    method, kwargs = _method(name), SETTINGS[name]
-    ref_seq, ref_scores = _generate(model, inputs, get_method(method)(model.config, **kwargs), 40)
-    seq, scores, cache, stats = _graphed_generate(model, inputs, name)
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config), 40)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, c)
     assert stats["replay"] > 10 and stats["capture"] >= 2 and stats["layout"] >= 2, stats
     assert all(layer.static is not None for layer in cache.layers)
     assert torch.equal(seq, ref_seq)
@@ -106,15 +116,14 @@ def test_graph_runner_leaves_other_calls_alone(emulated_graphs):
     """Prefill, a sliding-window model and a call with extra arguments run the original forward (no layout)."""
     model = build_tiny("gemma3")
     inputs = _inputs("cpu")
-    seq, scores, cache, stats = _graphed_generate(model, inputs, "turboquant", new_tokens=8)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, case("turboquant4"), new_tokens=8)
     assert stats.get("replay", 0) == 0 and stats.get("layout", 0) == 0
     assert all(getattr(layer, "static", None) is None for layer in cache.layers)
 
 
-def _static_pair(name, n=70):
+def _static_pair(c, n=70):
     """A dynamic and a static-layout cache of layer shape [2, 2, *, 64] after the same n tokens (float32, CPU)."""
-    method, kwargs = _method(name), SETTINGS[name]
-    caches = [get_method(method)(**kwargs) for _ in range(2)]
+    caches = [c.cache(head_dim=64) for _ in range(2)]
     gen = torch.Generator().manual_seed(0)
     k, v = torch.randn(2, 2, n, 64, generator=gen), torch.randn(2, 2, n, 64, generator=gen)
     for cache in caches:
@@ -126,32 +135,34 @@ def _static_pair(name, n=70):
     return caches, gen
 
 
-@pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai_improved"])
-def test_static_layout_holds_what_the_dynamic_one_holds(name):
+@pytest.mark.parametrize("c", params(*SHORT))
+def test_static_layout_holds_what_the_dynamic_one_holds(c):
     """Token by token through two flushes, a crop and a reorder: the same tokens (dequantized exactly alike), the
     same counters, and a footprint of the reserved buffers."""
-    (dyn, sta), gen = _static_pair(name)
+    (dyn, sta), gen = _static_pair(c)
     ld, ls = dyn.layers[0], sta.layers[0]
-    for step in range(2 * ld.cfg.flush_size):
+    for _ in range(2 * ld.cfg.flush_size):
         k, v = torch.randn(2, 2, 1, 64, generator=gen), torch.randn(2, 2, 1, 64, generator=gen)
         dyn.update(k, v, 0)
         sta.update(k, v, 0)
         assert ls.static is not None
-        ls._settle()
+        ls.settle()
         assert (ls.num_quantized, ls.cumulative_length) == (ld.num_quantized, ld.cumulative_length)
         assert torch.equal(ls.keys, ld.keys) and torch.equal(ls.values, ld.values)
-        for a, b in zip(ls._dequantize(torch.float32), ld._dequantize(torch.float32)):
+        for a, b in zip(ls.dequantize(torch.float32), ld.dequantize(torch.float32)):
             assert torch.equal(a, b)
     held = ls.memory_footprint()
     reserved = sum(t.numel() * t.element_size() for t in ls.static.reserved.values())
-    reserved += sum(t.numel() * t.element_size() for n, t in ls.storage.items() if n in ls.static_storage)
+    static_pieces = {f"{side}_{p}" for side, codec in ls.codecs.items() for p in codec.static_pieces}
+    assert not static_pieces & set(ls.static.reserved)  # the means do not grow: not reserved
+    reserved += sum(t.numel() * t.element_size() for n, t in ls.storage.items() if n in static_pieces)
     assert held["codes"] + held["metadata"] == reserved
     assert held["window"] == 2 * ls.static.win_k.numel() * 4
     with pytest.raises(RuntimeError, match="capacity"):  # past the capacity without a new layout
         for _ in range(10 * ld.cfg.flush_size):
             sta.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64), 0)
     # crop and reorder leave the static layout: every tensor owns exactly its bytes again
-    (dyn, sta), gen = _static_pair(name)
+    (dyn, sta), gen = _static_pair(c)
     for cache in (dyn, sta):
         cache.crop(-5)
         cache.reorder_cache(torch.tensor([1, 0]))
@@ -159,27 +170,31 @@ def test_static_layout_holds_what_the_dynamic_one_holds(name):
     assert ls.static is None
     assert ls.memory_footprint() == ld.memory_footprint()
     assert torch.equal(ls.keys, ld.keys)
-    for a, b in zip(ls._dequantize(torch.float32), ld._dequantize(torch.float32)):
+    for a, b in zip(ls.dequantize(torch.float32), ld.dequantize(torch.float32)):
         assert torch.equal(a, b)
 
 
 def test_enter_static_checks_its_arguments():
-    (dyn, sta), _ = _static_pair("turboquant")
+    (dyn, sta), _ = _static_pair(case("turboquant4"))
     layer = dyn.layers[0]
     shared = sta.layers[0].static.shared
     with pytest.raises(ValueError, match="capacity must be a multiple of flush_size"):
         layer.enter_static(layer.num_quantized + 1, shared)
     with pytest.raises(ValueError, match="capacity must be"):
         layer.enter_static(layer.num_quantized - layer.cfg.flush_size, shared)
-    empty = get_method("turboquant")(**SETTINGS["turboquant"]).layers
-    assert empty == []
+    empty = case("turboquant4").cache()
+    assert empty.layers == []
+    with pytest.raises(ValueError, match="needs packed tokens"):
+        fresh = case("turboquant4").cache(head_dim=64)
+        fresh.update(torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64), 0)  # 8 tokens: none packed yet
+        fresh.layers[0].enter_static(16, shared)
 
 
 def test_enable_cuda_graphs_needs_fast():
     model = build_tiny("llama")
     with pytest.raises(ValueError, match="cuda_graphs=True needs fast=True"):
         tq_transformers.enable(model, "turboquant", cuda_graphs=True)
-    with pytest.raises(TypeError, match="cuda_graphs must be bools"):
+    with pytest.raises(TypeError, match="cuda_graphs must be a bool, got str 'yes'"):
         tq_transformers.enable(model, "turboquant", fast=True, cuda_graphs="yes")
 
 
@@ -188,22 +203,21 @@ def test_enable_cuda_graphs_needs_fast():
 # ----------------------------------------------------------------------------------------------------------------------
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("name", ["turboquant", "kivi", "bonsai_improved"])
-def test_cuda_graph_decode_matches_eager_fast_path(name, dtype, monkeypatch):
+@pytest.mark.parametrize("c", params(*SHORT))
+def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, monkeypatch):
     """Real graphs (capacity regrown every 16 packed tokens) fed the same tokens as the eager fast path (teacher
     forcing, so a near-tie cannot make the two runs see different inputs): logits within float noise at every step
     (the packed tokens are split among blocks by capacity instead of by length), the same argmax."""
     monkeypatch.setattr(cuda_graphs, "GROWTH", 16)
     model = build_tiny("llama", dtype).to("cuda")
     inputs = _inputs("cuda")
-    method, kwargs = _method(name), SETTINGS[name]
     forced = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
     fast_attention.install(model)
     cuda_graphs.install(model)
     try:
         runs = []
         for flag in (False, True):
-            cache = fast_attention.prepare_cache(get_method(method)(model.config, **kwargs), cuda_graphs=flag)
+            cache = fast_attention.prepare_cache(c.cache(model.config), cuda_graphs=flag)
             runs.append(_forced_logits(model, cache, inputs, forced))
         stats = dict(cuda_graphs.runner_of(model).stats)
     finally:
@@ -252,12 +266,12 @@ def test_graph_runner_keeps_a_graph_per_cache_and_skips_unflagged_caches(emulate
     cache prepared without cuda_graphs=True is never graphed. Each gives exactly its reference logits."""
     model = build_tiny("llama")
     ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(2))
-    kwargs = SETTINGS["kivi"]
-    want = _greedy_loop(model, get_method("kivi")(model.config, **kwargs), ids, 12)
+    c = case("kivi2")
+    want = _greedy_loop(model, c.cache(model.config), ids, 12)
     fast_attention.install(model)
     cuda_graphs.install(model)
     try:
-        caches = [fast_attention.prepare_cache(get_method("kivi")(model.config, **kwargs), cuda_graphs=flag)
+        caches = [fast_attention.prepare_cache(c.cache(model.config), cuda_graphs=flag)
                   for flag in (True, True, False)]
         outs = [model(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1, return_dict=True)
                 for c in caches]
@@ -281,21 +295,23 @@ def test_graph_runner_keeps_a_graph_per_cache_and_skips_unflagged_caches(emulate
 
 
 def test_graph_runner_beam_search_equals_reference(emulated_graphs):
-    """Beam search reorders the cache every step: the layers leave the static layout (reorder copies every tensor)
-    and the runner lays them out again; the beams equal the reference path's exactly."""
+    """Beam search reorders the cache every step. The beams of one prompt share their prefill's centering means, so
+    the static layout reorders its buffers in place (``StaticLayout.reorder_in_place``): one layout, one capture, the
+    graph replayed through the reorders; the beams equal the reference path's exactly."""
     model = build_tiny("llama")
     inputs = _inputs("cpu")
-    kwargs = SETTINGS["turboquant"]
+    c = case("turboquant4")
     ref = model.generate(**inputs, num_beams=2, max_new_tokens=20, do_sample=False,
-                         **{CACHE_KWARG: get_method("turboquant")(model.config, **kwargs)})
-    tq_transformers.enable(model, "turboquant", fast=True, cuda_graphs=True, **kwargs)
+                         **{CACHE_KWARG: c.cache(model.config)})
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=True, **c.kwargs(model.config))
     try:
         got = model.generate(**inputs, num_beams=2, max_new_tokens=20, do_sample=False)
         stats = dict(cuda_graphs.runner_of(model).stats)
     finally:
         tq_transformers.disable(model)
-    assert stats["layout"] >= 2, stats
+    assert stats["layout"] == 1 and stats["capture"] == 1 and stats["replay"] > 10, stats
     assert torch.equal(got, ref)
+    assert_valid_tokens(got, inputs["input_ids"])
 
 
 def test_install_and_enable_restore_instance_level_forward_and_generate():
@@ -327,12 +343,12 @@ def test_install_and_enable_restore_instance_level_forward_and_generate():
     assert calls.count("generate") == 1
     tq_transformers.disable(model)
     assert vars(model)["generate"] is hooked_generate and vars(model)["forward"] is hooked_forward
-    assert model.config._attn_implementation == "sdpa"
+    assert attn_implementation_of(model.config) == "sdpa"
 
 
 def test_graph_layers_need_one_device(emulated_graphs):
     """Layers spread over devices (a pipeline over GPUs) run eagerly: the counts tensor lives on one device."""
-    cache = fast_attention.prepare_cache(get_method("turboquant")(**SETTINGS["turboquant"]), cuda_graphs=True)
+    cache = fast_attention.prepare_cache(case("turboquant4").cache(head_dim=64), cuda_graphs=True)
     gen = torch.Generator().manual_seed(0)
     for i in range(2):
         cache.update(torch.randn(1, 2, 40, 64, generator=gen), torch.randn(1, 2, 40, 64, generator=gen), i)
@@ -349,14 +365,14 @@ def test_graph_layers_need_one_device(emulated_graphs):
 def test_graph_runner_runs_unusual_decode_calls_eagerly(extra, emulated_graphs):
     """Decode calls that are not generate's plain step run the original forward, with the same result."""
     model = build_tiny("llama")
-    kwargs = SETTINGS["turboquant"]
+    c = case("turboquant4")
     ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(4))
     outs = []
     fast_attention.install(model)
     for graphs in (False, True):
         if graphs:
             cuda_graphs.install(model)
-        cache = fast_attention.prepare_cache(get_method("turboquant")(model.config, **kwargs), cuda_graphs=True)
+        cache = fast_attention.prepare_cache(c.cache(model.config), cuda_graphs=True)
         model(input_ids=ids, past_key_values=cache, use_cache=True, return_dict=True)
         call = dict(input_ids=ids[:, :1], position_ids=torch.tensor([[40]]), past_key_values=cache, use_cache=True,
                     return_dict=True, **{k: v for k, v in extra.items() if k not in ("attention_mask", "args")})

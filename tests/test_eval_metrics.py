@@ -69,3 +69,42 @@ def test_common_prefix_length():
 
 def test_relative_change():
     assert metrics.relative_change(11.0, 10.0) == pytest.approx(10.0)
+
+
+def test_token_nll_matches_perplexity():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(7, 11), torch.randint(0, 11, (7,))
+    nll = metrics.token_nll(logits, targets)
+    assert nll.shape == (7,)
+    assert math.exp(float(nll.mean())) == pytest.approx(metrics.perplexity(logits, targets))
+    assert float(nll[2]) == pytest.approx(-float(torch.log_softmax(logits[2].double(), -1)[targets[2]]))
+
+
+def test_bootstrap_interval_hand_cases():
+    ref = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 3
+    assert metrics.bootstrap_perplexity_change(ref, ref) == (0.0, 0.0)
+    lo, hi = metrics.bootstrap_perplexity_change(ref + 0.1, ref)  # every token 0.1 nats worse
+    assert lo == pytest.approx(100 * math.expm1(0.1)) and hi == pytest.approx(100 * math.expm1(0.1))
+
+
+def test_bootstrap_interval_includes_zero_for_pure_noise_and_not_for_a_clear_shift():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(256, generator=gen) * 4
+    noise = torch.randn(256, generator=gen)
+    noise -= noise.mean()  # no change on average
+    lo, hi = metrics.bootstrap_perplexity_change(ref + noise, ref)
+    assert lo < 0 < hi
+    lo, hi = metrics.bootstrap_perplexity_change(ref + noise + 0.5, ref)
+    assert 0 < lo < 100 * math.expm1(0.5) < hi
+    assert metrics.bootstrap_perplexity_change(ref + noise, ref, seed=3) == \
+        metrics.bootstrap_perplexity_change(ref + noise, ref, seed=3)  # deterministic
+    wide = metrics.bootstrap_perplexity_change(ref + noise, ref)
+    narrow = metrics.bootstrap_perplexity_change(ref + noise, ref, level=0.5)
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+def test_bootstrap_bad_inputs():
+    with pytest.raises(ValueError, match="one length, got 3 and 2"):
+        metrics.bootstrap_perplexity_change([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="level must be in"):
+        metrics.bootstrap_perplexity_change([1.0], [1.0], level=1.5)

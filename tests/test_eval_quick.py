@@ -10,7 +10,8 @@ import yaml
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tq_transformers import KIVICache
-from tq_transformers.evaluation import cli, config as eval_config
+from tq_transformers.evaluation import cli
+from tq_transformers.evaluation import config as eval_config
 from tq_transformers.evaluation.data import load_text
 from tq_transformers.evaluation.runner import MethodSpec, RowSplitCache, build_caches, forward, replay_prefill
 
@@ -43,7 +44,7 @@ def test_row_split_matches_separate_runs():
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config()).eval()
     ids = torch.randint(0, 320, (1, 300))
-    specs = [MethodSpec("fp16", "fp16"), MethodSpec("kivi", "kivi")]
+    specs = [MethodSpec("full", "full"), MethodSpec("kivi", "kivi")]
     caches, _, _ = build_caches(model, specs, ids[:, :260])
     replayed = caches[1].memory_footprint()
     side = forward(model, ids[:, 260:].repeat(2, 1), RowSplitCache(caches, [1, 1]))
@@ -75,7 +76,7 @@ def test_default_yaml_equals_embedded_defaults():
 def test_every_config_loads_and_every_key_is_commented(path):
     cfg = eval_config.validate(eval_config.load_config(str(path)))
     specs = eval_config.method_specs(cfg)
-    assert specs[0].name == "fp16" and len(specs) >= 2
+    assert specs[0].name == "full" and specs[0].method == "full" and len(specs) >= 2
     for spec in specs[1:]:
         spec.make(tiny_config())  # settings are valid
     for line in path.read_text().splitlines():
@@ -106,13 +107,16 @@ def test_quick_mode_end_to_end_tiny(tiny_model_dir, tmp_path):
     rc = cli.main(["--quick", "--model", str(tiny_model_dir), "--dtype", "fp32", "--output-dir", str(out),
                    "--methods", "turboquant-4,kivi-2,bonsai-1"])
     assert rc == 0
-    for name in ("results.json", "results.csv", "table.md", "memory_fidelity.png", "needle_heatmap.png"):
+    for name in ("results.json", "results.csv", "table.md", "memory_fidelity.png", "memory_quality.png",
+                 "needle_heatmap.png"):
         assert (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
     methods = res["methods"]
-    assert list(methods) == ["fp16", "turboquant-4", "kivi-2", "bonsai-1"]
-    ref = methods["fp16"]
-    assert ref["perplexity"]["top1_agreement"] == 1.0 and ref["perplexity"]["kl_divergence"] == pytest.approx(0, abs=1e-9)
+    assert list(methods) == ["full", "turboquant-4", "kivi-2", "bonsai-1"]
+    ref = methods["full"]
+    assert ref["label"] == "full (float32)"
+    assert ref["perplexity"]["top1_agreement"] == 1.0
+    assert ref["perplexity"]["kl_divergence"] == pytest.approx(0, abs=1e-9)
     assert ref["agreement"]["full_match"] == 1.0
     assert ref["projection"]["mib"] == pytest.approx(4096)
     for name in ("turboquant-4", "kivi-2", "bonsai-1"):
@@ -123,7 +127,8 @@ def test_quick_mode_end_to_end_tiny(tiny_model_dir, tmp_path):
         assert len(m["perplexity"]["fidelity"]["per_layer"]) == 2
     assert methods["turboquant-4"]["projection"]["mib"] < 1056.2  # 1056 + 0.125 MiB of centering means
     assert methods["bonsai-1"]["projection"]["mib"] < 310
-    assert methods["turboquant-4"]["perplexity"]["fidelity"]["mean"] > methods["bonsai-1"]["perplexity"]["fidelity"]["mean"]
+    fidelity = {name: m["perplexity"]["fidelity"]["mean"] for name, m in methods.items()}
+    assert fidelity["turboquant-4"] > fidelity["bonsai-1"]
 
 
 @pytest.mark.real_model

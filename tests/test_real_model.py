@@ -10,7 +10,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache
+from tq_transformers.fast_attention import attn_implementation_of
+
+from cases import case, params
 
 pytestmark = pytest.mark.real_model
 
@@ -33,7 +35,7 @@ def recorded():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("tq_test_record", record)
-    previous = model.config._attn_implementation
+    previous = attn_implementation_of(model.config)
     model.set_attn_implementation("tq_test_record")
     try:
         with torch.no_grad():
@@ -63,28 +65,25 @@ def attention_fidelity(cache, states) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize(
-    "name,make,floor",
-    [
-        ("turboquant4", lambda c: TurboQuantCache(c, bits=4), 0.99),
-        ("kivi2", lambda c: KIVICache(c, bits=2), 0.97),
-        ("kivi4", lambda c: KIVICache(c, bits=4), 0.995),
-        ("bonsai-faithful", lambda c: BonsaiCache(c), 0.70),
-        ("bonsai-improved", lambda c: BonsaiCache.improved(c), 0.92),
-    ],
-    ids=lambda x: x if isinstance(x, str) else "",
-)
-def test_attention_fidelity_on_real_text(recorded, name, make, floor):
+# measured floors (module docstring); each case with the method's default window, as shipped
+FLOORS = {"turboquant4": 0.99, "kivi2": 0.97, "kivi4": 0.995, "bonsai": 0.70, "bonsai-improved": 0.92}
+
+
+@pytest.mark.parametrize("c", params(*FLOORS))
+def test_attention_fidelity_on_real_text(recorded, c):
     config, states = recorded
-    cache = make(config)
+    cache = c.cache(config, "default")
     cos = attention_fidelity(cache, states)
     assert cache.memory_footprint()["codes"] > 0  # the continuation really read quantized tokens
-    assert cos.mean().item() > floor, f"{name}: mean attention-output cosine {cos.mean():.4f} below {floor}"
+    floor = FLOORS[c.id]
+    assert cos.mean().item() > floor, f"{c.id}: mean attention-output cosine {cos.mean():.4f} below {floor}"
 
 
 def test_centering_is_what_saves_turboquant_on_qwen(recorded):
-    """REFERENCE.md section 6: without centering, the shared key offset eats the per-vector error budget."""
+    """docs/METHODS.md, "Key offsets and centering": without centering, the shared key offset eats the per-vector
+    error budget."""
     config, states = recorded
-    centered = attention_fidelity(TurboQuantCache(config, bits=4), states)
-    plain = attention_fidelity(TurboQuantCache(config, bits=4, center=False), states)
+    c = case("turboquant4")
+    centered = attention_fidelity(c.cache(config, "default"), states)
+    plain = attention_fidelity(c.cache(config, "default", center=False), states)
     assert centered.mean(1).min() > plain.mean(1).min() + 0.1  # the worst layer gains most

@@ -35,8 +35,10 @@ tokens among thread blocks (tested on a GPU).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
+import types
 import weakref
 
 import torch
@@ -122,10 +124,16 @@ def _graph_layers(cache) -> list[QuantizedKVLayer] | None:
 class _Runner:
     """The wrapped forward of one model (see the module docstring)."""
 
-    def __init__(self, forward):
-        self.forward = forward
+    def __init__(self, forward, replaced=None):
+        self.forward = forward  # the forward wrapped (a bound method, or an instance-level one such as accelerate's)
+        self.replaced = replaced  # the instance-level forward that `uninstall` puts back, or None
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _State
         self.stats = collections.Counter()  # steps by kind: "eager", "capture", "replay"; and "layout" (re)builds
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the model gets a runner of its own around the copy's forward (no graphs: captured graphs
+        belong to the original's buffers)."""
+        return _Runner(copy.deepcopy(self.forward, memo), copy.deepcopy(self.replaced, memo))
 
     # ------------------------------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -231,36 +239,57 @@ class _Runner:
         state.cache_fields = tuple(k for k, v in output.items() if v is cache)
 
 
+_RUNNER_ATTR = "_tq_graph_runner"
+
+
+def _graph_forward(cls_forward):
+    """The model's forward while the graph runner is installed: a function bound to the model (a deep copy of the
+    model rebinds it to the copy, with a runner of its own), with the signature of the class's forward (generate
+    reads it, e.g. to pass ``logits_to_keep``)."""
+
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        return vars(self)[_RUNNER_ATTR](*args, **kwargs)
+
+    return forward
+
+
 def install(model):
     """Wrap `model.forward` so that decode steps of fast-path tq caches replay a CUDA graph (module docstring).
-    Idempotent; returns the model."""
-    if getattr(model.forward, "__tq_graph_runner__", None) is not None:
+
+    Args:
+        model: a transformers model.
+    Returns:
+        the model (idempotent).
+    """
+    if runner_of(model) is not None:
         return model
-    original = model.forward
-    runner = _Runner(original)
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return runner(*args, **kwargs)
-
-    forward.__tq_graph_runner__ = runner
-    forward.__tq_replaced__ = vars(model).get("forward")  # an instance-level forward (accelerate's hooks), or None
-    model.forward = forward
+    replaced = vars(model).get("forward")  # an instance-level forward (accelerate's hooks), or None
+    runner = _Runner(model.forward, replaced)
+    setattr(model, _RUNNER_ATTR, runner)
+    model.forward = types.MethodType(_graph_forward(type(model).forward), model)
     return model
 
 
 def runner_of(model) -> _Runner | None:
     """The graph runner `install` put on `model` (its ``stats`` count the steps by kind), or None."""
-    return getattr(model.forward, "__tq_graph_runner__", None)
+    return vars(model).get(_RUNNER_ATTR)
 
 
 def uninstall(model):
     """Undo `install`: the forward the model had before (its class's, or an instance-level one such as accelerate's
-    hooks put there); the graphs and their buffers are freed."""
-    forward = vars(model).get("forward")
-    if getattr(forward, "__tq_graph_runner__", None) is not None:
-        if forward.__tq_replaced__ is None:
+    hooks put there); the graphs and their buffers are freed.
+
+    Args:
+        model: a transformers model.
+    Returns:
+        the model.
+    """
+    runner = runner_of(model)
+    if runner is not None:
+        del model.__dict__[_RUNNER_ATTR]
+        if runner.replaced is None:
             del model.forward
         else:
-            model.forward = forward.__tq_replaced__
+            model.forward = runner.replaced
     return model

@@ -13,7 +13,9 @@ handed one cache instance reuses it for every prompt: the second prompt silently
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import types
 
 import torch
 import transformers
@@ -74,8 +76,9 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
     if cuda_graphs and not fast:
         raise ValueError("cuda_graphs=True needs fast=True (graphs replay the fused decode path), got fast=False")
     cache_cls(model.config, **cache_kwargs)  # validate the arguments once, at enable time
-    original = getattr(model.generate, "__tq_original__", model.generate)
-    previous_attn = getattr(model.generate, "__tq_previous_attn__", None)
+    previous = vars(model).get(_STATE_ATTR)
+    previous_attn = previous.previous_attn if previous is not None else None
+    replaced = previous.replaced if previous is not None else vars(model).get("generate")
     if fast:
         from . import fast_attention
 
@@ -87,50 +90,85 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
         graphs.install(model)
     else:
         graphs.uninstall(model)
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        name = "cache" if kwargs.get("cache") is not None else "past_key_values"
-        cache = kwargs.get(name)
-        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        if cache is None:
-            kwargs.pop("cache", None)
-            kwargs.pop("past_key_values", None)
-            cache = cache_cls(model.config, **cache_kwargs)
-            kwargs[CACHE_KWARG] = cache
-        elif isinstance(cache, QuantizedKVCache):
-            check_cache_continues(cache, input_ids)
-        if fast and isinstance(cache, QuantizedKVCache):
-            from .fast_attention import prepare_cache
-
-            prepare_cache(cache, cuda_graphs=cuda_graphs)
-        out = original(*args, **kwargs)
-        if isinstance(cache, QuantizedKVCache):
-            sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-            cache.token_ids = None if sequences is None else sequences.detach()
-        return out
-
-    generate.__tq_original__ = original
-    generate.__tq_method__ = (method, dict(cache_kwargs))
-    generate.__tq_previous_attn__ = previous_attn
-    # an instance-level generate that was there before the first enable (not ours), or None
-    replaced = vars(model).get("generate")
-    generate.__tq_replaced__ = getattr(replaced, "__tq_replaced__", replaced)
-    model.generate = generate
+    setattr(model, _STATE_ATTR, _Enabled(method, dict(cache_kwargs), fast, cuda_graphs, previous_attn, replaced))
+    model.generate = types.MethodType(_enabled_generate(type(model).generate), model)
     return model
 
 
+@dataclasses.dataclass
+class _Enabled:
+    """What `enable` set on a model (kept in the model's instance dict: a deep copy of the model carries it, and its
+    bound methods rebind to the copy)."""
+
+    method: str
+    settings: dict
+    fast: bool
+    cuda_graphs: bool
+    previous_attn: str | None  # the attention implementation before fast=True switched it, or None
+    replaced: object  # an instance-level generate that was there before the first enable (not ours), or None
+
+
+_STATE_ATTR = "_tq_enabled"
+
+
+def enabled(model) -> tuple[str, dict] | None:
+    """(method, settings) that `enable` set on `model`, or None."""
+    state = vars(model).get(_STATE_ATTR)
+    return None if state is None else (state.method, dict(state.settings))
+
+
+def _enabled_generate(cls_generate):
+    """The model's generate while enabled, with the signature of the class's generate (``_generate``)."""
+
+    @functools.wraps(cls_generate)
+    def generate(self, *args, **kwargs):
+        return _generate(self, *args, **kwargs)
+
+    return generate
+
+
+def _generate(self, *args, **kwargs):
+    """The model's generate while enabled: a fresh cache per call, or a checked continuation (module docstring)."""
+    state = vars(self)[_STATE_ATTR]
+    cache_cls = get_method(state.method)
+    original = state.replaced if state.replaced is not None else functools.partial(type(self).generate, self)
+    name = "cache" if kwargs.get("cache") is not None else "past_key_values"
+    cache = kwargs.get(name)
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if cache is None:
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        cache = cache_cls(self.config, **state.settings)
+        kwargs[CACHE_KWARG] = cache
+    elif isinstance(cache, QuantizedKVCache):
+        check_cache_continues(cache, input_ids)
+    if state.fast and isinstance(cache, QuantizedKVCache):
+        from .fast_attention import prepare_cache
+
+        prepare_cache(cache, cuda_graphs=state.cuda_graphs)
+    out = original(*args, **kwargs)
+    if isinstance(cache, QuantizedKVCache):
+        sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+        cache.token_ids = None if sequences is None else sequences.detach()
+    return out
+
+
 def disable(model):
-    """Undo `enable`: the model's own `generate` again."""
-    if hasattr(model.generate, "__tq_original__"):
-        previous_attn = getattr(model.generate, "__tq_previous_attn__", None)
-        if previous_attn is not None:  # enable(fast=True) switched the attention implementation
-            model.set_attn_implementation(previous_attn)
-        replaced = model.generate.__tq_replaced__
-        if replaced is None:
-            del model.generate
+    """Undo `enable`: the model's own `generate` (and attention implementation, and forward) again.
+
+    Args:
+        model: a model `enable` was called on (anything else is returned unchanged).
+    Returns:
+        the model.
+    """
+    state = vars(model).pop(_STATE_ATTR, None)
+    if state is not None:
+        if state.previous_attn is not None:  # enable(fast=True) switched the attention implementation
+            model.set_attn_implementation(state.previous_attn)
+        if state.replaced is None:
+            vars(model).pop("generate", None)
         else:
-            model.generate = replaced
+            model.generate = state.replaced
     from . import cuda_graphs
 
     cuda_graphs.uninstall(model)

@@ -383,8 +383,9 @@ class QuantizedKVLayer(CacheLayerMixin):
             # whole entries stay packed; tokens of a partly kept entry (a KIVI key group) return to the window
             packed = min(codec.whole_entries(keep) for codec in self.codecs.values())
             if packed < keep:
-                k_all, v_all = self.dequantize(self.dtype, keep)
-                self.keys, self.values = compact(k_all[..., packed:, :]), compact(v_all[..., packed:, :])
+                k_all, v_all = self.dequantize(self.dtype)  # all held: a prefix of `keep` keeps only whole groups
+                self.keys = compact(k_all[..., packed:keep, :])
+                self.values = compact(v_all[..., packed:keep, :])
             else:
                 self.keys, self.values = compact(self.keys[..., :0, :]), compact(self.values[..., :0, :])
             self.storage = {name: compact(t) for name, t in self.storage_prefix(packed).items()}

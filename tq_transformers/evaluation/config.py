@@ -100,7 +100,7 @@ def load_config(spec: str = "default") -> dict:
 
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must hold a mapping at the top level, got {describe(data)}")
+        raise TypeError(f"config {path} must hold a mapping at the top level, got {describe(data)}")
     unknown = set(data) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"config keys must be among {sorted(DEFAULTS)}, got unknown {sorted(unknown)} in {path}")
@@ -149,14 +149,18 @@ _POSITIVE_INTS = {
 def validate(cfg: dict) -> dict:
     """Raise a ValueError naming the key, what is allowed and the value given, for any bad setting; returns `cfg`."""
     for key in ("name", "model", "device"):
-        if not isinstance(cfg[key], str) or not cfg[key]:
-            raise ValueError(f"{key} must be a non-empty string, got {describe(cfg[key])}")
+        if not isinstance(cfg[key], str):
+            raise TypeError(f"{key} must be a string, got {describe(cfg[key])}")
+        if not cfg[key]:
+            raise ValueError(f"{key} must be a non-empty string, got {cfg[key]!r}")
     parse_dtype(cfg["dtype"], "dtype")
     for section in (*_POSITIVE_INTS, "quick"):
         if not isinstance(cfg[section], dict):
-            raise ValueError(f"{section} must be a mapping, got {describe(cfg[section])}")
-    if not isinstance(cfg["methods"], list) or not cfg["methods"]:
-        raise ValueError(f"methods must be a non-empty list of settings, got {describe(cfg['methods'])}")
+            raise TypeError(f"{section} must be a mapping, got {describe(cfg[section])}")
+    if not isinstance(cfg["methods"], list):
+        raise TypeError(f"methods must be a list of settings, got {describe(cfg['methods'])}")
+    if not cfg["methods"]:
+        raise ValueError("methods must hold at least one setting, got an empty list")
     for section, keys in _POSITIVE_INTS.items():
         for key in keys:
             value = cfg[section][key]
@@ -170,7 +174,8 @@ def validate(cfg: dict) -> dict:
     if not isinstance(lengths, list) or not lengths or not all(isinstance(n, int) and n > 0 for n in lengths):
         raise ValueError(f"needle.lengths must be a non-empty list of positive integers, got {lengths!r}")
     depths = cfg["needle"]["depths"]
-    if not isinstance(depths, list) or not depths or not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in depths):
+    if (not isinstance(depths, list) or not depths
+            or not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in depths)):
         raise ValueError(f"needle.depths must be a non-empty list of numbers in [0, 1], got {depths!r}")
     return cfg
 
@@ -180,8 +185,10 @@ def method_specs(cfg: dict, only: list[str] | None = None) -> list[MethodSpec]:
     config, e.g. "kivi", gives that method at its default settings)."""
     entries = []
     for entry in cfg["methods"]:
-        if not isinstance(entry, dict) or "method" not in entry:
-            raise ValueError(f"methods entries must be mappings with a 'method' key, got {describe(entry)}")
+        if not isinstance(entry, dict):
+            raise TypeError(f"methods entries must be mappings with a 'method' key, got {describe(entry)}")
+        if "method" not in entry:
+            raise ValueError(f"methods entries must have a 'method' key, got {describe(entry)}")
         entry = dict(entry)
         method = entry.pop("method")
         name = entry.pop("name", method)
@@ -201,4 +208,8 @@ def method_specs(cfg: dict, only: list[str] | None = None) -> list[MethodSpec]:
                     ) from None
         entries = picked
     entries = [e for e in entries if e.method != REFERENCE]
+    names = [e.name for e in entries]
+    clash = sorted({n for n in names if names.count(n) > 1 or n == REFERENCE})
+    if clash:
+        raise ValueError(f"setting names must be unique and other than {REFERENCE!r} (the reference's), got {clash}")
     return [MethodSpec(REFERENCE, REFERENCE)] + entries

@@ -85,7 +85,9 @@ def _snap(ids: list[int], pos: int, tokenizer, window: int = 64) -> int:
 
 def needle_prompts(tokenizer, haystack: str, length: int, depths: list[float], ncfg: dict) -> torch.Tensor:
     """[len(depths), length] prompts: intro, real text with the needle at each depth, question, answer prefix."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     intro = enc("Below is a long text. Somewhere in it a secret passcode is stated. Remember it.\n\n")
     needle = enc(" " + ncfg["needle"] + "\n")
     tail = enc(f"\n\nQuestion: {ncfg['question']}\nAnswer: {ncfg['answer_prefix']}")
@@ -97,7 +99,7 @@ def needle_prompts(tokenizer, haystack: str, length: int, depths: list[float], n
     for depth in depths:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"needle depths must be in [0, 1], got {depth!r}")
-        pos = min(_snap(hay, int(round(depth * n_hay)), tokenizer), n_hay)
+        pos = min(_snap(hay, round(depth * n_hay), tokenizer), n_hay)
         rows.append(intro + hay[:pos] + needle + hay[pos:] + tail)
     return torch.tensor(rows, dtype=torch.long)
 
@@ -206,7 +208,8 @@ def run_evaluation(cfg: dict, only: list[str] | None = None) -> dict[str, Any]:
     pcfg = cfg["projection"]
     for spec in specs:
         results["methods"][spec.name]["projection"] = projection(spec, pcfg["seq_len"], pcfg["batch_size"])
-    logger.info("Settings, run side by side in one batch: %s", ", ".join(m["label"] for m in results["methods"].values()))
+    labels = ", ".join(m["label"] for m in results["methods"].values())
+    logger.info("Settings, run side by side in one batch: %s", labels)
     plan = work_plan(cfg, len(specs))
     overall = Overall(plan)
     parts = [("perplexity", run_perplexity), ("needle", run_needle), ("agreement", run_agreement)]

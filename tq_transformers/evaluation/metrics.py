@@ -19,7 +19,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float = 1e-12) 
 def attention_output(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v (scale defaults to 1 / sqrt(d)) for `q` [B, Hq, Q, D] and `k`, `v` [B, Hkv, K, D] (grouped-query heads repeated).
+    """softmax(q k^T * scale) v (scale defaults to 1 / sqrt(d)) for `q` [B, Hq, Q, D] and `k`, `v` [B, Hkv, K, D]
+    (grouped-query heads repeated).
 
     With `causal`, the Q queries are the last Q positions of the K keys: query i sees keys 0 .. K - Q + i.
     Computed in float32.
@@ -98,7 +99,8 @@ def bootstrap_perplexity_change(nll, ref_nll, resamples: int = 2000, block: int 
     nll = torch.as_tensor(nll, dtype=torch.float64).flatten()
     ref_nll = torch.as_tensor(ref_nll, dtype=torch.float64).flatten()
     if nll.shape != ref_nll.shape or nll.numel() == 0:
-        raise ValueError(f"nll and ref_nll must be non-empty and of one length, got {nll.numel()} and {ref_nll.numel()}")
+        raise ValueError(
+            f"nll and ref_nll must be non-empty and of one length, got {nll.numel()} and {ref_nll.numel()}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     n = nll.numel()

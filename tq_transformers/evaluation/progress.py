@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 #: Seconds between two plain progress lines (log-file mode).
 LINE_INTERVAL_S = 30.0
@@ -82,10 +83,10 @@ class LineProgress:
         self._closed = False
         self._print("started")
 
-    def _line(self) -> str:
+    def _line(self, note: str = "") -> str:
         elapsed = time.perf_counter() - self.start
         count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
-        text = f"{self.desc}: {count} {self.unit}, {_fmt_s(elapsed)}"
+        text = f"{self.desc}{' ' + note if note else ''}: {count} {self.unit}, {_fmt_s(elapsed)}"
         if self.total and 0 < self.n < self.total:
             text += f", ~{_fmt_s(elapsed / self.n * (self.total - self.n))} left"
         if self.postfix:
@@ -95,7 +96,7 @@ class LineProgress:
         return text
 
     def _print(self, note: str = "") -> None:
-        print(self._line() + (f" {note}" if note else ""), file=self.stream, flush=True)
+        print(self._line(note), file=self.stream, flush=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -110,7 +111,7 @@ class LineProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._print("done")
+            self._print("done" if self.total is None or self.n >= self.total else "stopped")
 
     def __iter__(self) -> Iterator:
         try:

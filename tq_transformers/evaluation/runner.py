@@ -224,7 +224,7 @@ class FidelityProbe:
             acc[layer] = acc[layer] + cos if layer in acc else cos
         self.counts[layer] = self.counts.get(layer, 0) + n
 
-    def add(self, other: "FidelityProbe") -> None:
+    def add(self, other: FidelityProbe) -> None:
         """Accumulate another probe's sums (a further text segment)."""
         for name, per_layer in other.sums.items():
             for layer, value in per_layer.items():

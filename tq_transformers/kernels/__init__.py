@@ -1,17 +1,29 @@
-"""GPU kernels for the quantized caches, and their PyTorch references.
+"""GPU kernels of the quantized caches, and their PyTorch references.
 
-``reference`` (pure PyTorch, any device) and ``triton_kernels`` (CUDA, imported lazily, on first use) expose the same
-functions: ``turboquant_compress``, ``kivi_compress``, ``bonsai_compress`` and the decode attentions
-``turboquant_decode_attention``, ``kivi_decode_attention``, ``bonsai_decode_attention``.
+The kernels read the packed formats of ``tq_transformers.formats`` (what is stored), not the methods (how it was
+encoded), so two methods storing one format share a kernel, and keys and values may come in different formats.
 
-The layer-level entry points below read a layer's configuration and storage and call one implementation:
+Decode attention (one decode step):
 
-- ``compress_block(layer, keys, values, impl)`` returns exactly what ``layer._quantize_block`` returns;
-- ``decode_attention(layer, q, num_quantized, window_k, window_v, key_mask, scaling, impl)`` is one decode step of
-  attention over the first ``num_quantized`` packed tokens of ``layer`` followed by the window.
+- ``decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling, lengths=None, impl="triton")``;
+- ``decode_supported(keys, values, dtype)``: whether the GPU kernels cover this pair of packed views and model dtype
+  (the caller falls back to ``impl="reference"`` otherwise);
+- ``impl``: ``"triton"`` (the GPU path: the CUDA C++ split kernel of ``cuda_split`` where it covers the pair and
+  compiles and the views hold enough tokens, else the Triton split kernel; then the Triton reduce), ``"triton_only"``
+  (the Triton split kernel always), ``"cuda"`` (the CUDA split kernel at any length; a ValueError where it does not
+  cover the pair), ``"reference"`` (``reference.decode_attention``: formats' ``dequantize()`` + float32 softmax
+  attention).
 
-``impl`` is ``"triton"`` or ``"reference"``; ``compress_supported`` / ``decode_supported`` say whether the Triton
-kernels handle a layer's configuration (the fast path falls back to the PyTorch path otherwise).
+Compress-on-write, the signatures of the methods' encoders (``methods.turboquant.turboquant_encode`` etc.):
+``turboquant_compress``, ``bonsai_compress``, ``kivi_compress_keys``, ``kivi_compress_values``;
+``compress_supported(kind, head_dim=..., bits=..., group_size=...)`` says which configurations they cover.
+
+Modules: ``reference`` (PyTorch), ``triton_common`` (shared building blocks), ``triton_codebook`` / ``triton_affine``
+(tile decoders per format), ``triton_split`` (the split kernel), ``triton_reduce`` (merge + window),
+``triton_decode`` (the decode step: query rotation, split, reduce), ``triton_compress`` (compress kernels),
+``cuda_split`` / ``cuda_source`` (the CUDA C++ split kernel for codebook pairs and its source, compiled at first use
+with NVRTC), ``constants`` (eps values and the metadata dtype, from ``tq_transformers.constants``). Importing this
+package never imports Triton.
 """
 
 from __future__ import annotations
@@ -22,17 +34,26 @@ import importlib.util
 
 import torch
 
+from ..formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
 from . import reference
 
 __all__ = [
-    "compress_block",
+    "bonsai_compress",
     "compress_supported",
     "decode_attention",
     "decode_supported",
-    "get_impl",
+    "kivi_compress_keys",
+    "kivi_compress_supported",
+    "kivi_compress_values",
     "reference",
     "triton_available",
+    "turboquant_compress",
 ]
+
+IMPLS = ("triton", "triton_only", "cuda", "reference")
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CODEBOOK_BITS = (1, 2, 4)  # widths the codebook tile decoder reads (whole codes per byte)
+AFFINE_BITS = (1, 2, 4, 8)
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,118 +62,133 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
-_IMPLS: dict = {}
-
-
-def get_impl(impl: str):
-    """The module implementing the kernels: "triton" (imported now) or "reference"."""
-    if impl == "reference":
-        return reference
-    if impl == "triton":
-        if "triton" not in _IMPLS:
-            _IMPLS["triton"] = importlib.import_module(".triton_kernels", __name__)
-        return _IMPLS["triton"]
-    raise ValueError(f"impl must be one of ('triton', 'reference'), got {impl!r}")
-
-
-_METHODS: dict[type, str] = {}  # layer class -> method name (decode runs this lookup for every layer and step)
-
-
-def _method(layer) -> str:
-    name = _METHODS.get(type(layer))
-    if name is not None:
-        return name
-    from ..bonsai import BonsaiLayer
-    from ..kivi import KIVILayer
-    from ..turboquant import TurboQuantLayer
-
-    for cls, name in ((TurboQuantLayer, "turboquant"), (KIVILayer, "kivi"), (BonsaiLayer, "bonsai")):
-        if isinstance(layer, cls):
-            _METHODS[type(layer)] = name
-            return name
-    raise TypeError(f"no kernels for layer type {type(layer).__name__}")
+def _module(name: str):
+    return importlib.import_module(f".{name}", __name__)
 
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def compress_supported(layer) -> bool:
-    """Whether the Triton compress kernel handles this layer's configuration."""
-    cfg, d = layer.cfg, layer.head_dim
-    method = _method(layer)
-    if method == "turboquant":
-        return not cfg.qjl
-    if method == "kivi":
-        return cfg.bits in (1, 2, 4, 8) and _pow2(d) and _pow2(cfg.group_size)
-    return cfg.group_size % 8 == 0
+def _side_supported(view, head_dim: int, keys: bool) -> bool:
+    if view.codes.stride(-1) != 1:
+        return False
+    if isinstance(view, CodebookPacked):
+        groups = 1 if view.scale.dim() == 3 else view.scale.shape[-1]
+        return (view.bits in CODEBOOK_BITS and head_dim % 8 == 0 and head_dim % groups == 0
+                and (groups == 1 or view.scale.stride(-1) == 1))
+    affine = ChannelAffinePacked if keys else TokenAffinePacked
+    if not isinstance(view, affine) or view.bits not in AFFINE_BITS:
+        return False
+    g = view.group_size
+    if keys:
+        return _pow2(head_dim) and _pow2(g) and g * view.bits >= 8 and view.codes.stride(-2) == g * view.bits // 8
+    return _pow2(head_dim) and _pow2(g) and _pow2(head_dim // g) and view.scale.stride(-1) == 1
 
 
-def decode_supported(layer) -> bool:
-    """Whether the Triton decode-attention kernel handles this layer's configuration."""
-    cfg, d = layer.cfg, layer.head_dim
-    method = _method(layer)
-    if method == "turboquant":
-        return not cfg.qjl and cfg.bits in (1, 2, 4)
-    if method == "kivi":
-        return cfg.bits in (1, 2, 4, 8) and _pow2(d) and _pow2(cfg.group_size) and _pow2(d // cfg.group_size)
-    return True
+def decode_supported(keys, values, dtype: torch.dtype) -> bool:
+    """Whether the GPU decode kernels cover keys / values (``formats`` views) in a model of `dtype`."""
+    if dtype not in MODEL_DTYPES or not isinstance(keys, (CodebookPacked, ChannelAffinePacked)):
+        return False
+    if not isinstance(values, (CodebookPacked, TokenAffinePacked)) or keys.head_dim != values.head_dim:
+        return False
+    return _side_supported(keys, keys.head_dim, True) and _side_supported(values, values.head_dim, False)
 
 
-def compress_block(layer, keys: torch.Tensor, values: torch.Tensor, impl: str = "triton") -> dict:
-    """Quantize `[B, H, T, D]` tokens leaving the window of `layer`: the same dict as `layer._quantize_block`."""
-    from ..base import warn_non_finite
-
-    mod = get_impl(impl)
-    method = _method(layer)
-    cfg, s = layer.cfg, layer.storage
-    warn_non_finite(keys, f"key_states of layer {layer.layer_idx}")
-    warn_non_finite(values, f"value_states of layer {layer.layer_idx}")
-    if method == "turboquant":
-        out = {}
-        for kv, x, codec in (("k", keys, layer.k_codec), ("v", values, layer.v_codec)):
-            codes, norms = mod.turboquant_compress(
-                x, s.get(f"{kv}_mean") if cfg.center else None, codec.rotation, codec.levels, cfg.bits,
-                cfg.norm_correction,
-            )
-            out[f"{kv}_codes"], out[f"{kv}_norms"] = codes, norms
-        return out
-    if method == "kivi":
-        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-        return dict(zip(names, mod.kivi_compress(keys, values, cfg.bits, cfg.group_size)))
-    out = {}
-    for kv, x in (("k", keys), ("v", values)):
-        rot = layer.rotations[kv] if cfg.rotate else None
-        signs, scale = mod.bonsai_compress(x, s.get(f"{kv}_mean") if cfg.center else None, rot, cfg.group_size,
-                                           cfg.scale)
-        out[f"{kv}_signs"], out[f"{kv}_scale"] = signs, scale
-    return out
+def _check_decode_args(q, keys, values, window_k, window_v, key_mask):
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a [B, Hq, D] tensor, got {getattr(q, 'shape', type(q))}")
+    for name, view in (("keys", keys), ("values", values)):
+        if not isinstance(view, (CodebookPacked, ChannelAffinePacked, TokenAffinePacked)):
+            raise TypeError(f"{name} must be a tq_transformers.formats view, got {type(view).__name__}")
+    b, hq, d = q.shape
+    hkv = keys.codes.shape[1]
+    if hq % hkv or keys.head_dim != d or values.head_dim != d:
+        raise ValueError(f"q [B, Hq, D] = {tuple(q.shape)} does not fit keys / values of {hkv} heads, "
+                         f"head_dim {keys.head_dim} / {values.head_dim}")
+    for name, w in (("window_k", window_k), ("window_v", window_v)):
+        if w.dim() != 4 or w.shape[0] != b or w.shape[1] != hkv or w.shape[3] != d:
+            raise ValueError(f"{name} must be [B, Hkv, W, D] = [{b}, {hkv}, W, {d}], got {tuple(w.shape)}")
+    if key_mask is not None and (key_mask.dim() != 2 or key_mask.shape[0] != b or key_mask.dtype != torch.bool):
+        raise ValueError(f"key_mask must be a bool [B, n + W] tensor, got {key_mask.dtype} {tuple(key_mask.shape)}")
 
 
-def decode_attention(layer, q, num_quantized: int, window_k, window_v, key_mask, scaling: float,
-                     impl: str = "triton", lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode step of attention on `layer`: q `[B, Hq, D]` -> `[B, Hq, D]`.
+def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: float, lengths=None,
+                     impl: str = "triton"):
+    """One decode step of attention over packed tokens then a full-precision window: q ``[B, Hq, D]`` -> ``[B, Hq, D]``.
 
-    Attends to the first `num_quantized` packed tokens of the layer's storage, then to `window_k` / `window_v`
-    `[B, Hkv, W, D]`; `key_mask` `[B, num_quantized + W]` (True = attend) or None. With `lengths` (int64 on the
-    device, ``[n, W, ...]``), the counts are read there and `num_quantized` is an upper bound (see ``reference``).
+    Args:
+        q: the new token's query, model dtype, original (unrotated) domain. Query head h*G + g uses KV head h.
+        keys, values: packed views (``formats``). Without `lengths` every packed token is attended.
+        window_k, window_v: ``[B, Hkv, W, D]`` full-precision window, the new token last.
+        key_mask: ``[B, n + W]`` bool (True = attend) or None.
+        scaling: the score scale (usually D ** -0.5).
+        lengths: None, or int64 ``[3]`` on the device: [packed tokens attended n, window tokens W, slot (ignored)].
+            The views are then capacity buffers (the grid is sized by their num_tokens), the windows buffers of at
+            least W tokens, and key_mask may be longer than n + W; nothing is read on the host (CUDA graphs).
+        impl: see the module docstring.
+    Returns:
+        ``[B, Hq, D]`` in q's dtype.
     """
-    mod = get_impl(impl)
-    method = _method(layer)
-    cfg, s = layer.cfg, layer.storage
-    if method == "turboquant":
-        return mod.turboquant_decode_attention(
-            q, s["k_codes"], s["k_norms"], s["v_codes"], s["v_norms"], num_quantized, layer.k_codec.levels,
-            cfg.bits, layer.k_codec.rotation, layer.v_codec.rotation, s.get("k_mean"), s.get("v_mean"),
-            window_k, window_v, key_mask, scaling, lengths,
-        )
-    if method == "kivi":
-        return mod.kivi_decode_attention(
-            q, s["k_codes"], s["k_scale"], s["k_zero"], s["v_codes"], s["v_scale"], s["v_zero"], num_quantized,
-            cfg.bits, cfg.group_size, window_k, window_v, key_mask, scaling, lengths,
-        )
-    rot = layer.rotations if cfg.rotate else {"k": None, "v": None}
-    return mod.bonsai_decode_attention(
-        q, s["k_signs"], s["k_scale"], s["v_signs"], s["v_scale"], num_quantized, cfg.group_size, rot["k"],
-        rot["v"], s.get("k_mean"), s.get("v_mean"), window_k, window_v, key_mask, scaling, lengths,
-    )
+    _check_decode_args(q, keys, values, window_k, window_v, key_mask)
+    if impl == "reference":
+        return reference.decode_attention(q=q, keys=keys, values=values, window_k=window_k, window_v=window_v,
+                                          key_mask=key_mask, scaling=scaling, lengths=lengths)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not decode_supported(keys, values, q.dtype):
+        raise ValueError("the GPU decode kernels do not cover these keys / values (see decode_supported); "
+                         "use impl='reference'")
+    use_cuda = impl == "triton" and q.is_cuda and _module("cuda_split").supported(q, keys, values)
+    if impl == "cuda":
+        if not (q.is_cuda and _module("cuda_split").supported(q, keys, values, min_tokens=0)):
+            raise ValueError("the CUDA split kernel does not cover these keys / values (cuda_split.supported)")
+        use_cuda = True
+    return _module("triton_decode").decode_attention(q=q, keys=keys, values=values, window_k=window_k,
+                                                     window_v=window_v, key_mask=key_mask, scaling=scaling,
+                                                     lengths=lengths, cuda_split=use_cuda)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compress-on-write
+# ----------------------------------------------------------------------------------------------------------------------
+def compress_supported(kind: str, *, head_dim: int, bits: int | None = None, group_size: int | None = None) -> bool:
+    """Whether the Triton compress kernel of `kind` covers a configuration.
+
+    kind: "turboquant" (bits 1..8, head_dim a multiple of 8), "bonsai" (group_size a multiple of 8 dividing
+    head_dim), "kivi_keys" / "kivi_values" (bits 1, 2, 4 or 8; head_dim and group_size powers of two, group_size at
+    least 8, and for values at most head_dim)."""
+    if kind == "turboquant":
+        return head_dim % 8 == 0 and bits in range(1, 9)
+    if kind == "bonsai":
+        return group_size is not None and group_size % 8 == 0 and head_dim % group_size == 0
+    if kind in ("kivi_keys", "kivi_values"):
+        ok = bits in AFFINE_BITS and _pow2(head_dim) and group_size is not None and _pow2(group_size)
+        return ok and group_size >= 8 and (kind == "kivi_keys" or group_size <= head_dim)
+    raise ValueError(f"kind must be one of ('turboquant', 'bonsai', 'kivi_keys', 'kivi_values'), got {kind!r}")
+
+
+def kivi_compress_supported(head_dim: int, bits: int, group_size: int) -> bool:
+    """Both KIVI compress kernels cover (head_dim, bits, group_size)."""
+    return all(compress_supported(k, head_dim=head_dim, bits=bits, group_size=group_size)
+               for k in ("kivi_keys", "kivi_values"))
+
+
+def turboquant_compress(x, mean, rotation, levels, bits: int, norm_correction: bool = True):
+    """Triton ``methods.turboquant.turboquant_encode``: x ``[B, H, T, D]`` -> (codes, norms)."""
+    return _module("triton_compress").turboquant_compress(x, mean, rotation, levels, bits, norm_correction)
+
+
+def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_abs"):
+    """Triton ``methods.bonsai.bonsai_encode``: x ``[B, H, T, D]`` -> (signs, scale)."""
+    return _module("triton_compress").bonsai_compress(x, mean, rotation, group_size, scale_mode)
+
+
+def kivi_compress_keys(x, bits: int, group_size: int):
+    """Triton ``methods.kivi.kivi_encode_keys``: x ``[B, H, T, D]`` -> (codes, scale, zero)."""
+    return _module("triton_compress").kivi_compress_keys(x, bits, group_size)
+
+
+def kivi_compress_values(x, bits: int, group_size: int):
+    """Triton ``methods.kivi.kivi_encode_values``: x ``[B, H, T, D]`` -> (codes, scale, zero)."""
+    return _module("triton_compress").kivi_compress_values(x, bits, group_size)

@@ -93,10 +93,11 @@ def derived(source: torch.Tensor, tag, make):
     """``make()``, a value derived from `source` only (a decode table, a rotated mean, the query rotation), computed
     once and kept while `source` lives. The caches replace their tensors rather than write into them, so a live
     source never changes value."""
-    entry = _DERIVED.get(id(source))
+    key = id(source)
+    entry = _DERIVED.get(key)
     if entry is None or entry[0]() is not source:
-        entry = (weakref.ref(source, lambda _, key=id(source): _DERIVED.pop(key, None)), {})
-        _DERIVED[id(source)] = entry
+        entry = (weakref.ref(source, lambda _, key=key, table=_DERIVED: table.pop(key, None)), {})
+        _DERIVED[key] = entry
     if tag not in entry[1]:
         entry[1][tag] = make()
     return entry[1][tag]

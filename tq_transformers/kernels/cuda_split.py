@@ -1,0 +1,183 @@
+"""CUDA C++ split-K decode kernel for codebook keys and values (TurboQuant, Bonsai), compiled at first use with NVRTC.
+
+Same contract as ``triton_split.split_partials`` (the Triton reduce merges its partials). Built through PyTorch's
+own NVRTC binding (``torch.cuda._compile_kernel``): no compiler is needed, and a CPU install never gets here. If the
+binding is missing or the build fails, ``supported`` answers False and the Triton split kernel runs instead.
+
+Why a CUDA kernel: the Triton split kernel is bound by the L1/shared-memory unit (docs/RESULTS.md, second pass: its
+decoded tiles go through shared memory into the tensor-core operand layout, with bank conflicts, and its byte-table
+gathers use few of the bytes of each sector). Here each warp decodes straight into the ``mma.m16n8k16`` operand
+registers:
+
+- keys, S^T = K Q^T: M = 16 tokens, N = 8 query heads of one KV head (G <= 8, rows past G are zero), K = 16 dims.
+  Lane (gid = lane / 4, tid = lane % 4) loads tokens gid and gid + 8, coordinates [tid*D/4, (tid+1)*D/4) (16
+  contiguous bytes at D = 128, 4 bits): the A fragment's k index maps to those coordinates, and the query's B
+  fragment uses the same map (a dot product does not care about the order of its terms);
+- values, O^T = V^T P^T: M = 16 coordinates, K = 16 tokens; lane gid owns coordinates [gid*D/8, (gid+1)*D/8) of
+  tokens 2tid, 2tid+1, 2tid+8, 2tid+9; two tokens' decoded pairs are interleaved with one byte-permute each;
+- P^T's B fragment is the transpose of S^T's accumulator fragment: one ``movmatrix.trans`` per 8 tokens;
+- decoding: a byte of codes -> its 8/b codes as 16-bit pairs through a 256-entry table in shared memory, one copy
+  per bank-lane (32 KiB), so every lookup of a warp is conflict-free: one LDS per byte instead of a gather from L1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..formats import CodebookPacked
+from .cuda_source import CODEBOOK_SPLIT_SOURCE as _SOURCE
+from .triton_common import cdiv, derived, partials, sm_count
+
+# Launch plan, from sweeps on an H200 with scripts/tune_decode_kernels.py on 2026-12-01 (docs/RESULTS.md, "Speed
+# (GPU), fifth pass"): warps per block (one split each, sharing the decode tables); full waves of resident blocks the
+# splits fill; the fewest tokens a split takes (256 best at 1 x 32K, where more splits cost the reduce more than they
+# hide latency); loading the next tile before decoding this one (1.7x faster at 8 x 32K); the key mma steps as two
+# chains (up to 4% faster); the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
+CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "prefetch": True, "two_chains": True, "min_blocks": 0}
+TILE = 16  # tokens per mma step
+MAX_GROUP = 8  # query heads per KV head: the mma's N
+HEAD_DIMS = (64, 128, 256)
+BITS = (1, 2, 4)
+TABLE_BYTES = 32 * 1024
+VECTOR_BYTES = 16  # the widest load of a lane
+# Below this many packed tokens (the grid's bound) the Triton split kernel runs instead: at 1 x 4K it measured 26.9
+# against 34.8 us here (H200, scripts/tune_decode_kernels.py, 2026-12-01: the table fill and the fixed costs dominate).
+MIN_TOKENS = 8192  # one decode table: 256 byte values x 32 bank-lanes x 4 bytes
+
+
+_KERNELS: dict = {}
+_FAILED: dict = {}
+_RESIDENT: dict = {}
+
+
+def _build(d: int, kb: int, vb: int, same: bool, bf16: bool):
+    key = (d, kb, vb, same, bf16, CUDA_PLAN["warps"], CUDA_PLAN["prefetch"], CUDA_PLAN["two_chains"],
+           CUDA_PLAN["min_blocks"])
+    if key in _KERNELS:
+        return _KERNELS[key]
+    src = (_SOURCE.replace("__D__", str(d)).replace("__KB__", str(kb)).replace("__VB__", str(vb))
+           .replace("__NWARPS__", str(CUDA_PLAN["warps"])).replace("__SAME__", str(int(same)))
+           .replace("__BF16__", str(int(bf16))).replace("__PREFETCH__", str(int(CUDA_PLAN["prefetch"])))
+           .replace("__CHAINS__", str(int(CUDA_PLAN["two_chains"]))).replace("__MINB__", str(CUDA_PLAN["min_blocks"])))
+    kernel = torch.cuda._compile_kernel(src, "codebook_split")
+    kernel.set_shared_memory_config(TABLE_BYTES * (1 if same else 2))
+    _KERNELS[key] = kernel
+    return kernel
+
+
+def _per_token_scale(view) -> bool:
+    return view.scale.dim() == 3 or view.scale.shape[-1] == 1
+
+
+def supported(q, keys, values, min_tokens: int | None = None) -> bool:
+    """Whether this kernel covers the pair (and compiles here): codebook keys and values of 1, 2 or 4 bits with a
+    per-token scale, head_dim 64 / 128 / 256, at most 8 query heads per KV head, a 16-bit model, and at least
+    `min_tokens` (default MIN_TOKENS) packed tokens (views' num_tokens: the capacity under device lengths)."""
+    if not (isinstance(keys, CodebookPacked) and isinstance(values, CodebookPacked)):
+        return False
+    d = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16) or d not in HEAD_DIMS or keys.bits not in BITS:
+        return False
+    if values.bits not in BITS or not (_per_token_scale(keys) and _per_token_scale(values)):
+        return False
+    if q.shape[1] // keys.codes.shape[1] > MAX_GROUP or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    if keys.num_tokens < (MIN_TOKENS if min_tokens is None else min_tokens):
+        return False
+    for view, lane_bytes in ((keys, d * keys.bits // 32), (values, d * values.bits // 64)):  # vector-load alignment
+        align = min(lane_bytes, VECTOR_BYTES)
+        if view.codes.stride(2) % align or view.codes.stride(-1) != 1 or view.codes.data_ptr() % VECTOR_BYTES:
+            return False
+    key = (d, keys.bits, values.bits, q.dtype)
+    if key in _FAILED:
+        return False
+    try:
+        _build(d, keys.bits, values.bits, False, q.dtype == torch.bfloat16)
+    except Exception as exc:  # noqa: BLE001 - no NVRTC, or it cannot build here: the Triton kernel runs instead
+        _FAILED[key] = repr(exc)
+        return False
+    return True
+
+
+def _word_table(view, dtype) -> torch.Tensor:
+    """The byte table of one side as 32-bit words [256, 4/b] (pairs of 16-bit values), cached."""
+    from .. import packing
+
+    levels = view.levels
+    return derived(levels, ("words", view.bits, dtype), lambda: packing.byte_table(levels.float(), view.bits, dtype)
+                   .contiguous().view(torch.int32).contiguous())
+
+
+def _launch(kernel, grid, block, shared, args):
+    """cuLaunchKernel with pointer (tensor or None), int and float arguments, on the current stream."""
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
+    holders = []
+    for a in args:
+        if a is None:
+            holders.append(ctypes.c_void_p(0))
+        elif isinstance(a, torch.Tensor):
+            holders.append(ctypes.c_void_p(a.data_ptr()))
+        elif isinstance(a, float):
+            holders.append(ctypes.c_float(a))
+        else:
+            holders.append(ctypes.c_int(int(a)))
+    arr = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(x), ctypes.c_void_p) for x in holders])
+    stream = torch.cuda.current_stream()
+    _check_cuda(_get_gpu_runtime_library().cuLaunchKernel(kernel.func, grid[0], grid[1], grid[2], block[0], 1, 1,
+                                                           shared, stream._as_parameter_, arr, None))
+
+
+def resident_blocks(kernel, shared: int) -> int:
+    """Blocks of `kernel` one SM holds at once (registers and shared memory), from the driver; cached."""
+    key = (id(kernel), shared, CUDA_PLAN["warps"])
+    if key not in _RESIDENT:
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        n = ctypes.c_int(0)
+        _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(n), kernel.func, ctypes.c_int(CUDA_PLAN["warps"] * 32), ctypes.c_size_t(shared))
+        _RESIDENT[key] = max(1, n.value)
+    return _RESIDENT[key]
+
+
+def plan(bh: int, n_tokens: int, resident: int) -> tuple[int, int]:
+    """(splits, tokens per split, a multiple of TILE): whole blocks of CUDA_PLAN["warps"] splits, as many as
+    CUDA_PLAN["waves"] full waves of resident blocks hold (a partial last wave measured up to 10% slower), but no
+    split shorter than CUDA_PLAN["min_tokens"]."""
+    warps = CUDA_PLAN["warps"]
+    by_tokens = cdiv(max(n_tokens, 1), CUDA_PLAN["min_tokens"] * warps)
+    blocks = max(1, min(CUDA_PLAN["waves"] * resident // bh, by_tokens))
+    per = cdiv(cdiv(max(n_tokens, 1), TILE), blocks * warps) * TILE
+    return cdiv(max(n_tokens, 1), per), per
+
+
+def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, bound: int | None = None):
+    """``triton_split.split_partials`` on this kernel: q [B, Hq, D] in the keys' domain (16-bit model dtype)."""
+    from .triton_split import key_mean
+
+    b, hq, d = q.shape
+    hkv = keys.codes.shape[1]
+    g = hq // hkv
+    n_q = keys.num_tokens if bound is None else bound
+    same = keys.levels is values.levels and keys.bits == values.bits
+    kernel = _build(d, keys.bits, values.bits, same, q.dtype == torch.bfloat16)
+    shared = TABLE_BYTES * (1 if same else 2)
+    splits, per = plan(b * hkv, n_q, resident_blocks(kernel, shared) * sm_count(q.device))
+    m, l_, acc = partials(b * hkv, splits, g, d, q.device)
+    tk = _word_table(keys, q.dtype)
+    tv = tk if same else _word_table(values, q.dtype)
+    mu = key_mean(keys, d)
+    kc, ks, vc, vs = keys.codes, keys.scale, values.codes, values.scale
+    mask = None if key_mask is None else (key_mask if key_mask.dtype == torch.uint8 else key_mask.view(torch.uint8))
+    warps = CUDA_PLAN["warps"]
+    _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), shared, [
+        q.view(torch.int16), mu, kc, ks, vc, vs, tk, tv, mask, lengths, m, l_, acc,
+        n_q, per, splits, hkv, g,
+        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        0 if mask is None else mask.stride(0), 0 if mask is None else mask.stride(1), float(scale_log2),
+    ])
+    return m, l_, acc
