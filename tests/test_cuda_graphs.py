@@ -237,12 +237,12 @@ def _forced_logits(model, cache, inputs, forced):
     from the padding mask, the mask growing by one); returns the logits of every step [B, T, V]."""
     mask = inputs["attention_mask"]
     with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        model(**inputs, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1, return_dict=True)
         logits = []
         for t in range(forced.shape[1]):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -1:]
-            out = model(input_ids=forced[:, t : t + 1], position_ids=pos, attention_mask=mask, past_key_values=cache,
+            out = model(input_ids=forced[:, t : t + 1], position_ids=pos, attention_mask=mask, **{CACHE_KWARG: cache},
                         use_cache=True, logits_to_keep=1, return_dict=True)
             logits.append(out.logits)
     return torch.cat(logits, 1)
@@ -250,11 +250,11 @@ def _forced_logits(model, cache, inputs, forced):
 
 def _greedy_loop(model, cache, ids, steps):
     """generate's decode calls by hand (position ids, return_dict): the logits of each step."""
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+    out = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1, return_dict=True)
     tok, logits = out.logits[:, -1:].argmax(-1), []
     for _ in range(steps):
         pos = torch.full_like(tok, cache.get_seq_length())
-        out = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        out = model(input_ids=tok, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1,
                     return_dict=True)
         logits.append(out.logits)
         tok = out.logits[:, -1:].argmax(-1)
@@ -273,14 +273,14 @@ def test_graph_runner_keeps_a_graph_per_cache_and_skips_unflagged_caches(emulate
     try:
         caches = [fast_attention.prepare_cache(c.cache(model.config), cuda_graphs=flag)
                   for flag in (True, True, False)]
-        outs = [model(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1, return_dict=True)
+        outs = [model(input_ids=ids, **{CACHE_KWARG: c}, use_cache=True, logits_to_keep=1, return_dict=True)
                 for c in caches]
         toks = [o.logits[:, -1:].argmax(-1) for o in outs]
         logits = [[], [], []]
         for _ in range(12):
             for i, cache in enumerate(caches):
                 pos = torch.full_like(toks[i], cache.get_seq_length())
-                out = model(input_ids=toks[i], position_ids=pos, past_key_values=cache, use_cache=True,
+                out = model(input_ids=toks[i], position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True,
                             logits_to_keep=1, return_dict=True)
                 logits[i].append(out.logits)
                 toks[i] = out.logits[:, -1:].argmax(-1)
@@ -373,8 +373,8 @@ def test_graph_runner_runs_unusual_decode_calls_eagerly(extra, emulated_graphs):
         if graphs:
             cuda_graphs.install(model)
         cache = fast_attention.prepare_cache(c.cache(model.config), cuda_graphs=True)
-        model(input_ids=ids, past_key_values=cache, use_cache=True, return_dict=True)
-        call = dict(input_ids=ids[:, :1], position_ids=torch.tensor([[40]]), past_key_values=cache, use_cache=True,
+        model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, return_dict=True)
+        call = dict(input_ids=ids[:, :1], position_ids=torch.tensor([[40]]), **{CACHE_KWARG: cache}, use_cache=True,
                     return_dict=True, **{k: v for k, v in extra.items() if k not in ("attention_mask", "args")})
         if extra.get("attention_mask") == "4d":
             call["attention_mask"] = torch.zeros(1, 1, 1, 41)

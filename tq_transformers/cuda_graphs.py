@@ -44,6 +44,7 @@ import weakref
 import torch
 
 from .cache import QuantizedKVCache
+from .generation import CACHE_KWARG
 from .layer import QuantizedKVLayer
 from .static_layout import StaticShared
 
@@ -137,6 +138,8 @@ class _Runner:
 
     # ------------------------------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if CACHE_KWARG == "cache" and "past_key_values" in kwargs and "cache" not in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")  # the name this transformers takes without a warning
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         input_ids = kwargs.get("input_ids")
         if (
