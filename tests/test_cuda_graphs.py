@@ -75,8 +75,8 @@ def emulated_graphs(monkeypatch):
     found = {}
     graph_layers = cuda_graphs._graph_layers
 
-    def recording(cache):
-        layers = graph_layers(cache)
+    def recording(cache, *args):
+        layers = graph_layers(cache, *args)
         if layers is not None:
             found["layers"] = layers
         return layers

@@ -38,15 +38,19 @@ def finite_mean(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
+def _warn_non_finite_found(what: str) -> None:
+    warnings.warn(
+        f"non-finite values in {what}: they are quantized on their own (per token), and do not change the scales "
+        "of other tokens, but the affected entries are not recoverable",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
 def warn_non_finite(x: torch.Tensor, what: str) -> None:
     """A RuntimeWarning when `x` holds NaN or Inf (each codec keeps them from spreading to other tokens)."""
     if not bool(torch.isfinite(x).all()):
-        warnings.warn(
-            f"non-finite values in {what}: they are quantized on their own (per token), and do not change the scales "
-            "of other tokens, but the affected entries are not recoverable",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _warn_non_finite_found(what)
 
 
 class NonFiniteWatch:
@@ -83,12 +87,7 @@ class NonFiniteWatch:
         while self.pending and self.pending[0][0].query():
             _, bad, what = self.pending.pop(0)
             if bool(bad):
-                warnings.warn(
-                    f"non-finite values in {what}: they are quantized on their own (per token), and do not change the "
-                    "scales of other tokens, but the affected entries are not recoverable",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                _warn_non_finite_found(what)
 
 
 class Codec:

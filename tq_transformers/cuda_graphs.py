@@ -98,8 +98,11 @@ def _kernel_covers(layer: QuantizedKVLayer) -> bool:
     return keys is not None and values is not None and kernels.decode_supported(keys, values, layer.dtype)
 
 
-def _graph_layers(cache) -> list[QuantizedKVLayer] | None:
-    """The cache's layers when every one can run a graph step, else None."""
+def _graph_layers(cache, verified: list | None = None) -> list[QuantizedKVLayer] | None:
+    """The cache's layers when every one can run a graph step, else None. `verified`: the static layouts of the
+    runner's state for this cache, whose layers' kernel coverage was checked when they were built (a layer's formats
+    do not change while it stays in one layout), so a replayed step does not check it again."""
+    verified = verified or []
 
     if not isinstance(cache, QuantizedKVCache) or not cache.cuda_graphs or not cache.layers:
         return None
@@ -109,14 +112,14 @@ def _graph_layers(cache) -> list[QuantizedKVLayer] | None:
     first = layers[0]
     if not first.is_initialized or not _on_graph_device(first):
         return None
-    for layer in layers:
+    for i, layer in enumerate(layers):
         if (
             layer.fast_path is None
             or not layer.is_initialized
             or layer.keys.device != first.keys.device  # one counts tensor for all layers (no pipeline over GPUs)
             or layer.num_quantized == 0
             or layer.cumulative_length != first.cumulative_length
-            or not _kernel_covers(layer)
+            or not (i < len(verified) and layer.static is verified[i] or _kernel_covers(layer))
         ):
             return None
     return layers
@@ -154,7 +157,8 @@ class _Runner:
             or not isinstance(kwargs.get("logits_to_keep", 0), int)
         ):
             return self.forward(*args, **kwargs)
-        layers = _graph_layers(cache)
+        known = self.states.get(cache) if isinstance(cache, QuantizedKVCache) else None
+        layers = _graph_layers(cache, known.layouts if known is not None else None)
         mask = kwargs.get("attention_mask")  # generate's: [B, tokens held + 1]
         if layers is None or (
             mask is not None and tuple(mask.shape) != (input_ids.shape[0], layers[0].cumulative_length + 1)

@@ -89,14 +89,24 @@ class CodebookPacked:
 
 
 @dataclasses.dataclass(frozen=True)
-class ChannelAffinePacked:
-    """Asymmetric codes grouped per channel over G consecutive tokens (KIVI keys; module docstring)."""
+class _AffinePacked:
+    """What both affine layouts hold: codes, fp16 scale and zero, the code width and the group size."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
     group_size: int
+
+    def _first_entries(self, entries: int):
+        """The view of the first `entries` entries on dim 2 (tokens or token groups)."""
+        return dataclasses.replace(self, codes=self.codes[:, :, :entries], scale=self.scale[:, :, :entries],
+                                   zero=self.zero[:, :, :entries])
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelAffinePacked(_AffinePacked):
+    """Asymmetric codes grouped per channel over G consecutive tokens (KIVI keys; module docstring)."""
 
     @property
     def num_tokens(self) -> int:
@@ -109,9 +119,7 @@ class ChannelAffinePacked:
     def prefix(self, n: int) -> ChannelAffinePacked:
         if n % self.group_size:
             raise ValueError(f"n must be a multiple of group_size={self.group_size}, got {n}")
-        g = n // self.group_size
-        return dataclasses.replace(self, codes=self.codes[:, :, :g], scale=self.scale[:, :, :g],
-                                   zero=self.zero[:, :, :g])
+        return self._first_entries(n // self.group_size)
 
     def dequantize(self) -> torch.Tensor:
         codes = unpack_bits(self.codes, self.bits).float()  # [B, H, N/G, D, G]
@@ -121,14 +129,8 @@ class ChannelAffinePacked:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenAffinePacked:
+class TokenAffinePacked(_AffinePacked):
     """Asymmetric codes grouped per token over G consecutive channels (KIVI values; module docstring)."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    bits: int
-    group_size: int
 
     @property
     def num_tokens(self) -> int:
@@ -139,8 +141,7 @@ class TokenAffinePacked:
         return self.codes.shape[-1] * 8 // self.bits
 
     def prefix(self, n: int) -> TokenAffinePacked:
-        return dataclasses.replace(self, codes=self.codes[:, :, :n], scale=self.scale[:, :, :n],
-                                   zero=self.zero[:, :, :n])
+        return self._first_entries(n)
 
     def dequantize(self) -> torch.Tensor:
         b, h, n = self.codes.shape[:3]

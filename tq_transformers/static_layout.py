@@ -95,7 +95,7 @@ class StaticLayout:
         for layer in layers:
             for name, t in layer.storage.items():
                 if name not in layer.static.reserved:
-                    same &= (t.index_select(0, idx.to(t.device)) == t).all()
+                    same &= (t.index_select(0, idx) == t).all()
         if not bool(same):
             return False
         for layer in layers:

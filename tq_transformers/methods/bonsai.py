@@ -126,7 +126,7 @@ class BonsaiCodec(Codec):
         super().__init__(cfg.center)
         self.cfg = cfg
         self.rotation = random_rotation(head_dim, seed, device) if cfg.rotate else None
-        self.levels = sign_levels(torch.device(device) if not isinstance(device, torch.device) else device)
+        self.levels = sign_levels(torch.device(device))
 
     def encode(self, x, pieces, use_kernels=False):
         mean = pieces.get("mean")
