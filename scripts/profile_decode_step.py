@@ -38,6 +38,9 @@ from transformers import DynamicCache  # noqa: E402
 
 from tq_transformers import fast_attention  # noqa: E402
 
+#: Kernels listed per configuration in the step breakdown (``top_gpu``).
+TOP_KERNELS = 25
+
 
 def kernel_stats(prof, steps: int):
     """(GPU ms per step, kernel launches per step, top host operators) from a profiler run over `steps` steps."""
@@ -53,6 +56,18 @@ def kernel_stats(prof, steps: int):
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     top = [{"op": e.key[:60], "calls": e.count // steps, "self_host_us": e.self_cpu_time_total / steps} for e in host]
     return gpu_us / 1e3 / steps, launches / steps, top
+
+
+def top_kernels(prof, steps: int, count: int = TOP_KERNELS):
+    """The CUDA kernels with the most GPU time in one step: name, launches and microseconds per step."""
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = e.self_cuda_time_total
+        if dev and e.key and e.device_type.name == "CUDA":
+            rows.append({"kernel": e.key[:90], "launches": e.count / steps, "us": dev / steps})
+    return sorted(rows, key=lambda r: r["us"], reverse=True)[:count]
 
 
 @torch.no_grad()
@@ -106,7 +121,7 @@ def _step_profile(model, name, make, mode, batch, context, steps, stack):
     cache = None  # noqa: F841 - free the cache before the next configuration
     return {"cache": name, "batch": batch, "context": context, "ms_per_token": wall * 1e3, "host_ms": host * 1e3,
             "synced_median_ms": statistics.median(synced) * 1e3, "gpu_ms": gpu_ms, "launches": launches,
-            "top_host": top}
+            "top_host": top, "top_gpu": top_kernels(prof, 3)}
 
 
 @torch.no_grad()
@@ -174,6 +189,7 @@ def main():
                          "name (fast path) or name_graph (CUDA-graph steps)")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--no-layer-call", action="store_true", help="skip the one-layer calls; whole steps only")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     points = [tuple(map(int, p.split("x"))) for p in args.points.split(",")]
@@ -181,12 +197,12 @@ def main():
            "date": time.strftime("%Y-%m-%d"), "layer_call": [], "step": []}
     names = args.caches.split(",")
     layer_names = [n for n in names if not n.endswith("_graph")]  # a graph replays whole steps, not layer calls
-    for b, c in points:
+    for b, c in points if not args.no_layer_call else []:
         for name in ["dynamic_flash"] + layer_names:
             r = layer_call(name, b, c)
             res["layer_call"].append(r)
             print(r, flush=True)
-    for name in layer_names[1:]:
+    for name in layer_names[1:] if not args.no_layer_call else []:
         r = layer_call(name, 1, 32768, profile_python=True)
         print(r.pop("python_profile"), flush=True)
     model = build_model(args.layers)
@@ -196,10 +212,10 @@ def main():
         for name in names[:1] + ["dynamic_flash"] + names[1:]:
             r = step_profile(model, name, *makers[name], b, c, args.steps)
             res["step"].append(r)
-            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "top_host"},
-                  flush=True)
-            for t in r["top_host"][:8]:
-                print("   ", t, flush=True)
+            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                   if k not in ("top_host", "top_gpu")}, flush=True)
+            for t in r["top_gpu"][:12]:
+                print(f"    {t['us']:9.1f} us  x{t['launches']:6.1f}  {t['kernel']}", flush=True)
             with open(os.path.join(args.out, "step.json"), "w") as f:
                 json.dump(res, f, indent=1)
 
