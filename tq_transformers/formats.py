@@ -21,7 +21,7 @@ Codes are packed along their last axis with ``packing`` (8 codes of b bits = one
 
 ``ChannelAffinePacked`` (KIVI keys: per channel, groups of G consecutive tokens; N a multiple of G)::
 
-    codes [B, H, N/G, D, G*b/8] uint8   the G codes of one channel of one token group, packed together
+    codes [B, H, N/G, G, D*b/8] uint8   per token group, one row of packed codes a token (along its channels)
     scale, zero [B, H, N/G, D] fp16     x_hat[token g*G + i, channel c] = zero[g, c] + codes[g, c, i] * scale[g, c]
 
 ``TokenAffinePacked`` (KIVI values: per token, groups of G consecutive channels)::
@@ -114,7 +114,7 @@ class ChannelAffinePacked(_AffinePacked):
 
     @property
     def head_dim(self) -> int:
-        return self.codes.shape[3]
+        return self.codes.shape[-1] * 8 // self.bits
 
     def prefix(self, n: int) -> ChannelAffinePacked:
         if n % self.group_size:
@@ -122,10 +122,10 @@ class ChannelAffinePacked(_AffinePacked):
         return self._first_entries(n // self.group_size)
 
     def dequantize(self) -> torch.Tensor:
-        codes = unpack_bits(self.codes, self.bits).float()  # [B, H, N/G, D, G]
-        x = codes * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
-        b, h, ng, d, g = x.shape
-        return x.transpose(-1, -2).reshape(b, h, ng * g, d)
+        codes = unpack_bits(self.codes, self.bits).float()  # [B, H, N/G, G, D]
+        x = codes * self.scale.float().unsqueeze(-2) + self.zero.float().unsqueeze(-2)
+        b, h, ng, g, d = x.shape
+        return x.reshape(b, h, ng * g, d)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,8 @@ Compress-on-write, the signatures of the methods' encoders (``methods.turboquant
 Modules: ``reference`` (PyTorch), ``triton_common`` (shared building blocks), ``triton_codebook`` / ``triton_affine``
 (tile decoders per format), ``triton_split`` (the split kernel), ``triton_reduce`` (merge + window),
 ``triton_decode`` (the decode step: query rotation, split, reduce), ``triton_compress`` (compress kernels),
-``cuda_split`` / ``cuda_source`` (the CUDA C++ split kernel for codebook pairs and its source, compiled at first use
-with NVRTC), ``constants`` (eps values and the metadata dtype, from ``tq_transformers.constants``). Importing this
+``cuda_split`` / ``cuda_source`` / ``cuda_affine_source`` (the CUDA C++ split kernels for codebook and affine pairs
+and their sources, compiled at first use with NVRTC), ``constants`` (eps values and the metadata dtype, from ``tq_transformers.constants``). Importing this
 package never imports Triton.
 """
 
@@ -82,7 +82,7 @@ def _side_supported(view, head_dim: int, keys: bool) -> bool:
         return False
     g = view.group_size
     if keys:
-        return _pow2(head_dim) and _pow2(g) and g * view.bits >= 8 and view.codes.stride(-2) == g * view.bits // 8
+        return _pow2(head_dim) and _pow2(g) and view.codes.stride(-2) == view.codes.shape[-1]  # rows back to back
     return _pow2(head_dim) and _pow2(g) and _pow2(head_dim // g) and view.scale.stride(-1) == 1
 
 

@@ -1,11 +1,12 @@
-"""CUDA C++ source of the codebook split kernel (``cuda_split``), kept apart from its launcher.
+"""CUDA C++ source of the codebook split kernel (``cuda_split``), kept apart from its launcher, and the prelude it
+shares with the affine kernel (``cuda_affine_source``): defines, load / convert / mma helpers, the table decoder.
 
 Placeholders ``__D__`` (head_dim), ``__KB__`` / ``__VB__`` (key / value bits), ``__NWARPS__``, ``__SAME__`` (one
 decode table for both sides), ``__BF16__``, ``__PREFETCH__``, ``__CHAINS__``, ``__MINB__`` are filled by
 ``cuda_split._build`` (``CUDA_PLAN``). The layouts are explained in ``cuda_split``'s docstring.
 """
 
-CODEBOOK_SPLIT_SOURCE = r"""
+PRELUDE = r"""
 #define D __D__
 #define KB __KB__
 #define VB __VB__
@@ -89,7 +90,44 @@ __device__ __forceinline__ void decode(const u32* w, const u32* table, int lane,
         }
     }
 }
+#if MIN_BLOCKS > 0
+#define BOUNDS __launch_bounds__(NWARPS * 32, MIN_BLOCKS)
+#else
+#define BOUNDS __launch_bounds__(NWARPS * 32)
+#endif
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {  /* a * b + c on two 16-bit values */
+    u32 r;
+#if IS_BF16
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+#else
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+#endif
+    return r;
+}
+__device__ __forceinline__ float lo_float(u32 pair) {  /* the first of two 16-bit model-dtype values, as float */
+#if IS_BF16
+    return __uint_as_float(pair << 16);
+#else
+    return half_to_float((u16)(pair & 0xffff));
+#endif
+}
+__device__ __forceinline__ float hi_float(u32 pair) {
+#if IS_BF16
+    return __uint_as_float(pair & 0xffff0000u);
+#else
+    return half_to_float((u16)(pair >> 16));
+#endif
+}
+__device__ __forceinline__ u32 broadcast2(u16 h) {  /* an fp16 metadata value as two model-dtype values */
+#if IS_BF16
+    const float f = half_to_float(h); return pack2(f, f);
+#else
+    return (u32)h | ((u32)h << 16);
+#endif
+}
+"""
 
+CODEBOOK_SPLIT_SOURCE = PRELUDE + r"""
 /* one tile's raw bytes and scales for this lane: key rows gid, gid + 8; value rows 2tid, 2tid+1, 2tid+8, 2tid+9 */
 struct Raw { u32 k0[(KBYTES + 3) / 4], k1[(KBYTES + 3) / 4], v[4][(VBYTES + 3) / 4]; u16 kn0, kn1, vn0, vn1; };
 
@@ -107,11 +145,6 @@ __device__ __forceinline__ void fetch(Raw& r, int t0, int last, const u8* kc, co
     r.vn1 = __ldg(vs + (i64)nk1 * svsn);
 }
 
-#if MIN_BLOCKS > 0
-#define BOUNDS __launch_bounds__(NWARPS * 32, MIN_BLOCKS)
-#else
-#define BOUNDS __launch_bounds__(NWARPS * 32)
-#endif
 extern "C" __global__ void BOUNDS codebook_split(
     const u16* Q, const float* MU, const u8* KC, const u16* KS, const u8* VC, const u16* VS,
     const u32* TABLE_K, const u32* TABLE_V, const u8* MASK, const i64* LENS,

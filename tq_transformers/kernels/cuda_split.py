@@ -1,4 +1,5 @@
-"""CUDA C++ split-K decode kernel for codebook keys and values (TurboQuant, Bonsai), compiled at first use with NVRTC.
+"""CUDA C++ split-K decode kernels, compiled at first use with NVRTC: codebook keys and values (TurboQuant, Bonsai;
+source ``cuda_source``) and affine keys and values (KIVI; source ``cuda_affine_source``, same lane layout).
 
 Same contract as ``triton_split.split_partials`` (the Triton reduce merges its partials). Built through PyTorch's
 own NVRTC binding (``torch.cuda._compile_kernel``): no compiler is needed, and a CPU install never gets here. If the
@@ -26,8 +27,9 @@ import ctypes
 
 import torch
 
-from ..formats import CodebookPacked
-from .cuda_source import CODEBOOK_SPLIT_SOURCE as _SOURCE
+from ..formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
+from .cuda_affine_source import AFFINE_SPLIT_SOURCE
+from .cuda_source import CODEBOOK_SPLIT_SOURCE
 from .triton_common import cdiv, derived, partials, sm_count
 
 # Launch plan, from sweeps on an H200 with scripts/tune_decode_kernels.py on 2026-12-01 (docs/RESULTS.md, "Speed
@@ -42,9 +44,11 @@ HEAD_DIMS = (64, 128, 256)
 BITS = (1, 2, 4)
 TABLE_BYTES = 32 * 1024
 VECTOR_BYTES = 16  # the widest load of a lane
-# Below this many packed tokens (the grid's bound) the Triton split kernel runs instead: at 1 x 4K it measured 26.9
-# against 34.8 us here (H200, scripts/tune_decode_kernels.py, 2026-12-01: the table fill and the fixed costs dominate).
-MIN_TOKENS = 8192  # one decode table: 256 byte values x 32 bank-lanes x 4 bytes
+# Below this many packed tokens (the grid's bound) the Triton split kernel runs instead, by key format. Codebook: at
+# 1 x 4K it measured 26.9 against 34.8 us here (H200, scripts/tune_decode_kernels.py, 2026-12-01: the table fill and
+# the fixed costs dominate). Affine: the Triton kernel is slower at every length measured (docs/RESULTS.md, seventh
+# pass), so none.
+MIN_TOKENS = {CodebookPacked: 8192, ChannelAffinePacked: 0}
 
 
 _KERNELS: dict = {}
@@ -52,16 +56,22 @@ _FAILED: dict = {}
 _RESIDENT: dict = {}
 
 
-def _build(d: int, kb: int, vb: int, same: bool, bf16: bool):
-    key = (d, kb, vb, same, bf16, CUDA_PLAN["warps"], CUDA_PLAN["prefetch"], CUDA_PLAN["two_chains"],
+def _build(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int, int] | None = None):
+    """The compiled kernel for head_dim `d`, key / value bits, one table or two, the model dtype; `groups` = (tokens a
+    key group, channels a value group) builds the affine kernel, None the codebook kernel. Cached."""
+    key = (d, kb, vb, same, bf16, groups, CUDA_PLAN["warps"], CUDA_PLAN["prefetch"], CUDA_PLAN["two_chains"],
            CUDA_PLAN["min_blocks"])
     if key in _KERNELS:
         return _KERNELS[key]
-    src = (_SOURCE.replace("__D__", str(d)).replace("__KB__", str(kb)).replace("__VB__", str(vb))
-           .replace("__NWARPS__", str(CUDA_PLAN["warps"])).replace("__SAME__", str(int(same)))
-           .replace("__BF16__", str(int(bf16))).replace("__PREFETCH__", str(int(CUDA_PLAN["prefetch"])))
-           .replace("__CHAINS__", str(int(CUDA_PLAN["two_chains"]))).replace("__MINB__", str(CUDA_PLAN["min_blocks"])))
-    kernel = torch.cuda._compile_kernel(src, "codebook_split")
+    src, name = (CODEBOOK_SPLIT_SOURCE, "codebook_split") if groups is None else (AFFINE_SPLIT_SOURCE, "affine_split")
+    fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": CUDA_PLAN["warps"], "__SAME__": int(same),
+            "__BF16__": int(bf16), "__PREFETCH__": int(CUDA_PLAN["prefetch"]),
+            "__CHAINS__": int(CUDA_PLAN["two_chains"]), "__MINB__": CUDA_PLAN["min_blocks"]}
+    if groups is not None:
+        fill.update({"__KG__": groups[0], "__VG__": groups[1]})
+    for placeholder, value in fill.items():
+        src = src.replace(placeholder, str(value))
+    kernel = torch.cuda._compile_kernel(src, name)
     kernel.set_shared_memory_config(TABLE_BYTES * (1 if same else 2))
     _KERNELS[key] = kernel
     return kernel
@@ -71,30 +81,52 @@ def _per_token_scale(view) -> bool:
     return view.scale.dim() == 3 or view.scale.shape[-1] == 1
 
 
+def _groups(keys, values) -> tuple[int, int] | None:
+    """(key group tokens, value group channels) of an affine pair, None for a codebook pair."""
+    return None if isinstance(keys, CodebookPacked) else (keys.group_size, values.group_size)
+
+
+def _pair_fits(d: int, keys, values) -> bool:
+    """The format pair and its grouping fit a kernel: codebook keys and values with a per-token scale, or affine
+    keys whose groups are whole tiles and values whose groups hold a lane's D/8 coordinates."""
+    if isinstance(keys, CodebookPacked) and isinstance(values, CodebookPacked):
+        return _per_token_scale(keys) and _per_token_scale(values)
+    if isinstance(keys, ChannelAffinePacked) and isinstance(values, TokenAffinePacked):
+        return (keys.group_size % TILE == 0 and values.group_size % (d // 8) == 0
+                and values.scale.stride(-1) == 1 and keys.scale.stride(-1) == 1
+                and keys.codes.stride(-2) == keys.codes.shape[-1])  # a group's token rows back to back
+    return False
+
+
 def supported(q, keys, values, min_tokens: int | None = None) -> bool:
-    """Whether this kernel covers the pair (and compiles here): codebook keys and values of 1, 2 or 4 bits with a
-    per-token scale, head_dim 64 / 128 / 256, at most 8 query heads per KV head, a 16-bit model, and at least
-    `min_tokens` (default MIN_TOKENS) packed tokens (views' num_tokens: the capacity under device lengths)."""
-    if not (isinstance(keys, CodebookPacked) and isinstance(values, CodebookPacked)):
-        return False
+    """Whether a kernel of this module covers the pair (and compiles here): codebook keys and values with a
+    per-token scale, or KIVI's affine keys and values (``_pair_fits``), of 1, 2 or 4 bits, head_dim 64 / 128 / 256,
+    at most 8 query heads per KV head, a 16-bit model, and at least `min_tokens` (default: the pair's entry of
+    MIN_TOKENS) packed tokens (views' num_tokens: the capacity under device lengths)."""
     d = q.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16) or d not in HEAD_DIMS or keys.bits not in BITS:
+    if q.dtype not in (torch.float16, torch.bfloat16) or d not in HEAD_DIMS or not _pair_fits(d, keys, values):
         return False
-    if values.bits not in BITS or not (_per_token_scale(keys) and _per_token_scale(values)):
+    if keys.bits not in BITS or values.bits not in BITS:
         return False
     if q.shape[1] // keys.codes.shape[1] > MAX_GROUP or not hasattr(torch.cuda, "_compile_kernel"):
         return False
-    if keys.num_tokens < (MIN_TOKENS if min_tokens is None else min_tokens):
+    groups = _groups(keys, values)
+    if keys.num_tokens < (MIN_TOKENS[type(keys)] if min_tokens is None else min_tokens):
         return False
     for view, lane_bytes in ((keys, d * keys.bits // 32), (values, d * values.bits // 64)):  # vector-load alignment
         align = min(lane_bytes, VECTOR_BYTES)
-        if view.codes.stride(2) % align or view.codes.stride(-1) != 1 or view.codes.data_ptr() % VECTOR_BYTES:
+        token_stride = view.codes.stride(-2)
+        if token_stride % align or view.codes.stride(2) % align or view.codes.stride(-1) != 1:
             return False
-    key = (d, keys.bits, values.bits, q.dtype)
+        if view.codes.data_ptr() % VECTOR_BYTES:
+            return False
+    if groups is not None and (keys.scale.stride(2) % 4 or keys.scale.data_ptr() % 8):  # the scales' 8-byte loads
+        return False
+    key = (d, keys.bits, values.bits, q.dtype, groups)
     if key in _FAILED:
         return False
     try:
-        _build(d, keys.bits, values.bits, False, q.dtype == torch.bfloat16)
+        _build(d, keys.bits, values.bits, False, q.dtype == torch.bfloat16, groups)
     except Exception as exc:  # noqa: BLE001 - no NVRTC, or it cannot build here: the Triton kernel runs instead
         _FAILED[key] = repr(exc)
         return False
@@ -102,10 +134,12 @@ def supported(q, keys, values, min_tokens: int | None = None) -> bool:
 
 
 def _word_table(view, dtype) -> torch.Tensor:
-    """The byte table of one side as 32-bit words [256, 4/b] (pairs of 16-bit values), cached."""
+    """The byte table of one side as 32-bit words [256, 4/b] (pairs of 16-bit values), cached: its codebook's levels,
+    or the integers 0 .. 2^b - 1 for an affine view."""
     from .. import packing
+    from .triton_split import integer_levels
 
-    levels = view.levels
+    levels = view.levels if isinstance(view, CodebookPacked) else integer_levels(view.bits, view.codes.device)
     return derived(levels, ("words", view.bits, dtype), lambda: packing.byte_table(levels.float(), view.bits, dtype)
                    .contiguous().view(torch.int32).contiguous())
 
@@ -155,26 +189,30 @@ def plan(bh: int, n_tokens: int, resident: int) -> tuple[int, int]:
 
 
 def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, bound: int | None = None):
-    """``triton_split.split_partials`` on this kernel: q [B, Hq, D] in the keys' domain (16-bit model dtype)."""
-    from .triton_split import key_mean
-
+    """``triton_split.split_partials`` on this module's kernels: q [B, Hq, D] in the keys' domain (16-bit model
+    dtype); the pair must be ``supported``."""
     b, hq, d = q.shape
     hkv = keys.codes.shape[1]
     g = hq // hkv
     n_q = keys.num_tokens if bound is None else bound
-    same = keys.levels is values.levels and keys.bits == values.bits
-    kernel = _build(d, keys.bits, values.bits, same, q.dtype == torch.bfloat16)
+    groups = _groups(keys, values)
+    same = keys.bits == values.bits and (groups is not None or keys.levels is values.levels)
+    kernel = _build(d, keys.bits, values.bits, same, q.dtype == torch.bfloat16, groups)
     shared = TABLE_BYTES * (1 if same else 2)
     splits, per = plan(b * hkv, n_q, resident_blocks(kernel, shared) * sm_count(q.device))
     m, l_, acc = partials(b * hkv, splits, g, d, q.device)
     tk = _word_table(keys, q.dtype)
     tv = tk if same else _word_table(values, q.dtype)
-    mu = key_mean(keys, d)
     kc, ks, vc, vs = keys.codes, keys.scale, values.codes, values.scale
     mask = None if key_mask is None else (key_mask if key_mask.dtype == torch.uint8 else key_mask.view(torch.uint8))
+    if groups is None:
+        from .triton_split import key_mean
+
+        pointers = [q.view(torch.int16), key_mean(keys, d), kc, ks, vc, vs, tk, tv, mask, lengths, m, l_, acc]
+    else:
+        pointers = [q.view(torch.int16), kc, ks, keys.zero, vc, vs, values.zero, tk, tv, mask, lengths, m, l_, acc]
     warps = CUDA_PLAN["warps"]
-    _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), shared, [
-        q.view(torch.int16), mu, kc, ks, vc, vs, tk, tv, mask, lengths, m, l_, acc,
+    _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), shared, pointers + [
         n_q, per, splits, hkv, g,
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),

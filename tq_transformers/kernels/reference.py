@@ -72,7 +72,7 @@ def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_
 
 
 def kivi_compress_keys(x, bits: int, group_size: int):
-    """``methods.kivi.kivi_encode_keys``: x ``[B, H, T, D]`` -> (codes ``[B, H, T/G, D, G*b/8]``, scale, zero)."""
+    """``methods.kivi.kivi_encode_keys``: x ``[B, H, T, D]`` -> (codes ``[B, H, T/G, G, D*b/8]``, scale, zero)."""
     from ..methods.kivi import kivi_encode_keys
 
     return kivi_encode_keys(x, bits, group_size)

@@ -1,7 +1,7 @@
 """Triton tile decoders of the affine formats (KIVI): ``formats.ChannelAffinePacked`` keys and
 ``formats.TokenAffinePacked`` values. Same contract as ``triton_codebook``'s decoders.
 
-Keys, per channel over GS consecutive tokens: codes ``[N/GS, D, GS*b/8]``, scale / zero ``[N/GS, D]``;
+Keys, per channel over GS consecutive tokens: codes ``[N/GS, GS, D*b/8]`` (a row a token), scale / zero ``[N/GS, D]``;
 values, per token over GS consecutive channels: codes ``[N, D*b/8]``, scale / zero ``[N, D/GS]``;
 x_hat = zero + code * scale. Codes decode through the byte table of the integers 0 .. 2^b - 1 (exact in 16 bits).
 """
@@ -32,16 +32,16 @@ def affine_key_scores(q, KC, KS, KZ, n0, end, stride_kcg, stride_ksg, TABLE,
     """Scores [GP, BLOCK_N] of the BLOCK_N / GS key groups from token n0 (a multiple of GS); groups at or past `end`
     read nothing. q [GP, D]; KC / KS / KZ point at this (batch, head)'s codes, scales and zeros."""
     NGB: tl.constexpr = BLOCK_N // GS
-    GB: tl.constexpr = GS * BITS // 8
+    RB: tl.constexpr = D * BITS // 8  # bytes of one token's row of codes
     d = tl.arange(0, D)
     grp = n0 // GS + tl.arange(0, NGB)
     g_ok = grp * GS < end
-    kb = tl.load(KC + grp[None, :, None] * stride_kcg + d[:, None, None] * GB + tl.arange(0, GB)[None, None, :],
-                 mask=g_ok[None, :, None], other=0).to(tl.int32)  # [D, NGB, GB]
-    kcode = tl.reshape(integer_tile(TABLE, tl.reshape(kb, (D * NGB, GB)), BITS, D * NGB, GB, F32, ASM), (D, NGB, GS))
-    ksc = tl.load(KS + grp[None, :] * stride_ksg + d[:, None], mask=g_ok[None, :], other=0.0).to(tl.float32)
-    kzr = tl.load(KZ + grp[None, :] * stride_ksg + d[:, None], mask=g_ok[None, :], other=0.0).to(tl.float32)
-    kt = tl.reshape(kcode.to(tl.float32) * ksc[:, :, None] + kzr[:, :, None], (D, BLOCK_N))  # K^T
+    kb = tl.load(KC + grp[:, None, None] * stride_kcg + tl.arange(0, GS)[None, :, None] * RB
+                 + tl.arange(0, RB)[None, None, :], mask=g_ok[:, None, None], other=0).to(tl.int32)  # [NGB, GS, RB]
+    kcode = tl.reshape(integer_tile(TABLE, tl.reshape(kb, (BLOCK_N, RB)), BITS, BLOCK_N, RB, F32, ASM), (NGB, GS, D))
+    ksc = tl.load(KS + grp[:, None] * stride_ksg + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    kzr = tl.load(KZ + grp[:, None] * stride_ksg + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    kt = tl.trans(tl.reshape(kcode.to(tl.float32) * ksc[:, None, :] + kzr[:, None, :], (BLOCK_N, D)))  # K^T
     if F32:
         return tl.dot(q, kt, input_precision="ieee")
     return tl.dot(q, kt.to(q.dtype))

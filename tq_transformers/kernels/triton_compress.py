@@ -149,42 +149,37 @@ def kivi_key_compress_kernel(
     stride_xb, stride_xh, stride_xt, stride_cb, stride_ch, stride_cg, stride_sb, stride_sh, stride_sg,
     D: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, RECIP: tl.constexpr,
 ):
-    """One program: one group of GS tokens x D channels of one head; min-max over the tokens of each channel."""
+    """One program: one group of GS tokens x D channels of one head; min-max over the tokens of each channel. Codes
+    are written token-major (``[GS, D*b/8]`` a group): channel 8j + i of a token is code i of its run j."""
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    R: tl.constexpr = GS // 8  # runs of 8 tokens
+    J: tl.constexpr = D // 8  # runs of 8 channels
     QMAX: tl.constexpr = (1 << BITS) - 1
-    r = tl.arange(0, R)
-    d = tl.arange(0, D)
+    t = tl.arange(0, GS)
+    j = tl.arange(0, J)
     xg = X + b * stride_xb + h * stride_xh + (pid_g * GS) * stride_xt
-    lo = tl.full((D,), float("inf"), tl.float32)
-    hi = tl.full((D,), float("-inf"), tl.float32)
+    meta = b * stride_sb + h * stride_sh + pid_g * stride_sg
+    word = tl.zeros((GS, J), dtype=tl.int64)
     for i in tl.static_range(8):
-        x = tl.load(xg + (8 * r[:, None] + i) * stride_xt + d[None, :]).to(tl.float32)  # tokens 8r + i
+        x = tl.load(xg + t[:, None] * stride_xt + 8 * j[None, :] + i).to(tl.float32)  # channels 8j + i
         fin = (x == x) & (tl.abs(x) < float("inf"))
-        lo = tl.minimum(lo, tl.min(tl.where(fin, x, float("inf")), axis=0))
-        hi = tl.maximum(hi, tl.max(tl.where(fin, x, float("-inf")), axis=0))
-    none = lo == float("inf")
-    lo = tl.where(none, 0.0, lo)
-    hi = tl.where(none, 0.0, hi)
-    zero16, scale16 = minmax_meta(lo, hi, QMAX, RECIP, SCALE.dtype.element_ty)
-    zero = zero16.to(tl.float32)
-    scale = scale16.to(tl.float32)
-    word = tl.zeros((R, D), dtype=tl.int64)
-    for i in tl.static_range(8):
-        x = tl.load(xg + (8 * r[:, None] + i) * stride_xt + d[None, :]).to(tl.float32)
-        fin = (x == x) & (tl.abs(x) < float("inf"))
-        q = round_half_even(tl.div_rn(x - zero[None, :], scale[None, :]))
+        lo = tl.min(tl.where(fin, x, float("inf")), axis=0)
+        hi = tl.max(tl.where(fin, x, float("-inf")), axis=0)
+        none = lo == float("inf")
+        lo = tl.where(none, 0.0, lo)
+        hi = tl.where(none, 0.0, hi)
+        zero16, scale16 = minmax_meta(lo, hi, QMAX, RECIP, SCALE.dtype.element_ty)
+        tl.store(SCALE + meta + 8 * j + i, scale16)
+        tl.store(ZERO + meta + 8 * j + i, zero16)
+        q = round_half_even(tl.div_rn(x - zero16.to(tl.float32)[None, :], scale16.to(tl.float32)[None, :]))
         q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0)
         q = tl.where(fin, q, 0.0).to(tl.int64)
         word = word | (q << (BITS * i))
-    base = CODES + b * stride_cb + h * stride_ch + pid_g * stride_cg + d[None, :] * (GS * BITS // 8) + r[:, None] * BITS
+    base = CODES + b * stride_cb + h * stride_ch + pid_g * stride_cg + t[:, None] * (D * BITS // 8) + j[None, :] * BITS
     for k in tl.static_range(BITS):
         tl.store(base + k, ((word >> (8 * k)) & 0xFF).to(tl.uint8))
-    tl.store(SCALE + b * stride_sb + h * stride_sh + pid_g * stride_sg + d, scale16)
-    tl.store(ZERO + b * stride_sb + h * stride_sh + pid_g * stride_sg + d, zero16)
 
 
 @triton.jit
@@ -294,12 +289,12 @@ def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_
 
 
 def kivi_compress_keys(x, bits: int, group_size: int):
-    """Keys ``[B, H, T, D]`` (T a multiple of G) -> (codes uint8 ``[B, H, T/G, D, G*b/8]``, scale, zero
+    """Keys ``[B, H, T, D]`` (T a multiple of G) -> (codes uint8 ``[B, H, T/G, G, D*b/8]``, scale, zero
     ``[B, H, T/G, D]``)."""
     b, h, t, d = x.shape
     x = _rows(x)
     gs = group_size
-    codes = torch.empty(b, h, t // gs, d, gs * bits // 8, dtype=torch.uint8, device=x.device)
+    codes = torch.empty(b, h, t // gs, gs, d * bits // 8, dtype=torch.uint8, device=x.device)
     scale = torch.empty(b, h, t // gs, d, dtype=METADATA_DTYPE, device=x.device)
     zero = torch.empty_like(scale)
     kivi_key_compress_kernel[(t // gs, b * h)](

@@ -5,7 +5,7 @@ Asymmetric min-max quantization (docs/METHODS.md, "KIVI"): ``scale = (max - min)
 dequantization ``zero + code * scale`` uses exactly what was used to quantize.
 
 - keys, per channel: a group is G consecutive tokens of one channel (``formats.ChannelAffinePacked``: ``codes``
-  ``[B, H, N/G, D, G*b/8]``, ``scale`` / ``zero`` ``[B, H, N/G, D]``).
+  ``[B, H, N/G, G, D*b/8]``, each token's codes packed along its channels; ``scale`` / ``zero`` ``[B, H, N/G, D]``).
 - values, per token: groups of G consecutive channels (``formats.TokenAffinePacked``: ``codes`` ``[B, H, N, D*b/8]``,
   ``scale`` / ``zero`` ``[B, H, N, D/G]``).
 
@@ -107,11 +107,12 @@ def kivi_encode_keys(x: torch.Tensor, bits: int, group_size: int):
     Args:
         x: ``[B, H, T, D]``, T a multiple of G.
     Returns:
-        (codes uint8 ``[B, H, T/G, D, G*b/8]``, scale fp16 ``[B, H, T/G, D]``, zero fp16 ``[B, H, T/G, D]``).
+        (codes uint8 ``[B, H, T/G, G, D*b/8]`` (token-major inside a group: a token's codes are one row, as the
+        decode kernels read them), scale fp16 ``[B, H, T/G, D]``, zero fp16 ``[B, H, T/G, D]``).
     """
     b, h, t, d = x.shape
     codes, scale, zero = minmax_quantize(x.float().reshape(b, h, t // group_size, group_size, d), bits, dim=3)
-    return pack_bits(codes.transpose(-1, -2), bits), scale, zero
+    return pack_bits(codes, bits), scale, zero
 
 
 def kivi_encode_values(x: torch.Tensor, bits: int, group_size: int):
