@@ -31,10 +31,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tq_transformers import kernels  # noqa: E402
 from tq_transformers.codebooks import codebook  # noqa: E402
 from tq_transformers.formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked  # noqa: E402
-from tq_transformers.kernels import cuda_split  # noqa: E402
+from tq_transformers.kernels import cuda_split, triton_reduce  # noqa: E402
 from tq_transformers.rotation import random_rotation  # noqa: E402
 
 HQ, HKV, D, WINDOW = 32, 8, 128, 64
+# Full-precision window tokens of each method's defaults, at the middle of their range (TurboQuant-4 0-127, KIVI-2
+# 128-159, Bonsai-1 128-255): what the reduce kernel attends at a typical step. WINDOW (64) is the --fixed-window.
+METHOD_WINDOWS = {"turboquant4": 64, "kivi2": 144, "bonsai1": 192}
 METHODS = ("turboquant4", "kivi2", "bonsai1")
 META = torch.float16  # stored metadata dtype
 
@@ -94,14 +97,14 @@ def rel_err(got, want) -> float:
 
 
 @torch.no_grad()
-def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, methods):
+def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, methods, fixed_window: bool = False,
+          reduce_sweep: bool = False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     k = torch.randn(batch, HKV, context, D, generator=gen, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(batch, HKV, context, D, generator=gen, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(batch, HQ, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-    wk, wv = k[:, :, -WINDOW:].contiguous(), v[:, :, -WINDOW:].contiguous()
     rows = []
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         t = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=D**-0.5,
@@ -110,7 +113,9 @@ def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, me
     rows.append({"method": "bf16_flash", "impl": "sdpa", "batch": batch, "context": context, "us": t,
                  "bytes": nbytes(k, v)})
     for method in methods:
-        keys, values, packed = pack(method, k[:, :, :context - WINDOW], v[:, :, :context - WINDOW])
+        window = WINDOW if fixed_window else METHOD_WINDOWS[method]
+        wk, wv = k[:, :, -window:].contiguous(), v[:, :, -window:].contiguous()
+        keys, values, packed = pack(method, k[:, :, :context - window], v[:, :, :context - window])
         args = {"q": q, "keys": keys, "values": values, "window_k": wk, "window_v": wv, "key_mask": None,
                 "scaling": D**-0.5}
         total = packed + nbytes(wk, wv)
@@ -130,6 +135,14 @@ def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, me
                 rows.append({"method": method, "impl": f"cuda b{minb} v{waves} t{min_tok}", "batch": batch,
                              "context": context, "us": t, "bytes": total, "sweep": True})
             cuda_split.CUDA_PLAN.update(saved)
+        if reduce_sweep:
+            saved = dict(triton_reduce.REDUCE_TUNING)
+            for block_w, warps in itertools.product((32, 64, 128), (4, 8)):
+                triton_reduce.REDUCE_TUNING.update(block_w=block_w, num_warps=warps)
+                t = bench(lambda a=args: kernels.decode_attention(**a, impl="triton"))
+                rows.append({"method": method, "impl": f"reduce w{block_w} n{warps}", "batch": batch,
+                             "context": context, "us": t, "bytes": total, "sweep": True})
+            triton_reduce.REDUCE_TUNING.update(saved)
         del keys, values, want
     for r in rows:
         r["of_copy"] = r["bytes"] / (r["us"] * 1e-6) / copy_bw
@@ -171,6 +184,10 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's kernel times at 8x32768")
+    ap.add_argument("--fixed-window", action="store_true", help=f"a {WINDOW}-token window for every method "
+                    "(sessions 1-5's setting) instead of METHOD_WINDOWS")
+    ap.add_argument("--reduce-sweep", action="store_true", help="sweep the reduce kernel's window tile and warps at "
+                    "the sweep points")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bw = copy_bandwidth()
@@ -181,8 +198,9 @@ def main():
     for p in args.points.split(","):
         batch, context = map(int, p.split("x"))
         try:
-            rows = point(batch, context, p in args.check.split(","), not args.no_sweep and p in
-                         args.sweep_points.split(","), bw, args.methods.split(","))
+            at_sweep = p in args.sweep_points.split(",")
+            rows = point(batch, context, p in args.check.split(","), not args.no_sweep and at_sweep, bw,
+                         args.methods.split(","), args.fixed_window, args.reduce_sweep and at_sweep)
         except torch.cuda.OutOfMemoryError:
             res["errors"].append(f"{p}: out of memory")
             continue

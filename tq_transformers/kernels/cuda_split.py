@@ -46,9 +46,9 @@ TABLE_BYTES = 32 * 1024
 VECTOR_BYTES = 16  # the widest load of a lane
 # Below this many packed tokens (the grid's bound) the Triton split kernel runs instead, by key format. Codebook: at
 # 1 x 4K it measured 26.9 against 34.8 us here (H200, scripts/tune_decode_kernels.py, 2026-12-01: the table fill and
-# the fixed costs dominate). Affine: the Triton kernel is slower at every length measured (docs/RESULTS.md, seventh
-# pass), so none.
-MIN_TOKENS = {CodebookPacked: 8192, ChannelAffinePacked: 0}
+# the fixed costs dominate). Affine: 26.5 (Triton) against 35.9 us at 1 x 4K, 117.6 against 46.4 us at 1 x 32K (H200,
+# the same script, 2026-12-01, docs/RESULTS.md "seventh pass").
+MIN_TOKENS = {CodebookPacked: 8192, ChannelAffinePacked: 8192}
 
 
 _KERNELS: dict = {}
