@@ -14,11 +14,12 @@ import triton.language as tl
 
 from .triton_common import derived
 
-# Launch settings of the reduce kernel: split partials loaded per step, window tokens per tile, warps. Not swept: one
-# program per query head, so a decode step at batch 1 has 32 programs merging up to a few hundred splits each (the
-# first version, one program per KV head merging 4 partials a step, dominated a 1 x 32K step on an H200: docs/RESULTS.md
-# "Speed (GPU), fifth pass").
-REDUCE_TUNING = {"chunk": 32, "block_w": 32, "num_warps": 4}
+# Launch settings of the reduce kernel: split partials loaded per step, window tokens per tile, warps. One program per
+# query head, so a decode step at batch 1 has 32 programs merging up to a few hundred splits each (the first version,
+# one program per KV head merging 4 partials a step, dominated a 1 x 32K step on an H200: docs/RESULTS.md "Speed (GPU),
+# fifth pass"). The window tile: 128 tokens (4 warps) against 32 saved 3-12% of a 1 x 32K decode call at the default
+# windows (H200, `scripts/tune_decode_kernels.py --reduce-sweep`, 2026-12-01, docs/RESULTS.md "seventh pass").
+REDUCE_TUNING = {"chunk": 32, "block_w": 128, "num_warps": 4}
 
 
 @triton.jit(do_not_specialize=["num_splits", "W", "n_q", "stride_mb"])
