@@ -17,11 +17,14 @@ import triton.language as tl
 from .constants import METADATA_DTYPE
 from .triton_common import EPS, SCALE_EPS, cdiv, div_scalar, pow2, round_half_even
 
-# Launch settings of the compress kernels: tokens per program and warps. Not swept (a compress runs once per flush of
-# the window, outside the decode step's critical path); chosen so a [BLOCK_T, D] float32 tile stays in registers at
-# D = 128, and left as the first pass set them (docs/RESULTS.md, "Speed (GPU)": prefill through each cache).
+# Launch settings of the compress kernels: tokens per program and warps. TurboQuant's, from a sweep on an H200
+# (2026-12-01, docs/RESULTS.md "seventh pass"): 32K tokens x 8 heads took 2,570 us with the rotation's dot in "ieee"
+# float32 (FMA loops) at 32 tokens / 4 warps, the whole of TurboQuant-4's prefill overhead; 513 us with "tf32x3"
+# (three TF32 tensor-core passes, float32 accuracy: codes differ from the PyTorch encoder's only within 1e-5 of a
+# bucket edge, as "ieee"'s do) at 64 tokens / 4 warps. The others are left as the first pass set them (a [BLOCK_T, D]
+# float32 tile in registers at D = 128).
 COMPRESS_TUNING = {
-    "turboquant": {"block_t": 32, "num_warps": 4},
+    "turboquant": {"block_t": 64, "num_warps": 4, "dot_precision": "tf32x3"},
     "bonsai": {"block_t": 32, "num_warps": 4},
     "kivi_keys": {"num_warps": 4},  # one program per group of GS tokens
     "kivi_values": {"block_t": 16, "num_warps": 4},
@@ -35,7 +38,7 @@ def turboquant_compress_kernel(
     T, num_heads,
     stride_xb, stride_xh, stride_xt, stride_mub, stride_muh, stride_cb, stride_ch, stride_ct, stride_nb, stride_nh,
     D: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BITS: tl.constexpr,
-    HAS_MU: tl.constexpr, NORM_CORR: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_MU: tl.constexpr, NORM_CORR: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_T tokens of one head. x -> center -> /||x|| -> rotate -> bucketize -> pack, norms."""
     pid_t = tl.program_id(0)
@@ -61,7 +64,7 @@ def turboquant_compress_kernel(
     for i in tl.static_range(8):
         # PT_i[d, j] = P[8j + i, d]: the rotated coordinates 8j + i, i.e. code i of run j
         pt = tl.load(P + (8 * j[None, :] + i) * D + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
-        y = tl.dot(u, pt, input_precision="ieee")  # [BLOCK_T, BJ]
+        y = tl.dot(u, pt, input_precision=DOT_PRECISION)  # [BLOCK_T, BJ]
         idx = tl.zeros((BLOCK_T, BJ), dtype=tl.int32)
         for k in tl.static_range((1 << BITS) - 1):
             idx += (y > tl.load(EDGES + k)).to(tl.int32)
@@ -265,6 +268,7 @@ def turboquant_compress(x, mean, rotation, levels, bits: int, norm_correction: b
         stride_nb=norms.stride(0), stride_nh=norms.stride(1),
         D=d, BD=pow2(d, MIN_TILE), BJ=pow2(d // 8, MIN_TILE), BITS=bits, HAS_MU=mean is not None,
         NORM_CORR=norm_correction, BLOCK_T=tune["block_t"], num_warps=tune["num_warps"],
+        DOT_PRECISION=tune["dot_precision"] if x.is_cuda else "ieee",
     )
     return codes, norms
 
