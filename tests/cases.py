@@ -81,10 +81,13 @@ class Case:
         method's own), then `overrides`; a group size is fitted to `head_dim` when given."""
         windows = {"small": self.small, "lossless": {**self.small, **self.lossless}, "default": {}}
         kwargs = {**self.settings, **windows[window], **overrides}
-        if head_dim is not None and self.accepts("group_size"):
-            group = kwargs.get("group_size", self.cache_class.config_class().group_size)
-            if head_dim % group:
-                kwargs["group_size"] = math.gcd(group, head_dim)
+        if head_dim is not None:
+            kwargs = fit_group_size(self.cache_class, kwargs, head_dim)
+            for side in ("key", "value"):  # a mixed cache's sides ({"method": name, **settings})
+                if isinstance(kwargs.get(side), dict):
+                    spec = kwargs[side]
+                    kwargs[side] = {"method": spec["method"],
+                                    **fit_group_size(get_method(spec["method"]), spec, head_dim, skip=("method",))}
         return kwargs
 
     def kwargs(self, config, window: str = "small", **overrides) -> dict:
@@ -96,6 +99,16 @@ class Case:
         if head_dim is None and config is not None:
             head_dim = head_dim_of(config)
         return self.cache_class(config, **self.settings_for(window, head_dim, **overrides))
+
+
+def fit_group_size(cache_class, kwargs: dict, head_dim: int, skip=()) -> dict:
+    """`kwargs` with a group size that does not divide `head_dim` reduced to one that does."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in skip}
+    if any(f.name == "group_size" and f.init for f in dataclasses.fields(cache_class.config_class)):
+        group = kwargs.get("group_size", cache_class.config_class().group_size)
+        if head_dim % group:
+            kwargs["group_size"] = math.gcd(group, head_dim)
+    return kwargs
 
 
 _WINDOW = dict(residual_length=16, flush_size=16)
@@ -112,6 +125,15 @@ CASES = {
         Case("bonsai", "bonsai", {}, _WINDOW),  # faithful Q1_0
         Case("bonsai-improved", "bonsai", dict(center=True, rotate=True), _WINDOW),  # = BonsaiCache.improved
         Case("bonsai-improved-l2", "bonsai", dict(center=True, rotate=True, scale="l2"), _WINDOW),
+        # issue 14: keys and values apart (per-side bits, mixed methods) and fractional TurboQuant rates
+        Case("turboquant2.5", "turboquant", dict(bits=2.5), _WINDOW),
+        Case("turboquant3.5", "turboquant", dict(bits=3.5), _WINDOW),
+        Case("turboquant-k4v2", "turboquant", dict(key_bits=4, value_bits=2), _WINDOW),
+        Case("kivi-k4v2", "kivi", dict(key_bits=4, value_bits=2), dict(group_size=16, residual_length=16)),
+        Case("mixed-tq4-bonsai", "mixed", dict(key={"method": "turboquant", "bits": 4},
+                                              value={"method": "bonsai", "center": True, "rotate": True}), _WINDOW),
+        Case("mixed-kivi2-tq3.5", "mixed", dict(key={"method": "kivi", "bits": 2, "group_size": 16},
+                                               value={"method": "turboquant", "bits": 3.5}), _WINDOW),
     ]
 }
 assert {c.method for c in CASES.values()} == set(METHOD_NAMES), "every registered method has a case"

@@ -246,7 +246,7 @@ def test_fp16_baseline_name_is_a_deprecated_alias_of_full():
     with pytest.warns(FutureWarning, match='method="full"'):
         old = estimate_cache_bytes(cfg, 1000, method="fp16")
     assert old == estimate_cache_bytes(cfg, 1000, method="full")
-    with pytest.raises(ValueError, match=r"method must be one of \('full', 'bonsai', 'kivi', 'turboquant'\), got 'q4'"):
+    with pytest.raises(ValueError, match=r"\('full', 'bonsai', 'kivi', 'mixed', 'turboquant'\), got 'q4'"):
         estimate_cache_bytes(cfg, 1000, method="q4")
 
 

@@ -19,6 +19,10 @@ from cases import random_ids as _ids
 
 METHODS = params(*PLUMBING)
 
+#: the messages of a bad TurboQuant rate and of an unknown method name
+RATES = r"bits must be a rate in 1..4 bits, whole or a multiple of 1/8 \(e.g. 2.5, 3.5\), got "
+METHODS_RE = r"method must be one of \('bonsai', 'kivi', 'mixed', 'turboquant'\), got"
+
 
 def _generate(model, ids, cache, n=20, **kw):
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
@@ -328,23 +332,25 @@ def test_enable_gives_a_fresh_cache_per_call_and_refuses_foreign_caches(tiny_mod
 
 def test_enable_validates_arguments_up_front(tiny_model):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="bits must be an integer in 1..4, got 7"):
+    with pytest.raises(ValueError, match=RATES + r"7"):
         tq_transformers.enable(model, "turboquant", bits=7)
-    accepted = r"\['residual_length', 'bits', 'group_size'\]"
+    accepted = (r"\['residual_length', 'sink_tokens', 'bits', 'key_bits', 'value_bits', 'group_size', "
+                r"'layer_settings', ")
     with pytest.raises(TypeError, match=r"KIVICache got unknown settings \['flush_size'\]; accepted: " + accepted):
         tq_transformers.enable(model, "kivi", flush_size=16)  # KIVI's flush is its group
-    with pytest.raises(ValueError, match=r"method must be one of \('bonsai', 'kivi', 'turboquant'\), got 'gptq'"):
+    with pytest.raises(ValueError, match=METHODS_RE + r" 'gptq'"):
         tq_transformers.enable(model, "gptq")
     assert "generate" not in vars(model)  # nothing was installed by the refused calls
 
 
 def test_registry_names_every_method_once():
-    assert tq_transformers.METHOD_NAMES == ("bonsai", "kivi", "turboquant")
+    assert tq_transformers.METHOD_NAMES == ("bonsai", "kivi", "mixed", "turboquant")
     for name in tq_transformers.METHOD_NAMES:
         cls = tq_transformers.get_method(name)
         assert cls.method == name and issubclass(cls, tq_transformers.QuantizedKVCache)
-        assert type(tq_transformers.make_cache(name, residual_length=64)) is cls
-    with pytest.raises(ValueError, match=r"method must be one of \('bonsai', 'kivi', 'turboquant'\), got 'fp16'"):
+        sides = {"key": {"method": "turboquant"}, "value": {"method": "kivi"}} if name == "mixed" else {}
+        assert type(tq_transformers.make_cache(name, residual_length=64, **sides)) is cls
+    with pytest.raises(ValueError, match=METHODS_RE + r" 'fp16'"):
         tq_transformers.make_cache("fp16")
 
 
@@ -385,16 +391,18 @@ def test_text_generation_pipeline_many_prompts(tiny_model):
 @pytest.mark.parametrize(
     "factory,error,message",
     [
-        (lambda: TurboQuantCache(bits=0), ValueError, r"bits must be an integer in 1..4, got 0"),
-        (lambda: TurboQuantCache(bits=1, qjl=True), ValueError, r"bits must be in 2..4 with qjl=True"),
+        (lambda: TurboQuantCache(bits=0), ValueError, RATES + r"0"),
+        (lambda: TurboQuantCache(bits=1, qjl=True), ValueError,
+         r"bits must be a whole number of bits in 2..4 with qjl=True"),
         (lambda: TurboQuantCache(residual_length=-1), ValueError, r"residual_length must be an integer >= 0, got -1"),
         (lambda: TurboQuantCache(flush_size=0), ValueError, r"flush_size must be an integer >= 1, got 0"),
-        (lambda: TurboQuantCache(bits=4.0), TypeError, r"bits must be an integer in 1..4, got float 4.0"),
-        (lambda: TurboQuantCache(bits="4"), TypeError, r"bits must be an integer in 1..4, got str '4'"),
-        (lambda: TurboQuantCache(bits=True), TypeError, r"bits must be an integer in 1..4, got bool True"),
+        (lambda: TurboQuantCache(bits=2.7), ValueError, RATES + r"2.7"),
+        (lambda: TurboQuantCache(bits="4"), TypeError, RATES + r"str '4'"),
+        (lambda: TurboQuantCache(bits=True), TypeError, RATES + r"bool True"),
         (lambda: TurboQuantCache(center=1), TypeError, r"center must be a bool, got int 1"),
         (lambda: TurboQuantCache(bitz=4), TypeError,
-         r"TurboQuantCache got unknown settings \['bitz'\]; accepted: \['residual_length', 'flush_size', 'bits', "),
+         r"TurboQuantCache got unknown settings \['bitz'\]; accepted: \['residual_length', 'flush_size', "
+         r"'sink_tokens', 'bits', "),
         (lambda: KIVICache(bits=9), ValueError, r"bits must be an integer in 1..8 .*got 9"),
         (lambda: KIVICache(group_size=12), ValueError, r"group_size must be a positive multiple of 8, got 12"),
         (lambda: KIVICache(residual_length=100), ValueError,
@@ -402,7 +410,7 @@ def test_text_generation_pipeline_many_prompts(tiny_model):
         (lambda: BonsaiCache(scale="max"), ValueError, r"scale must be one of \('mean_abs', 'l2'\), got 'max'"),
         (lambda: BonsaiCache(group_size=7), ValueError, r"group_size must be a positive multiple of 8, got 7"),
     ],
-    ids=["tq-bits0", "tq-qjl-bits1", "tq-residual", "tq-flush", "tq-bits-float", "tq-bits-str", "tq-bits-bool",
+    ids=["tq-bits0", "tq-qjl-bits1", "tq-residual", "tq-flush", "tq-bits-no-split", "tq-bits-str", "tq-bits-bool",
          "tq-center-int", "tq-unknown", "kivi-bits", "kivi-group", "kivi-residual", "bonsai-scale", "bonsai-group"],
 )
 def test_bad_arguments_raise_clear_errors(factory, error, message):

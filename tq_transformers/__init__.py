@@ -7,12 +7,13 @@
 
 from .cache import QuantizedKVCache
 from .codec import Codec
-from .formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
+from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from .generation import disable, enable
 from .layer import QuantizedKVLayer, WindowConfig
 from .memory import estimate_cache_bytes
 from .methods.bonsai import BonsaiCache, BonsaiConfig
 from .methods.kivi import KIVICache, KIVIConfig
+from .methods.mixed import MixedCache, MixedConfig
 from .methods.turboquant import TurboQuantCache, TurboQuantConfig
 from .registry import METHOD_NAMES, get_method, make_cache
 
@@ -27,8 +28,11 @@ __all__ = [
     "CodebookPacked",
     "KIVICache",
     "KIVIConfig",
+    "MixedCache",
+    "MixedConfig",
     "QuantizedKVCache",
     "QuantizedKVLayer",
+    "SplitCodebookPacked",
     "TokenAffinePacked",
     "TurboQuantCache",
     "TurboQuantConfig",

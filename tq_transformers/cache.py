@@ -23,9 +23,12 @@ from transformers import Cache, DynamicCache, DynamicLayer, PreTrainedConfig
 
 from .layer import QuantizedKVLayer
 from .static_layout import StaticLayout
-from .validation import short_repr
+from .validation import check_int, check_mapping, short_repr
 
-__all__ = ["QuantizedKVCache", "head_dim_of", "registered_methods"]
+__all__ = ["LAYER_SETTINGS", "QuantizedKVCache", "cache_dims", "head_dim_of", "mla_latent_dims", "registered_methods"]
+
+#: cache keyword arguments that are not a method's settings but choose them per layer (``QuantizedKVCache``)
+LAYER_SETTINGS = ("layer_settings", "edge_layers", "edge_settings")
 
 _REGISTRY: dict[str, type[QuantizedKVCache]] = {}
 
@@ -44,11 +47,46 @@ def head_dim_of(config) -> int | None:
     return head_dim
 
 
+def mla_latent_dims(config) -> tuple[int, int] | None:
+    """(kv_lora_rank, qk_rope_head_dim) of an MLA model's config (``cache_dims``), else None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    rank, rope = getattr(text, "kv_lora_rank", None), getattr(text, "qk_rope_head_dim", None)
+    return (rank, rope) if isinstance(rank, int) and isinstance(rope, int) else None
+
+
+def cache_dims(config) -> tuple[int, int, int] | None:
+    """(kv_heads, key_dim, value_dim) of what a model's attention layers hand the cache, or None when unknown.
+
+    Most models cache ``[B, num_key_value_heads, T, head_dim]`` keys and values. MLA models (DeepSeek-V2/V3 and
+    their kin in transformers: configs with ``kv_lora_rank``) cache their two latents instead, each viewed as one
+    head: the compressed key-value latent (``kv_lora_rank`` wide) as "keys" and the shared rotary key
+    (``qk_rope_head_dim``) as "values"; attention expands them after the cache. Layers always check the dims their
+    states really have at the first update; this is what a config lets us check (and count) before.
+    """
+    latents = mla_latent_dims(config)
+    if latents is not None:
+        return 1, *latents
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    head_dim = head_dim_of(config)
+    if head_dim is None:
+        return None
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return heads, head_dim, head_dim
+
+
 class QuantizedKVCache(Cache):
     """A transformers ``Cache`` whose full-attention layers are quantized (module docstring).
 
     Args:
         config: the model's config (``model.config``), or None to create every layer lazily, quantized.
+        layer_settings: per-layer precision: ``{layer_idx: settings}`` or a list of one ``settings`` (or None) per
+            decoder layer. A settings dict without ``"method"`` is applied over `**settings` for that layer (e.g.
+            ``{0: {"bits": 4}}``); with ``"method"`` it is another method's settings (e.g.
+            ``{"method": "turboquant", "bits": 4}``). The window (residual_length, flush_size, sink_tokens) is the
+            cache's: every layer keeps it.
+        edge_layers: the first and the last `edge_layers` decoder layers use `edge_settings` (a budget rule: those
+            layers at a higher precision); `layer_settings` wins where both name a layer. Needs `config`.
+        edge_settings: the settings of the edge layers (as in `layer_settings`).
         **settings: the method's settings, the fields of ``config_class`` (e.g. ``bits=4``).
     """
 
@@ -71,14 +109,21 @@ class QuantizedKVCache(Cache):
                 f"{short_repr(config)}; method settings are keyword arguments, e.g. "
                 f"{type(self).__name__}(model.config, bits=4)"
             )
-        self.method_config = self.make_config(**settings)
+        template = DynamicCache(config=config).layers if config is not None else None
+        self.method_config, self.layer_configs = self.make_layer_configs(
+            None if template is None else len(template), **settings)
         if config is not None:
-            head_dim = head_dim_of(config)
-            if head_dim is not None:
-                self.method_config.check_head_dim(head_dim)
-            template = DynamicCache(config=config).layers
+            dims = cache_dims(config)
+            if dims is not None:
+                for i, cfg in {-1: self.method_config, **self.layer_configs}.items():
+                    try:
+                        cfg.check_dims(*dims[1:])
+                    except ValueError as err:
+                        where = "" if i < 0 else f" (layer {i}'s settings)"
+                        raise ValueError(f"{type(self).__name__}: the model caches keys of head_dim {dims[1]} and "
+                                         f"values of head_dim {dims[2]}{where}: {err}") from None
             layers = [
-                self.layer_class(self.method_config, layer_idx=i) if type(layer) is DynamicLayer else layer
+                self.layer_class(self.config_of(i), layer_idx=i) if type(layer) is DynamicLayer else layer
                 for i, layer in enumerate(template)
             ]
             super().__init__(layers=layers)
@@ -108,8 +153,77 @@ class QuantizedKVCache(Cache):
         fields = [f.name for f in dataclasses.fields(cls.config_class) if f.init]
         unknown = sorted(set(settings) - set(fields))
         if unknown:
-            raise TypeError(f"{cls.__name__} got unknown settings {unknown}; accepted: {fields}")
+            raise TypeError(f"{cls.__name__} got unknown settings {unknown}; accepted: {fields + list(LAYER_SETTINGS)}")
         return cls.config_class(**settings)
+
+    @classmethod
+    def make_layer_configs(cls, num_layers: int | None, layer_settings=None, edge_layers: int = 0,
+                           edge_settings: dict | None = None, **settings):
+        """The base config and the per-layer ones (class docstring: `layer_settings`, `edge_layers`).
+
+        Args:
+            num_layers: decoder layers of the model (None without a config: lists and `edge_layers` then fail).
+        Returns:
+            (base config, {layer_idx: config} for the layers that differ).
+        """
+        base = cls.make_config(**settings)
+        overrides: dict[int, dict] = {}
+        check_int("edge_layers", edge_layers, 0)
+        if edge_layers:
+            if num_layers is None:
+                raise ValueError(f"edge_layers={edge_layers} needs the model config (the number of layers); pass "
+                                 "model.config, or layer_settings={layer_idx: settings}")
+            if 2 * edge_layers > num_layers:
+                raise ValueError(f"edge_layers must be at most half the {num_layers} layers ({num_layers // 2}), "
+                                 f"got {edge_layers}")
+            check_mapping("edge_settings", edge_settings, "a dict of settings with edge_layers > 0")
+            for i in [*range(edge_layers), *range(num_layers - edge_layers, num_layers)]:
+                overrides[i] = edge_settings
+        elif edge_settings is not None:
+            raise ValueError(f"edge_settings needs edge_layers > 0, got edge_layers=0 and edge_settings="
+                             f"{short_repr(edge_settings)}")
+        if isinstance(layer_settings, (list, tuple)):
+            if num_layers is not None and len(layer_settings) != num_layers:
+                raise ValueError(f"layer_settings must have one entry per decoder layer ({num_layers}), got "
+                                 f"{len(layer_settings)}")
+            layer_settings = {i: entry for i, entry in enumerate(layer_settings) if entry is not None}
+        elif layer_settings is not None and not isinstance(layer_settings, dict):
+            raise TypeError(f"layer_settings must be a dict {{layer_idx: settings}} or a list of settings (or None) "
+                            f"per layer, got {type(layer_settings).__name__} {short_repr(layer_settings)}")
+        for i, entry in (layer_settings or {}).items():
+            limit = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0 or (num_layers is not None and i >= num_layers):
+                raise ValueError(f"layer_settings keys must be decoder layer indices ({limit}), got {i!r}")
+            check_mapping(f"layer_settings[{i}]", entry, "a dict of settings")
+            overrides[i] = entry
+        configs = {}
+        for i, entry in overrides.items():
+            cfg = cls.override_config(base, settings, entry)
+            if cfg.window != base.window:
+                raise ValueError(
+                    f"layer {i}'s settings change the window to (residual_length, flush_size, sink_tokens) = "
+                    f"{cfg.window}, the cache's is {base.window}: the window is the same in every layer"
+                )
+            configs[i] = cfg
+        return base, configs
+
+    @classmethod
+    def override_config(cls, base, settings: dict, entry: dict):
+        """The config of a layer whose `entry` (``layer_settings``) applies over the cache's `settings`."""
+        if "method" not in entry:
+            return cls.make_config(**{**settings, **entry})
+        rest = {k: v for k, v in entry.items() if k != "method"}
+        method = _REGISTRY.get(entry["method"])
+        if method is None:
+            raise ValueError(f"method must be one of {tuple(_REGISTRY)}, got {entry['method']!r} (in layer_settings)")
+        window = {"residual_length": base.residual_length, "flush_size": base.flush_size,
+                  "sink_tokens": base.sink_tokens}
+        accepted = {f.name for f in dataclasses.fields(method.config_class) if f.init}
+        return method.make_config(**{k: v for k, v in window.items() if k in accepted}, **rest)
+
+    def config_of(self, layer_idx: int):
+        """The method config of decoder layer `layer_idx` (``layer_settings``)."""
+        return self.layer_configs.get(layer_idx, self.method_config)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Store new states in layer `layer_idx` and return what its attention reads (``QuantizedKVLayer.update``).
@@ -122,7 +236,7 @@ class QuantizedKVCache(Cache):
         """
         if self.layer_class_to_replicate is not None:
             while len(self.layers) <= layer_idx:
-                layer = self.layer_class(self.method_config, layer_idx=len(self.layers))
+                layer = self.layer_class(self.config_of(len(self.layers)), layer_idx=len(self.layers))
                 if self.layer_setup is not None:
                     self.layer_setup(layer)
                 self.layers.append(layer)

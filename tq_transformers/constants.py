@@ -10,6 +10,8 @@
 - Seeds of the per-layer rotations (docs/METHODS.md, "TurboQuant"): layer ``i`` rotates keys with seed
   ``seed + LAYER_SEED_STRIDE * i`` and values with that ``+ VALUE_SEED_OFFSET``; TurboQuant's QJL sketch uses the
   rotation's seed ``+ QJL_SEED_OFFSET``. The offsets only need to give distinct, reproducible streams.
+- ``BITS_STEP``: the rates a TurboQuant side may take between whole bits: multiples of 1/8 (a two-rate channel split
+  of a multiple of 8 channels, whole bytes of codes, at every head dim that is a multiple of 64).
 - ``CHUNK_TOKENS``: tokens quantized (or averaged) per pass, bounding the float32 temporaries of a long prefill's
   first flush (at 8 x 32K a float32 copy of one layer's keys would be 1 GiB).
 """
@@ -25,8 +27,14 @@ LAYER_SEED_STRIDE = 1000
 VALUE_SEED_OFFSET = 500
 QJL_SEED_OFFSET = 7919
 CHUNK_TOKENS = 4096
+BITS_STEP = 8  # fractional TurboQuant rates are multiples of 1 / BITS_STEP
 
 
 def layer_seed(seed: int, layer_idx: int) -> int:
     """The seed of layer `layer_idx`'s key rotation (its value rotation adds ``VALUE_SEED_OFFSET``)."""
     return seed + LAYER_SEED_STRIDE * layer_idx
+
+
+def side_seed(seed: int, layer_idx: int, side: str) -> int:
+    """The rotation seed of `side` ("k" or "v") of layer `layer_idx` (``layer_seed``, values + VALUE_SEED_OFFSET)."""
+    return layer_seed(seed, layer_idx) + (VALUE_SEED_OFFSET if side == "v" else 0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import torch
 from transformers import AttentionInterface
@@ -34,13 +35,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import kernels
-from .cache import QuantizedKVCache
+from .cache import QuantizedKVCache, mla_latent_dims
 from .layer import QuantizedKVLayer
 from .validation import check_bool
 
 ATTN_NAME = "tq_fused"
 
-__all__ = ["ATTN_NAME", "FastView", "attn_implementation_of", "install", "prepare_cache", "register",
+__all__ = ["ATTN_NAME", "FastView", "attn_implementation_of", "fallback_reason", "install", "prepare_cache", "register",
            "tq_fused_attention", "uninstall"]
 
 
@@ -109,6 +110,17 @@ def prepare_cache(cache, compress: bool = True, cuda_graphs: bool = False):
         raise TypeError(f"cache must be a tq_transformers cache, got {type(cache).__name__}")
     check_bool("compress", compress)
     check_bool("cuda_graphs", cuda_graphs)
+    if cache.model_config is not None and mla_latent_dims(cache.model_config) is not None:
+        # the model expands the cached latents (kv_b_proj) before attention: window placeholders would be expanded
+        # as if they were all the tokens, so the fast path stays off (the reference path is exact)
+        warnings.warn(
+            f"fast path off for {type(cache).__name__}: the model caches MLA latents (kv_lora_rank, qk_rope_head_dim = "
+            f"{mla_latent_dims(cache.model_config)}) that its attention expands after the cache, which the fused "
+            "kernel cannot read; decoding uses the reference path",
+            UserWarning,
+            stacklevel=2,
+        )
+        return cache
     cache.cuda_graphs = cuda_graphs
     hook = functools.partial(_fast_hook, config=cache.model_config)
 
@@ -166,6 +178,29 @@ def _reference_tensors(view: FastView, dtype: torch.dtype):
     return keys, values
 
 
+_WARNED: set[str] = set()
+
+
+def fallback_reason(layer: QuantizedKVLayer, packed_k, packed_v, dtype: torch.dtype) -> str | None:
+    """Why the fused decode kernel does not read `layer`'s packed tokens (the formats it reports, ``layer.packed``),
+    in words naming the combination, or None when ``kernels.decode_supported`` covers them."""
+    if packed_k is not None and packed_v is not None and kernels.decode_supported(packed_k, packed_v, dtype):
+        return None
+    return f"layer {layer.layer_idx}: {layer.describe_formats()}, model dtype {dtype}"
+
+
+def _warn_fallback(layer: QuantizedKVLayer, packed_k, packed_v, dtype: torch.dtype) -> None:
+    """A warning, once per combination, that a decode step on CUDA runs the reference path instead of the kernel."""
+    reason = fallback_reason(layer, packed_k, packed_v, dtype)
+    if reason is None:
+        return
+    combination = reason.split(": ", 1)[1]
+    if combination not in _WARNED:
+        _WARNED.add(combination)
+        warnings.warn(f"tq_fused: the GPU decode kernels do not cover {reason}; this combination decodes on the "
+                      "reference path (dequantize + SDPA: exact, slower)", UserWarning, stacklevel=3)
+
+
 def tq_fused_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: fused decode attention on the packed cache, SDPA otherwise.
 
@@ -198,6 +233,8 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
         and kernels.decode_supported(packed_k, packed_v, query.dtype)
     )
     if not fused:
+        if query.is_cuda and kernels.triton_available():
+            _warn_fallback(view.layer, packed_k, packed_v, query.dtype)
         keys, values = _reference_tensors(view, query.dtype)
         if static_mask:  # as transformers' SDPA mask: none when nothing is masked (this path may sync)
             used = key_mask[:, : keys.shape[-2]]

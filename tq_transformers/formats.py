@@ -19,6 +19,14 @@ Codes are packed along their last axis with ``packing`` (8 codes of b bits = one
 
     x_hat = (levels[codes] * scale) @ P + mean
 
+``SplitCodebookPacked`` (TurboQuant at a fractional rate, e.g. 2.5 bits: a two-rate channel split after rotation)::
+
+    parts  (CodebookPacked, ...)    each codes a consecutive slice of the rotated channels at its own width, with
+                                    its own levels and the same per-token scale; no rotation or mean of its own
+    rotation [D, D] float32, mean [B, H, 1, D] fp16 | None   as above, for the whole vector
+
+    x_hat = concat(levels_i[codes_i] * scale over the parts) @ P + mean
+
 ``ChannelAffinePacked`` (KIVI keys: per channel, groups of G consecutive tokens; N a multiple of G)::
 
     codes [B, H, N/G, G, D*b/8] uint8   per token group, one row of packed codes a token (along its channels)
@@ -41,7 +49,7 @@ import torch
 
 from .packing import unpack_bits
 
-__all__ = ["ChannelAffinePacked", "CodebookPacked", "PackedFormat", "TokenAffinePacked"]
+__all__ = ["ChannelAffinePacked", "CodebookPacked", "PackedFormat", "SplitCodebookPacked", "TokenAffinePacked"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +90,41 @@ class CodebookPacked:
 
     def dequantize(self) -> torch.Tensor:
         """The reconstructed vectors, float32 ``[B, H, N, D]``: rotated back, the mean added."""
+        x = self.dequantize_rotated()
+        if self.rotation is not None:
+            x = x @ self.rotation.float()
+        return x if self.mean is None else x + self.mean.float()
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCodebookPacked:
+    """Codebook codes of two (or more) widths on consecutive slices of the rotated channels (module docstring)."""
+
+    parts: tuple[CodebookPacked, ...]
+    rotation: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.parts[0].num_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return sum(part.head_dim for part in self.parts)
+
+    @property
+    def bits(self) -> float:
+        """The average bits a coordinate (e.g. 2.5)."""
+        return sum(part.bits * part.head_dim for part in self.parts) / self.head_dim
+
+    def prefix(self, n: int) -> SplitCodebookPacked:
+        return dataclasses.replace(self, parts=tuple(part.prefix(n) for part in self.parts))
+
+    def dequantize_rotated(self) -> torch.Tensor:
+        """The parts side by side in the rotated domain, float32 ``[B, H, N, D]``."""
+        return torch.cat([part.dequantize_rotated() for part in self.parts], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
         x = self.dequantize_rotated()
         if self.rotation is not None:
             x = x @ self.rotation.float()
@@ -151,4 +194,4 @@ class TokenAffinePacked(_AffinePacked):
         return x.reshape(b, h, n, d)
 
 
-PackedFormat = CodebookPacked | ChannelAffinePacked | TokenAffinePacked
+PackedFormat = CodebookPacked | SplitCodebookPacked | ChannelAffinePacked | TokenAffinePacked

@@ -58,40 +58,89 @@ class WindowConfig:
 
     residual_length: R, the fewest recent tokens kept in full precision.
     flush_size: F, tokens packed at a time (the window holds R to R + F - 1 tokens).
+    sink_tokens: S, the first tokens of the sequence kept exact for good (attention sinks; 0: none). The window rule
+        then applies to the tokens after them: ``q(n) = max(0, floor((n - S - R) / F) * F)``.
 
-    A method's config adds its own fields and implements ``make_codecs`` and ``storage_bytes``.
+    A method's config adds its own fields and implements, per side (``"k"`` keys, ``"v"`` values), ``make_codec``,
+    ``side_bytes`` and ``check_dim``; ``side_config(side)`` is the config that codes a side (itself, except in a
+    mixed cache, ``methods.mixed``).
     """
 
     residual_length: int = 128
     flush_size: int = 128
+    sink_tokens: int = 0
 
     def __post_init__(self):
         check_int("residual_length", self.residual_length, 0)
         check_int("flush_size", self.flush_size, 1)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        if self.sink_tokens > 0 and self.residual_length + self.flush_size <= self.sink_tokens:
+            raise ValueError(
+                f"sink_tokens must be smaller than the window (residual_length + flush_size = "
+                f"{self.residual_length + self.flush_size}), got sink_tokens={self.sink_tokens}"
+            )
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        """(residual_length, flush_size, sink_tokens): what decides the window rule (equal across a cache's layers)."""
+        return self.residual_length, self.flush_size, self.sink_tokens
 
     def num_quantized(self, n: int) -> int:
         """How many of `n` tokens are held packed."""
-        return max(0, (n - self.residual_length) // self.flush_size * self.flush_size)
+        return max(0, (n - self.sink_tokens - self.residual_length) // self.flush_size * self.flush_size)
+
+    def num_sinks(self, n: int) -> int:
+        """How many of `n` tokens are exact sink tokens."""
+        return min(n, self.sink_tokens)
+
+    # -- per side ----------------------------------------------------------------------------------------------------
+    def side_config(self, side: str) -> WindowConfig:
+        """The config that codes `side` ("k" or "v"): this one (a mixed cache's differ per side)."""
+        return self
+
+    def token_multiple(self, side: str) -> int:
+        """Tokens `side`'s codec packs together (KIVI keys: a group): a flush is a multiple of it."""
+        return 1
+
+    def check_dim(self, side: str, dim: int) -> None:
+        """Raise a ValueError, saying what would work, if `side` cannot be quantized at head dim `dim`."""
+        self.check_head_dim(dim)
 
     def check_head_dim(self, head_dim: int) -> None:
-        """Raise a ValueError if this configuration cannot quantize vectors of `head_dim`."""
+        """Raise a ValueError if this configuration cannot quantize vectors of `head_dim` (either side)."""
+
+    def check_dims(self, key_dim: int, value_dim: int) -> None:
+        """``check_dim`` of both sides."""
+        for side, dim in zip(SIDES, (key_dim, value_dim), strict=True):
+            self.side_config(side).check_dim(side, dim)
+
+    def make_codec(self, side: str, dim: int, layer_idx: int, device) -> Codec:
+        """The codec of `side` of layer `layer_idx` for vectors of `dim`, on `device`."""
+        raise NotImplementedError
 
     def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device) -> tuple[Codec, Codec]:
         """The key and value codecs of layer `layer_idx` for keys of `key_dim` and values of `value_dim`, on
         `device` (the two dims differ in MLA-style attention)."""
+        return tuple(self.side_config(side).make_codec(side, dim, layer_idx, device)
+                     for side, dim in zip(SIDES, (key_dim, value_dim), strict=True))
+
+    def side_bytes(self, side: str, dim: int, num_quantized: int) -> tuple[int, int]:
+        """(code bytes, metadata bytes) of `num_quantized` packed tokens of `side`, one head and one batch row."""
         raise NotImplementedError
 
-    def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
+    def storage_bytes(self, key_dim: int, value_dim: int, num_quantized: int) -> tuple[int, int]:
         """(code bytes, metadata bytes) of `num_quantized` packed tokens of one head and one batch row, K and V."""
-        raise NotImplementedError
+        parts = [self.side_config(side).side_bytes(side, dim, num_quantized)
+                 for side, dim in zip(SIDES, (key_dim, value_dim), strict=True)]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 class QuantizedKVLayer(CacheLayerMixin):
     """One decoder layer of a quantized cache: the window and the packed history of keys and values.
 
     Args:
-        config: the method's config (``methods``); ``config.make_codecs(head_dim, layer_idx, device)`` gives the
-            key and value codecs at the first update.
+        config: the method's config (``methods``); ``config.make_codecs(key_dim, value_dim, layer_idx, device)``
+            gives the key and value codecs at the first update, for the head dims the states really have.
         layer_idx: the decoder layer's index (it seeds the layer's rotations).
     """
 
@@ -108,6 +157,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.num_quantized = 0
         self.storage: dict[str, torch.Tensor] = {}
         self.codecs: dict[str, Codec] = {}
+        #: the first ``cfg.sink_tokens`` tokens, exact (attention sinks): ``[B, H, s, D]``, or None before any
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
         #: the CUDA-graph static layout while in it (``static_layout``), else None
         self.static: StaticLayout | None = None
         #: set by ``fast_attention.prepare_cache``: callable(layer, window_k, window_v) -> placeholder tensors
@@ -135,11 +187,32 @@ class QuantizedKVLayer(CacheLayerMixin):
     def packed(self, n: int | None = None) -> tuple[PackedFormat | None, PackedFormat | None]:
         """Format views (``formats``) of the first `n` packed keys and values (all held when None; in the static
         layout, ``n = static.capacity`` gives the whole preallocated buffers). None for a side without a format."""
+        if self.num_sinks:  # the exact sink tokens come before the packed ones: no kernel format holds them
+            return None, None
         storage = self.storage if n is None else self._prefix_or_reserved(n)
         return tuple(self.codecs[side].packed(self.pieces(side, storage)) for side in SIDES)
 
+    @property
+    def num_sinks(self) -> int:
+        """Exact sink tokens held (``cfg.sink_tokens`` once that many have arrived)."""
+        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
+
+    def describe_formats(self) -> str:
+        """The layer's storage in words, e.g. "keys CodebookPacked(bits=4, head_dim=128), values ..." (warnings)."""
+        parts = []
+        for side, name in zip(SIDES, ("keys", "values"), strict=True):
+            view = self.codecs[side].packed(self.pieces(side)) if self.codecs else None
+            if view is None:
+                parts.append(f"{name} {type(self.codecs.get(side)).__name__} (no kernel format)")
+            else:
+                parts.append(f"{name} {type(view).__name__}(bits={view.bits}, head_dim={view.head_dim})")
+        if self.num_sinks:
+            parts.append(f"{self.num_sinks} exact sink tokens")
+        return ", ".join(parts)
+
     def dequantize(self, dtype: torch.dtype, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `n` packed tokens (all when None) as ``[B, H, n, D]`` keys and values in `dtype`.
+        """Every token before the window: the exact sink tokens, then the first `n` packed tokens (all when None)
+        decoded, as ``[B, H, s + n, D]`` keys and values in `dtype`.
 
         Args:
             dtype: the output dtype.
@@ -148,8 +221,14 @@ class QuantizedKVLayer(CacheLayerMixin):
             (keys, values).
         """
         storage = self.storage if n is None else self.storage_prefix(n)
-        k, v = (self.codecs[side].decode(self.pieces(side, storage)).to(dtype) for side in SIDES)
-        return k, v
+        if self.num_quantized == 0 or n == 0:
+            out = [self.keys[..., :0, :].to(dtype), self.values[..., :0, :].to(dtype)]
+        else:
+            out = [self.codecs[side].decode(self.pieces(side, storage)).to(dtype) for side in SIDES]
+        if self.num_sinks:
+            out = [torch.cat([sink.to(dtype), x], dim=-2)
+                   for sink, x in zip((self.sink_keys, self.sink_values), out, strict=True)]
+        return out[0], out[1]
 
     def _prefix_or_reserved(self, n: int) -> dict[str, torch.Tensor]:
         if self.static is not None and n > self.num_quantized:
@@ -177,9 +256,15 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = key_states.shape[-1]
         self.value_head_dim = value_states.shape[-1]
-        self.cfg.check_head_dim(self.head_dim)
-        if self.value_head_dim != self.head_dim:
-            self.cfg.check_head_dim(self.value_head_dim)
+        for side, t in zip(SIDES, (key_states, value_states), strict=True):
+            try:
+                self.cfg.side_config(side).check_dim(side, t.shape[-1])
+            except ValueError as err:
+                method = type(self.cfg.side_config(side)).__name__
+                raise ValueError(
+                    f"layer {self.layer_idx}: {'key' if side == 'k' else 'value'}_states of shape {tuple(t.shape)} "
+                    f"[batch, kv_heads, seq, head_dim] cannot be quantized with {method}: {err}"
+                ) from None
         key_codec, value_codec = self.cfg.make_codecs(self.head_dim, self.value_head_dim, self.layer_idx, self.device)
         self.codecs = {"k": key_codec, "v": value_codec}
         self.keys = key_states[..., :0, :].clone()
@@ -207,7 +292,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         ):
             raise ValueError(
                 f"layer {self.layer_idx} holds [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, "
-                f"head_dim={self.head_dim}] states, got key_states of shape {tuple(key_states.shape)}; call "
+                f"head_dim={self.head_dim} / {self.value_head_dim}] states, got key_states of shape "
+                f"{tuple(key_states.shape)} and value_states of shape {tuple(value_states.shape)}; call "
                 "cache.reset() (or use a fresh cache) before a new, unrelated batch"
             )
 
@@ -227,7 +313,16 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.leave_static()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        arrived = key_states.shape[-2]
         window_k, window_v = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
+        to_sinks = self.cfg.num_sinks(self.cumulative_length + arrived) - self.num_sinks
+        if to_sinks > 0:  # the first tokens of the sequence become exact sinks (returned first, below)
+            sinks = [window_k[..., :to_sinks, :], window_v[..., :to_sinks, :]]
+            if self.num_sinks:
+                sinks = [torch.cat([old, new], dim=-2) for old, new in
+                         zip((self.sink_keys, self.sink_values), sinks, strict=True)]
+            self.sink_keys, self.sink_values = (compact(t) for t in sinks)
+            window_k, window_v = window_k[..., to_sinks:, :], window_v[..., to_sinks:, :]
         # An empty window takes the new states as they are (DynamicLayer does the same on its first update): no copy
         # of a prefill that is quantized right away (at 8 x 32K, 1 GiB a layer). Only two distinct tensors that own
         # exactly their storage (not slices of a fused QKV output, which would keep it all alive), with unit stride on
@@ -239,16 +334,16 @@ class QuantizedKVLayer(CacheLayerMixin):
         ):
             window_k = torch.cat([self.keys, window_k], dim=-2)
             window_v = torch.cat([self.values, window_v], dim=-2)
-        if self.fast_path is not None and self.num_quantized > 0 and key_states.shape[-2] == 1:
+        if self.fast_path is not None and self.num_quantized > 0 and arrived == 1:
             # Fast path: the packed tokens held now are read by the fused kernel (placeholders carry the view)
             out_k, out_v = self.fast_path(self, window_k, window_v)
-        elif self.num_quantized > 0:
+        elif self.num_quantized > 0 or self.num_sinks:
             old_k, old_v = self.dequantize(key_states.dtype)
             out_k = torch.cat([old_k, window_k.to(key_states.dtype)], dim=-2)
             out_v = torch.cat([old_v, window_v.to(value_states.dtype)], dim=-2)
         else:
             out_k, out_v = window_k, window_v
-        self.cumulative_length += key_states.shape[-2]
+        self.cumulative_length += arrived
         self.keys, self.values = window_k, window_v
         self._flush()
         return out_k, out_v
@@ -302,6 +397,9 @@ class QuantizedKVLayer(CacheLayerMixin):
     def enter_static(self, capacity: int, shared: StaticShared) -> None:
         """Move the storage and window into preallocated buffers of `capacity` packed tokens (a multiple of
         flush_size, at least the tokens held). Called again with a larger capacity, it moves them again."""
+        if self.num_sinks:
+            raise ValueError(f"layer {self.layer_idx}: the static layout (CUDA graphs) does not hold exact sink tokens "
+                             f"(sink_tokens={self.cfg.sink_tokens}); use sink_tokens=0 for CUDA-graph decoding")
         self.static = StaticLayout.build(self, capacity, shared)
 
     def leave_static(self) -> None:
@@ -340,6 +438,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.num_quantized = 0
         self.storage = {}
         self.static = None
+        self.sink_keys = self.sink_values = None
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
@@ -347,6 +446,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.leave_static()
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.storage = {name: fn(t) for name, t in self.storage.items()}
+        if self.num_sinks:
+            self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -375,6 +476,18 @@ class QuantizedKVLayer(CacheLayerMixin):
             return
         self.leave_static()
         keep = max(0, self.cumulative_length + tokens_to_remove)
+        sinks = self.num_sinks
+        if keep < sinks:  # into the sinks: nothing packed or in the window is kept
+            self.sink_keys, self.sink_values = compact(self.sink_keys[..., :keep, :]), compact(
+                self.sink_values[..., :keep, :])
+            self.keys, self.values = compact(self.keys[..., :0, :]), compact(self.values[..., :0, :])
+            self.storage, self.num_quantized, self.cumulative_length = {}, 0, keep
+            return
+        self._crop_after_sinks(keep - sinks)
+        self.cumulative_length = keep
+
+    def _crop_after_sinks(self, keep: int) -> None:
+        """``crop`` of the packed tokens and the window: keep the first `keep` tokens after the sinks."""
         if keep >= self.num_quantized:
             window_keep = keep - self.num_quantized
             self.keys = compact(self.keys[..., :window_keep, :])
@@ -383,18 +496,19 @@ class QuantizedKVLayer(CacheLayerMixin):
             # whole entries stay packed; tokens of a partly kept entry (a KIVI key group) return to the window
             packed = min(codec.whole_entries(keep) for codec in self.codecs.values())
             if packed < keep:
-                k_all, v_all = self.dequantize(self.dtype)  # all held: a prefix of `keep` keeps only whole groups
+                sinks = self.num_sinks  # all held: a prefix of `keep` keeps only whole groups
+                k_all, v_all = (t[..., sinks:, :] for t in self.dequantize(self.dtype))
                 self.keys = compact(k_all[..., packed:keep, :])
                 self.values = compact(v_all[..., packed:keep, :])
             else:
                 self.keys, self.values = compact(self.keys[..., :0, :]), compact(self.values[..., :0, :])
             self.storage = {name: compact(t) for name, t in self.storage_prefix(packed).items()}
             self.num_quantized = packed
-        self.cumulative_length = keep
 
     # ------------------------------------------------------------------------------------------------------------
     def memory_footprint(self) -> dict[str, int]:
-        """Bytes held: codes, metadata and window (in the static layout, the whole reserved buffers).
+        """Bytes held: codes, metadata and window (the sink tokens counted in it; in the static layout, the whole
+        reserved buffers).
 
         Returns:
             {"codes": int, "metadata": int, "window": int}
@@ -408,5 +522,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         out = {"codes": 0, "metadata": 0, "window": 0}
         for name, t in held.items():
             out["codes" if name in codes else "metadata"] += t.numel() * t.element_size()
+        if self.num_sinks:
+            windows = (*windows, self.sink_keys, self.sink_values)
         out["window"] = sum(t.numel() * t.element_size() for t in windows)
         return out

@@ -11,7 +11,7 @@ import warnings
 import torch
 from transformers import DynamicCache, DynamicLayer
 
-from .cache import head_dim_of
+from .cache import cache_dims
 from .registry import METHOD_NAMES, get_method
 from .validation import check_int
 
@@ -36,7 +36,8 @@ def estimate_cache_bytes(
         seq_len: tokens held.
         batch_size: batch rows.
         method: "full" (a DynamicCache in `dtype`; "fp16" is a deprecated alias) or a quantized method
-            ("turboquant", "kivi", "bonsai") with that cache's settings as keyword arguments.
+            ("turboquant", "kivi", "bonsai", "mixed") with that cache's keyword arguments (its settings, and
+            ``layer_settings`` / ``edge_layers`` / ``edge_settings``).
         dtype: the model's dtype (the window's and the full cache's).
     Returns:
         {"codes", "metadata", "window", "unquantized_layers", "total"}, bytes.
@@ -49,28 +50,35 @@ def estimate_cache_bytes(
         method = FULL
     if method != FULL and method not in METHOD_NAMES:
         raise ValueError(f"method must be one of {(FULL, *METHOD_NAMES)}, got {method!r}")
-    text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = head_dim_of(config)
+    dims = cache_dims(config)
+    if dims is None:
+        raise ValueError(f"config must declare its attention head dims (head_dim, or hidden_size and "
+                         f"num_attention_heads), got {type(config).__name__}")
+    heads, key_dim, value_dim = dims
     item = torch.empty((), dtype=dtype).element_size()
-    per_token_fp = 2 * heads * head_dim * item  # K and V of one token, all heads, one row
-    cfg = None if method == FULL else get_method(method).make_config(**settings)
-    if cfg is not None:
-        cfg.check_head_dim(head_dim)
+    per_token_fp = heads * (key_dim + value_dim) * item  # K and V of one token, all heads, one row
+    template = DynamicCache(config=config).layers
+    if method == FULL:
+        base, configs = None, {}
+    else:
+        base, configs = get_method(method).make_layer_configs(len(template), **settings)
+        for cfg in {id(c): c for c in (base, *configs.values())}.values():
+            cfg.check_dims(key_dim, value_dim)
     out = {"codes": 0, "metadata": 0, "window": 0, "unquantized_layers": 0}
-    for layer in DynamicCache(config=config).layers:
+    for i, layer in enumerate(template):
         if type(layer) is not DynamicLayer:
             window = getattr(layer, "sliding_window", None)
             held = seq_len if window is None else min(seq_len, window - 1)
             out["unquantized_layers"] += batch_size * held * per_token_fp
             continue
-        if cfg is None:
+        if base is None:
             out["window"] += batch_size * seq_len * per_token_fp
             continue
+        cfg = configs.get(i, base)
         q = cfg.num_quantized(seq_len)
-        codes, meta = cfg.storage_bytes(head_dim, q)
+        codes, meta = cfg.storage_bytes(key_dim, value_dim, q)
         out["codes"] += batch_size * heads * codes
         out["metadata"] += batch_size * heads * meta
-        out["window"] += batch_size * (seq_len - q) * per_token_fp
+        out["window"] += batch_size * (seq_len - q) * per_token_fp  # the exact sink tokens included
     out["total"] = sum(out.values())
     return out

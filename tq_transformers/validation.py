@@ -30,3 +30,18 @@ def check_bool(name: str, value: Any) -> None:
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {short_repr(value)}")
+
+
+def check_rate(name: str, value: Any, minimum: int, maximum: int, denominator: int, allowed: str) -> None:
+    """TypeError unless `value` is an int or a float (not a bool); ValueError unless minimum <= value <= maximum and
+    value is a multiple of 1 / `denominator` (a bit rate: whole bits, or a split the method supports)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {short_repr(value)}")
+    if not minimum <= value <= maximum or value * denominator != int(value * denominator):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_mapping(name: str, value: Any, allowed: str) -> None:
+    """TypeError unless `value` is a dict."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {short_repr(value)}")

@@ -27,7 +27,7 @@ import torch
 from .. import kernels
 from ..cache import QuantizedKVCache
 from ..codec import Codec
-from ..constants import METADATA_DTYPE, NORM_EPS, VALUE_SEED_OFFSET, layer_seed
+from ..constants import METADATA_DTYPE, NORM_EPS, side_seed
 from ..formats import CodebookPacked
 from ..layer import WindowConfig
 from ..packing import pack_bits
@@ -67,23 +67,23 @@ class BonsaiConfig(WindowConfig):
         for name in ("center", "rotate"):
             check_bool(name, getattr(self, name))
 
-    def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % self.group_size:
+    def check_dim(self, side: str, dim: int) -> None:
+        if dim % self.group_size:
+            ok = [g for g in range(8, dim + 1, 8) if dim % g == 0]
             raise ValueError(
-                f"group_size must divide head_dim={head_dim} (groups run along head_dim), got "
-                f"group_size={self.group_size}; use group_size={head_dim} or a divisor of it"
+                f"group_size must divide head_dim={dim} (groups run along head_dim), got "
+                f"group_size={self.group_size}; group sizes that work: {ok}"
             )
 
-    def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device):
-        seed = layer_seed(self.seed, layer_idx)
-        return BonsaiCodec(self, key_dim, seed, device), BonsaiCodec(self, value_dim, seed + VALUE_SEED_OFFSET, device)
+    def make_codec(self, side, dim, layer_idx, device):
+        return BonsaiCodec(self, dim, side_seed(self.seed, layer_idx, side), device)
 
-    def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
+    def side_bytes(self, side: str, dim: int, num_quantized: int) -> tuple[int, int]:
         item = torch.empty((), dtype=METADATA_DTYPE).element_size()
-        codes = 2 * num_quantized * head_dim // 8
-        meta = 2 * num_quantized * (head_dim // self.group_size) * item  # scales
+        codes = num_quantized * dim // 8
+        meta = num_quantized * (dim // self.group_size) * item  # scales
         if self.center and num_quantized > 0:
-            meta += 2 * head_dim * item  # means of K and V
+            meta += dim * item  # the mean
         return codes, meta
 
 

@@ -40,19 +40,27 @@ __all__ = ["KIVICache", "KIVIConfig", "KIVIKeyCodec", "KIVIValueCodec", "kivi_en
 class KIVIConfig(WindowConfig):
     """KIVI settings (the keyword arguments of ``KIVICache``).
 
-    bits: 2 or 4 (1, 3 and 8 work too).
+    bits: 2 or 4 (1, 3 and 8 work too), keys and values.
+    key_bits / value_bits: the width of keys / values alone (None: ``bits``), integers in 1..8.
     group_size: G, tokens per key group and channels per value group; a multiple of 8 that divides head_dim.
     residual_length: R, the fewest recent tokens kept in full precision (a multiple of group_size).
+    sink_tokens: the first tokens kept exact (``layer.WindowConfig``).
     The flush size is always group_size.
     """
 
     bits: int = 2
+    key_bits: int | None = None
+    value_bits: int | None = None
     group_size: int = 32
     residual_length: int = 128
     flush_size: int = dataclasses.field(default=0, init=False, repr=False)
 
     def __post_init__(self):
-        check_int("bits", self.bits, 1, "an integer in 1..8 (2 and 4 are KIVI's)", maximum=8)
+        for name in ("bits", "key_bits", "value_bits"):
+            value = getattr(self, name)
+            if name == "bits" or value is not None:
+                check_int(name, value, 1, "an integer in 1..8 (2 and 4 are KIVI's; fractional rates are "
+                          "TurboQuant's)", maximum=8)
         check_int("group_size", self.group_size, 8, "a positive multiple of 8")
         if self.group_size % 8:
             raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size!r}")
@@ -64,22 +72,32 @@ class KIVIConfig(WindowConfig):
         self.flush_size = self.group_size
         super().__post_init__()
 
-    def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % self.group_size:
+    def side_bits(self, side: str) -> int:
+        """The width of `side` ("k" or "v"): ``key_bits`` / ``value_bits``, else ``bits``."""
+        own = self.key_bits if side == "k" else self.value_bits
+        return self.bits if own is None else own
+
+    def token_multiple(self, side: str) -> int:
+        return self.group_size if side == "k" else 1
+
+    def check_dim(self, side: str, dim: int) -> None:
+        if dim % self.group_size:
+            ok = [g for g in range(8, dim + 1, 8) if dim % g == 0]
             raise ValueError(
-                f"group_size must divide head_dim={head_dim} (values are grouped along head_dim), "
-                f"got group_size={self.group_size}"
+                f"group_size must divide head_dim={dim} ({'keys' if side == 'k' else 'values'} are grouped along "
+                f"head_dim), got group_size={self.group_size}; group sizes that work: {ok}"
             )
 
-    def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device):
-        return KIVIKeyCodec(self.bits, self.group_size), KIVIValueCodec(self.bits, self.group_size)
+    def make_codec(self, side, dim, layer_idx, device):
+        codec = KIVIKeyCodec if side == "k" else KIVIValueCodec
+        return codec(self.side_bits(side), self.group_size)
 
-    def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
+    def side_bytes(self, side: str, dim: int, num_quantized: int) -> tuple[int, int]:
         item = torch.empty((), dtype=METADATA_DTYPE).element_size()
-        codes = 2 * num_quantized * head_dim * self.bits // 8
-        key_meta = (num_quantized // self.group_size) * head_dim * 2 * item  # scale + zero per channel group
-        value_meta = num_quantized * (head_dim // self.group_size) * 2 * item  # scale + zero per token group
-        return codes, key_meta + value_meta
+        codes = num_quantized * dim * self.side_bits(side) // 8
+        if side == "k":
+            return codes, (num_quantized // self.group_size) * dim * 2 * item  # scale + zero per channel group
+        return codes, num_quantized * (dim // self.group_size) * 2 * item  # scale + zero per token group
 
 
 def minmax_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,22 +34,29 @@ from .. import kernels
 from ..cache import QuantizedKVCache
 from ..codebooks import codebook
 from ..codec import Codec
-from ..constants import METADATA_DTYPE, NORM_EPS, QJL_SEED_OFFSET, VALUE_SEED_OFFSET, layer_seed
-from ..formats import CodebookPacked
+from ..constants import BITS_STEP, METADATA_DTYPE, NORM_EPS, QJL_SEED_OFFSET, side_seed
+from ..formats import CodebookPacked, SplitCodebookPacked
 from ..layer import WindowConfig
-from ..packing import pack_bits, unpack_bits
+from ..packing import pack_bits, packed_size, unpack_bits
 from ..rotation import random_rotation
-from ..validation import check_bool, check_int
+from ..validation import check_bool, check_int, check_rate
 
-__all__ = ["TurboQuantCache", "TurboQuantCodec", "TurboQuantConfig", "turboquant_encode"]
+__all__ = ["TurboQuantCache", "TurboQuantCodec", "TurboQuantConfig", "rate_split", "turboquant_encode",
+           "turboquant_encode_split"]
+
+#: piece names of the code parts of a split rate (the first: the high-rate channels)
+CODE_PIECES = ("codes", "codes_low")
 
 
 @dataclasses.dataclass
 class TurboQuantConfig(WindowConfig):
     """TurboQuant settings (the keyword arguments of ``TurboQuantCache``).
 
-    bits: bits per coordinate, 1 to 4 (with ``qjl=True``, 2 to 4: one of them is the QJL sign bit).
-    residual_length / flush_size: full-precision window (``layer``); the default 0 / 128 keeps between 0 and 127
+    bits: bits per coordinate of keys and values: 1 to 4, or a fractional rate between (a multiple of 1/8, e.g. 2.5
+        or 3.5: the two-rate channel split, module docstring); with ``qjl=True``, whole bits 2 to 4 (one of them is
+        the QJL sign bit).
+    key_bits / value_bits: the rate of keys / values alone (None: ``bits``), the same values as ``bits``.
+    residual_length / flush_size / sink_tokens: the window (``layer``); the default 0 / 128 keeps between 0 and 127
         recent tokens exact and costs nothing at a multiple of 128 tokens.
     seed: base seed of the rotations (layer i: ``seed + 1000 * i`` for keys, ``+ 500`` for values).
     center: subtract the per-head, per-channel mean before quantizing (strongly recommended on Qwen2.5).
@@ -57,7 +64,9 @@ class TurboQuantConfig(WindowConfig):
     qjl: the inner-product variant (TurboQuant_prod).
     """
 
-    bits: int = 4
+    bits: float = 4
+    key_bits: float | None = None
+    value_bits: float | None = None
     residual_length: int = 0
     flush_size: int = 128
     seed: int = 0
@@ -67,47 +76,99 @@ class TurboQuantConfig(WindowConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_int("bits", self.bits, 1, maximum=4)
         for name in ("center", "norm_correction", "qjl"):
             check_bool(name, getattr(self, name))
-        if self.qjl and self.bits < 2:
-            raise ValueError(f"bits must be in 2..4 with qjl=True (one bit is the QJL sign), got {self.bits!r}")
+        for name in ("bits", "key_bits", "value_bits"):
+            value = getattr(self, name)
+            if name == "bits" or value is not None:
+                check_rate(name, value, 1, MAX_BITS, BITS_STEP, RATES)
+                if self.qjl and (value != int(value) or value < 2):
+                    raise ValueError(f"{name} must be a whole number of bits in 2..{MAX_BITS} with qjl=True (one bit "
+                                     f"is the QJL sign, and no channel split is implemented for it), got {value!r}")
         check_int("seed", self.seed, 0)
 
-    @property
-    def mse_bits(self) -> int:
-        return self.bits - 1 if self.qjl else self.bits
+    def side_bits(self, side: str) -> float:
+        """The rate of `side` ("k" or "v"): ``key_bits`` / ``value_bits``, else ``bits``."""
+        own = self.key_bits if side == "k" else self.value_bits
+        return self.bits if own is None else own
+
+    def check_dim(self, side: str, dim: int) -> None:
+        if dim % 8 != 0 or dim < 8:
+            raise ValueError(f"head_dim must be a multiple of 8 for TurboQuant bit packing, got {dim}")
+        rate_split(self.side_bits(side) - (1 if self.qjl else 0), dim)
 
     def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % 8 != 0 or head_dim < 8:
-            raise ValueError(f"head_dim must be a multiple of 8 for TurboQuant bit packing, got {head_dim}")
+        for side in ("k", "v"):
+            self.check_dim(side, head_dim)
 
-    def make_codecs(self, key_dim: int, value_dim: int, layer_idx: int, device):
-        seed = layer_seed(self.seed, layer_idx)
-        return (TurboQuantCodec(self, key_dim, seed, device),
-                TurboQuantCodec(self, value_dim, seed + VALUE_SEED_OFFSET, device))
+    def make_codec(self, side, dim, layer_idx, device):
+        return TurboQuantCodec(self, dim, side_seed(self.seed, layer_idx, side), device, self.side_bits(side))
 
-    def storage_bytes(self, head_dim: int, num_quantized: int) -> tuple[int, int]:
+    def side_bytes(self, side: str, dim: int, num_quantized: int) -> tuple[int, int]:
         item = torch.empty((), dtype=METADATA_DTYPE).element_size()
-        codes = 2 * num_quantized * head_dim * self.mse_bits // 8
-        meta = 2 * num_quantized * item  # norms
+        mse_bits = self.side_bits(side) - (1 if self.qjl else 0)
+        codes = sum(num_quantized * packed_size(width, b) for b, width in rate_split(mse_bits, dim))
+        meta = num_quantized * item  # norms
         if self.qjl:
-            codes += 2 * num_quantized * head_dim // 8
-            meta += 2 * num_quantized * item  # residual norms
+            codes += num_quantized * dim // 8
+            meta += num_quantized * item  # residual norms
         if self.center and num_quantized > 0:
-            meta += 2 * head_dim * item  # means of K and V
+            meta += dim * item  # the mean
         return codes, meta
 
 
-def _rotate_and_code(x, mean, rotation, levels):
-    """(gamma [B, H, T], y [B, H, T, D] unit rows rotated, idx [B, H, T, D]) of float32 `x` minus `mean`."""
+#: what ``bits`` / ``key_bits`` / ``value_bits`` accept, in words
+MAX_BITS = 4
+RATES = f"a rate in 1..{MAX_BITS} bits, whole or a multiple of 1/{BITS_STEP} (e.g. 2.5, 3.5)"
+
+
+def rate_split(bits: float, dim: int) -> tuple[tuple[int, int], ...]:
+    """The channel split of a rate: ((bits, channels), ...) of the rotated coordinates, in order.
+
+    A whole rate codes every channel at `bits`. A fractional rate b + f (0 < f < 1) codes the first f * dim rotated
+    channels at b + 1 bits and the rest at b (the paper's two-rate split; after the random rotation every coordinate
+    has the same distribution, so a fixed subset is as good as any: docs/METHODS.md, "Fractional rates").
+
+    Args:
+        bits: the rate a coordinate (without the QJL bit).
+        dim: the head dim.
+    Returns:
+        ((b + 1, f * dim), (b, dim - f * dim)) or ((bits, dim),).
+    """
+    low = math.floor(bits)
+    if bits == low:
+        return ((int(bits), dim),)
+    high = (bits - low) * dim
+    if high != int(high) or int(high) % 8:
+        ok = [k / BITS_STEP for k in range(BITS_STEP * low + 1, BITS_STEP * (low + 1))
+              if (k / BITS_STEP - low) * dim % 8 == 0]
+        raise ValueError(
+            f"a rate of {bits} bits at head_dim {dim} splits {(bits - low) * dim:g} channels to {low + 1} bits, which "
+            f"must be a whole multiple of 8 (bit packing); rates between {low} and {low + 1} that work at head_dim "
+            f"{dim}: {ok or 'none'} (or a whole number of bits)"
+        )
+    return (low + 1, int(high)), (low, dim - int(high))
+
+
+def _rotate(x, mean, rotation):
+    """(gamma [B, H, T], y [B, H, T, D] unit rows rotated) of float32 `x` minus `mean`."""
     x = x.float()
     if mean is not None:
         x = x - mean.float()
     gamma = x.norm(dim=-1)
-    y = (x / gamma.clamp_min(NORM_EPS).unsqueeze(-1)) @ rotation.T
+    return gamma, (x / gamma.clamp_min(NORM_EPS).unsqueeze(-1)) @ rotation.T
+
+
+def _code(y, levels):
+    """The nearest level of each coordinate of `y` (indices, int64)."""
     edges = (levels[1:] + levels[:-1]) / 2
-    return gamma, y, torch.bucketize(y.contiguous(), edges)
+    return torch.bucketize(y.contiguous(), edges)
+
+
+def _rotate_and_code(x, mean, rotation, levels):
+    """(gamma [B, H, T], y [B, H, T, D] unit rows rotated, idx [B, H, T, D]) of float32 `x` minus `mean`."""
+    gamma, y = _rotate(x, mean, rotation)
+    return gamma, y, _code(y, levels)
 
 
 def turboquant_encode(x, mean, rotation, levels, bits: int, norm_correction: bool = True):
@@ -123,20 +184,56 @@ def turboquant_encode(x, mean, rotation, levels, bits: int, norm_correction: boo
     Returns:
         (codes uint8 ``[B, H, T, D*bits/8]``, norms fp16 ``[B, H, T]``).
     """
-    gamma, _, idx = _rotate_and_code(x, mean, rotation, levels)
-    norms = gamma / levels[idx].norm(dim=-1).clamp_min(NORM_EPS) if norm_correction else gamma
-    return pack_bits(idx, bits), norms.to(METADATA_DTYPE)
+    (codes,), norms = turboquant_encode_split(x, mean, rotation, (levels,), ((bits, x.shape[-1]),), norm_correction)
+    return codes, norms
+
+
+def turboquant_encode_split(x, mean, rotation, levels, split, norm_correction: bool = True):
+    """The MSE encoder at a split rate (``rate_split``): each slice of the rotated channels coded with its codebook.
+
+    Args:
+        x: ``[B, H, T, D]`` any float dtype.
+        mean: fp16 ``[B, H, 1, D]`` or None.
+        rotation: P ``[D, D]`` float32.
+        levels: one codebook a part, ``[2^b_i]`` float32.
+        split: ((b_i, channels_i), ...), channels summing to D.
+        norm_correction: store gamma / ||c[idx]|| (over the whole vector) instead of gamma.
+    Returns:
+        (codes: one uint8 ``[B, H, T, channels_i*b_i/8]`` a part, norms fp16 ``[B, H, T]``).
+    """
+    gamma, y = _rotate(x, mean, rotation)
+    codes, recon, start = [], [], 0
+    for part_levels, (b, width) in zip(levels, split):
+        idx = _code(y[..., start:start + width], part_levels)
+        codes.append(pack_bits(idx, b))
+        recon.append(part_levels[idx])
+        start += width
+    recon = recon[0] if len(recon) == 1 else torch.cat(recon, dim=-1)
+    norms = gamma / recon.norm(dim=-1).clamp_min(NORM_EPS) if norm_correction else gamma
+    return tuple(codes), norms.to(METADATA_DTYPE)
 
 
 class TurboQuantCodec(Codec):
-    """One side of one TurboQuant layer: its rotation, codebook (and QJL sketch)."""
+    """One side of one TurboQuant layer: its rotation, codebook(s) (and QJL sketch).
 
-    def __init__(self, cfg: TurboQuantConfig, head_dim: int, seed: int, device):
+    Args:
+        cfg: the config (center, norm correction, QJL).
+        head_dim: D of this side.
+        seed: the rotation's seed.
+        device: where the rotation and codebooks live.
+        bits: this side's rate (``cfg.side_bits(side)``).
+    """
+
+    def __init__(self, cfg: TurboQuantConfig, head_dim: int, seed: int, device, bits: float | None = None):
         super().__init__(cfg.center)
-        self.cfg, self.d, self.bits = cfg, head_dim, cfg.mse_bits
+        bits = cfg.bits if bits is None else bits
+        self.cfg, self.d = cfg, head_dim
+        self.split = rate_split(bits - (1 if cfg.qjl else 0), head_dim)  # ((bits, channels), ...)
+        self.bits = self.split[0][0]  # the width of the (first) part
         self.rotation = random_rotation(head_dim, seed, device)  # P [D, D]
-        self.levels = codebook(self.bits, head_dim, device)  # [2^b]
-        self.code_pieces = ("codes", "qjl") if cfg.qjl else ("codes",)
+        self.part_levels = tuple(codebook(b, head_dim, device) for b, _ in self.split)  # the density is D's
+        self.levels = self.part_levels[0]  # [2^b]
+        self.code_pieces = ("codes", "qjl") if cfg.qjl else CODE_PIECES[: len(self.split)]
         if cfg.qjl:
             gen = torch.Generator().manual_seed(seed + QJL_SEED_OFFSET)
             self.sketch = torch.randn(head_dim, head_dim, generator=gen).to(device)  # S [D, D]
@@ -145,6 +242,10 @@ class TurboQuantCodec(Codec):
         mean = pieces.get("mean")
         if self.cfg.qjl:
             return self._encode_qjl(x, mean)
+        if len(self.split) > 1:  # the compress kernel codes one width: the PyTorch encoder
+            codes, norms = turboquant_encode_split(x, mean, self.rotation, self.part_levels, self.split,
+                                                   self.cfg.norm_correction)
+            return {**dict(zip(self.code_pieces, codes)), "norms": norms}
         if use_kernels and x.is_cuda and kernels.triton_available():
             codes, norms = kernels.turboquant_compress(x, mean, self.rotation, self.levels, self.bits,
                                                        self.cfg.norm_correction)
@@ -162,6 +263,10 @@ class TurboQuantCodec(Codec):
     def packed(self, pieces):
         if self.cfg.qjl:
             return None
+        if len(self.split) > 1:
+            parts = tuple(CodebookPacked(pieces[name], pieces["norms"], levels, b)
+                          for name, levels, (b, _) in zip(self.code_pieces, self.part_levels, self.split))
+            return SplitCodebookPacked(parts, self.rotation, pieces.get("mean"))
         return CodebookPacked(pieces["codes"], pieces["norms"], self.levels, self.bits, self.rotation,
                               pieces.get("mean"))
 
