@@ -169,5 +169,61 @@ class QuantizedKVCache(Cache):
         out["total"] = sum(out.values())
         return out
 
+    def memory_sharing(self) -> dict[str, int]:
+        """The ``memory_footprint()["total"]`` of a fork split into what it holds of its own (its windows, its flushes,
+        the unquantized layers) and what it shares with the caches it was forked from or into (``fork``).
+
+        Returns:
+            {"own", "shared", "total"}, bytes (own + shared == total).
+        """
+        shared = sum(layer.memory_sharing()["shared"] for layer in self.quantized_layers)
+        total = self.memory_footprint()["total"]
+        return {"own": total - shared, "shared": shared, "total": total}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prefix reuse and persistence (``tq_transformers.fork``, ``tq_transformers.persistence``)
+    # ------------------------------------------------------------------------------------------------------------
+    def fork(self) -> QuantizedKVCache:
+        """A copy that continues independently and shares the quantized history with this cache (copy-on-write: the
+        fork pays for its own window and new tokens). ``copy.deepcopy(cache)`` shares the history the same way.
+
+        Returns:
+            the new cache (``tq_transformers.fork``).
+        """
+        from .fork import fork_cache
+
+        return fork_cache(self)
+
+    def save(self, path) -> None:
+        """Write this cache to `path` in safetensors (no pickle): packed codes, metadata, windows, counters, the
+        method settings, the token ids when known, and a header with the format version, the model's identity and a
+        checksum (``tq_transformers.persistence``).
+
+        Args:
+            path: the file to write.
+        """
+        from .persistence import save_cache
+
+        save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, config, device="cpu", dtype: torch.dtype | None = None) -> QuantizedKVCache:
+        """Read a cache written by ``save``.
+
+        Args:
+            path: the file.
+            config: the model's config (``model.config``) or the model itself; a ValueError names any mismatch
+                with the file's model (layers, layer types, KV heads, head dims, dtype). None: no check (for a
+                config-less cache).
+            device: where the tensors go.
+            dtype: the model's dtype, checked against the file's when given (a model passed as `config` gives
+                its own).
+        Returns:
+            the cache, of the file's class (``QuantizedKVCache.load`` accepts any; a subclass only its own).
+        """
+        from .persistence import load_cache
+
+        return load_cache(path, config, device=device, dtype=dtype, expected=cls)
+
     def __repr__(self):
         return f"{type(self).__name__}({self.method_config}, layers={len(self.layers)})"
