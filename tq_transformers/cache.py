@@ -25,7 +25,7 @@ from .layer import QuantizedKVLayer
 from .static_layout import StaticLayout
 from .validation import short_repr
 
-__all__ = ["QuantizedKVCache", "head_dim_of", "registered_methods"]
+__all__ = ["IDENTITY_FIELDS", "QuantizedKVCache", "head_dim_of", "model_identity", "registered_methods"]
 
 _REGISTRY: dict[str, type[QuantizedKVCache]] = {}
 
@@ -42,6 +42,21 @@ def head_dim_of(config) -> int | None:
     if head_dim is None and getattr(text, "hidden_size", None) and getattr(text, "num_attention_heads", None):
         head_dim = text.hidden_size // text.num_attention_heads
     return head_dim
+
+
+#: the config fields that tell one model's caches from another's (``model_identity``)
+IDENTITY_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                   "vocab_size")
+
+
+def model_identity(config) -> dict:
+    """What a cache's contents depend on in a model config: the architecture's sizes (``IDENTITY_FIELDS``), the
+    head dim, and the checkpoint's name when known (``name_or_path``; "" when unknown)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    out = {name: getattr(text, name, None) for name in IDENTITY_FIELDS}
+    out["head_dim"] = head_dim_of(config)
+    out["name_or_path"] = str(getattr(config, "name_or_path", "") or "")
+    return out
 
 
 class QuantizedKVCache(Cache):

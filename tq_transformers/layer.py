@@ -116,6 +116,11 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
     supports_early_init = True
+    #: attributes that are not saved (``persistence``; ``state``): the config (saved with the cache), what
+    #: ``lazy_initialization`` rebuilds from it and the states' dtype and device, the run-time hooks (fast path, static
+    #: layout, kernels), the non-finite watch, and the shared segments (saved joined into ``storage``)
+    transient_attributes = ("cfg", "codecs", "dtype", "device", "static", "fast_path", "use_kernels", "non_finite",
+                            "shared")
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
@@ -470,6 +475,19 @@ class QuantizedKVLayer(CacheLayerMixin):
         """
         shared = sum(_nbytes(t) for segment in self.shared for t in segment.values())
         return {"own": sum(self.memory_footprint().values()) - shared, "shared": shared}
+
+    def state(self) -> dict:
+        """The layer's saved state (``persistence``): every public attribute but ``transient_attributes`` (the
+        window, counters, head dims), with ``storage`` holding all packed tokens (``full_storage``). A new attribute
+        flows through as long as it is a tensor, a dict of tensors or a plain value (else saving raises naming it).
+
+        Returns:
+            {attribute name: value}.
+        """
+        state = {name: value for name, value in vars(self).items()
+                 if not name.startswith("_") and name not in self.transient_attributes}
+        state["storage"] = dict(self.full_storage())
+        return state
 
     # ------------------------------------------------------------------------------------------------------------
     # Forks (copy-on-write) and copies
