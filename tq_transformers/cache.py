@@ -25,7 +25,8 @@ from .layer import QuantizedKVLayer
 from .static_layout import StaticLayout
 from .validation import check_int, check_mapping, short_repr
 
-__all__ = ["LAYER_SETTINGS", "QuantizedKVCache", "cache_dims", "head_dim_of", "mla_latent_dims", "registered_methods"]
+__all__ = ["IDENTITY_FIELDS", "LAYER_SETTINGS", "QuantizedKVCache", "cache_dims", "head_dim_of", "mla_latent_dims",
+           "model_identity", "registered_methods"]
 
 #: cache keyword arguments that are not a method's settings but choose them per layer (``QuantizedKVCache``)
 LAYER_SETTINGS = ("layer_settings", "edge_layers", "edge_settings")
@@ -72,6 +73,21 @@ def cache_dims(config) -> tuple[int, int, int] | None:
         return None
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     return heads, head_dim, head_dim
+
+
+#: the config fields that tell one model's caches from another's (``model_identity``)
+IDENTITY_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                   "vocab_size")
+
+
+def model_identity(config) -> dict:
+    """What a cache's contents depend on in a model config: the architecture's sizes (``IDENTITY_FIELDS``), the
+    head dim, and the checkpoint's name when known (``name_or_path``; "" when unknown)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    out = {name: getattr(text, name, None) for name in IDENTITY_FIELDS}
+    out["head_dim"] = head_dim_of(config)
+    out["name_or_path"] = str(getattr(config, "name_or_path", "") or "")
+    return out
 
 
 class QuantizedKVCache(Cache):
@@ -282,6 +298,62 @@ class QuantizedKVCache(Cache):
                 out["unquantized_layers"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         out["total"] = sum(out.values())
         return out
+
+    def memory_sharing(self) -> dict[str, int]:
+        """The ``memory_footprint()["total"]`` of a fork split into what it holds of its own (its windows, its flushes,
+        the unquantized layers) and what it shares with the caches it was forked from or into (``fork``).
+
+        Returns:
+            {"own", "shared", "total"}, bytes (own + shared == total).
+        """
+        shared = sum(layer.memory_sharing()["shared"] for layer in self.quantized_layers)
+        total = self.memory_footprint()["total"]
+        return {"own": total - shared, "shared": shared, "total": total}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prefix reuse and persistence (``tq_transformers.fork``, ``tq_transformers.persistence``)
+    # ------------------------------------------------------------------------------------------------------------
+    def fork(self) -> QuantizedKVCache:
+        """A copy that continues independently and shares the quantized history with this cache (copy-on-write: the
+        fork pays for its own window and new tokens). ``copy.deepcopy(cache)`` shares the history the same way.
+
+        Returns:
+            the new cache (``tq_transformers.fork``).
+        """
+        from .fork import fork_cache
+
+        return fork_cache(self)
+
+    def save(self, path) -> None:
+        """Write this cache to `path` in safetensors (no pickle): packed codes, metadata, windows, counters, the
+        method settings, the token ids when known, and a header with the format version, the model's identity and a
+        checksum (``tq_transformers.persistence``).
+
+        Args:
+            path: the file to write.
+        """
+        from .persistence import save_cache
+
+        save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, config, device="cpu", dtype: torch.dtype | None = None) -> QuantizedKVCache:
+        """Read a cache written by ``save``.
+
+        Args:
+            path: the file.
+            config: the model's config (``model.config``) or the model itself; a ValueError names any mismatch
+                with the file's model (layers, layer types, KV heads, head dims, dtype). None: no check (for a
+                config-less cache).
+            device: where the tensors go.
+            dtype: the model's dtype, checked against the file's when given (a model passed as `config` gives
+                its own).
+        Returns:
+            the cache, of the file's class (``QuantizedKVCache.load`` accepts any; a subclass only its own).
+        """
+        from .persistence import load_cache
+
+        return load_cache(path, config, device=device, dtype=dtype, expected=cls)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.method_config}, layers={len(self.layers)})"

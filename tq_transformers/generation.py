@@ -8,6 +8,12 @@ handed one cache instance reuses it for every prompt: the second prompt silently
 - a call with a cache that already holds tokens is accepted only if those tokens are the prefix of the new
   `input_ids` (continuing a conversation); anything else raises a ValueError instead of answering wrongly.
 
+Multi-turn: the cache of a call (``return_dict_in_generate=True``: ``out.past_key_values``; or one you passed) knows
+the ids it holds (``cache.token_ids``, recorded after every call; a fork copies them, a saved cache keeps them), so
+passing it back with the extended conversation (the previous ``sequences`` followed by the new turn) continues it:
+transformers' generate feeds only the ids the cache does not hold (``cache_position``). A cache of another model (its
+config's sizes or checkpoint name differ), of another prompt, or of unknown origin raises a ValueError.
+
 `disable(model)` restores the original `generate`.
 """
 
@@ -21,7 +27,7 @@ import torch
 import transformers
 from packaging import version
 
-from .cache import QuantizedKVCache
+from .cache import QuantizedKVCache, model_identity
 from .registry import get_method
 from .validation import check_bool
 
@@ -49,6 +55,23 @@ def check_cache_continues(cache, input_ids: torch.Tensor | None) -> None:
             f"the cache passed to generate holds {held} tokens that are not the start of input_ids (shape "
             f"{tuple(input_ids.shape)}): it belongs to another prompt. Pass a fresh cache or call cache.reset()"
         )
+
+
+def check_cache_model(cache, config) -> None:
+    """Raise a ValueError if `cache` was built for (or loaded into) a model other than the one of `config`: a field
+    of ``model_identity`` differs (the checkpoint name only when both are known)."""
+    built_for = getattr(cache, "model_config", None)
+    if built_for is None or built_for is config:
+        return
+    mine, theirs = model_identity(built_for), model_identity(config)
+    for name, value in mine.items():
+        if name == "name_or_path" and not (value and theirs[name]):
+            continue
+        if value != theirs[name]:
+            raise ValueError(
+                f"the cache passed to generate was built for another model ({name}={value!r}, this model has "
+                f"{theirs[name]!r}); pass a fresh cache or one of this model's"
+            )
 
 
 def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = None, **cache_kwargs):
@@ -134,13 +157,15 @@ def _generate(self, *args, **kwargs):
     original = state.replaced if state.replaced is not None else functools.partial(type(self).generate, self)
     name = "cache" if kwargs.get("cache") is not None else "past_key_values"
     cache = kwargs.get(name)
-    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
     if cache is None:
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
         cache = cache_cls(self.config, **state.settings)
         kwargs[CACHE_KWARG] = cache
     elif isinstance(cache, QuantizedKVCache):
+        check_cache_model(cache, self.config)
         check_cache_continues(cache, input_ids)
     if state.fast and isinstance(cache, QuantizedKVCache):
         from .fast_attention import prepare_cache

@@ -6,6 +6,14 @@ For keys and values of shape ``[batch, kv_heads, seq, head_dim]`` a layer holds:
   model's dtype (the attributes a transformers ``DynamicLayer`` uses);
 - the older tokens in packed form, ``self.storage``: the pieces of the key codec prefixed ``k_`` and of the value
   codec prefixed ``v_`` (``tq_transformers.codec``), batch on dim 0, tokens (or token groups) on dim 2.
+- after a fork (``fork``, ``copy.deepcopy``), the packed history the forks have in common, ``self.shared``: frozen
+  segments of storage (oldest first) that every fork reads and none writes (copy-on-write). The packed tokens are then
+  the segments followed by ``self.storage`` (the layer's own, appended by its flushes), joined on dim 2
+  (``full_storage``). Operations that need one tensor per piece (the fast path's kernels, the static layout, crop,
+  batch reorders) first join them into the layer's own storage (``consolidate``).
+
+Nothing writes in place into a tensor of ``storage`` or ``shared`` (a flush writes new tensors); the static layout
+writes in place only into buffers it allocated itself (``static_layout``). That is what makes sharing safe.
 
 The window rule (docs/METHODS.md, "The window rule"): after ``n`` tokens exactly
 ``q(n) = max(0, floor((n - R) / F) * F)`` are packed, R = ``residual_length``, F = ``flush_size``; the state depends
@@ -21,6 +29,7 @@ CUDA-graph replays, entered with ``enter_static``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -45,6 +54,14 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous() and owns_exactly(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _owned_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def owns_exactly(t: torch.Tensor) -> bool:
@@ -148,6 +165,11 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
     supports_early_init = True
+    #: attributes that are not saved (``persistence``; ``state``): the config (saved with the cache), what
+    #: ``lazy_initialization`` rebuilds from it and the states' dtype and device, the run-time hooks (fast path, static
+    #: layout, kernels), the non-finite watch, and the shared segments (saved joined into ``storage``)
+    transient_attributes = ("cfg", "codecs", "dtype", "device", "static", "fast_path", "use_kernels", "non_finite",
+                            "shared")
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
@@ -156,6 +178,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.num_quantized = 0
         self.storage: dict[str, torch.Tensor] = {}
+        #: frozen storage segments shared with forks (module docstring), oldest first; never written
+        self.shared: list[dict[str, torch.Tensor]] = []
         self.codecs: dict[str, Codec] = {}
         #: the first ``cfg.sink_tokens`` tokens, exact (attention sinks): ``[B, H, s, D]``, or None before any
         self.sink_keys: torch.Tensor | None = None
@@ -177,18 +201,39 @@ class QuantizedKVLayer(CacheLayerMixin):
         storage = self.storage if storage is None else storage
         return {name[2:]: t for name, t in storage.items() if name.startswith(prefix)}
 
+    def full_storage(self) -> dict[str, torch.Tensor]:
+        """Every packed piece: the shared segments and the layer's own storage joined on dim 2 (``storage`` itself
+        when nothing is shared; otherwise new tensors, the segments untouched)."""
+        if not self.shared:
+            return self.storage
+        segments = [*self.shared, self.storage]
+        out = {}
+        for name in dict.fromkeys(name for segment in segments for name in segment):
+            parts = [segment[name] for segment in segments if name in segment]
+            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return out
+
+    def consolidate(self) -> None:
+        """Join the shared segments and the own storage into the layer's own storage, one tensor per piece (the
+        other forks keep reading the segments)."""
+        if self.shared:
+            self.storage = self.full_storage()
+            self.shared = []
+
     def storage_prefix(self, n: int) -> dict[str, torch.Tensor]:
         """Views of the storage as it was when it held its first `n` packed tokens."""
-        out = {}
+        storage, out = self.full_storage(), {}
         for side, codec in self.codecs.items():
-            out.update({f"{side}_{name}": t for name, t in codec.prefix(self.pieces(side), n).items()})
+            out.update({f"{side}_{name}": t for name, t in codec.prefix(self.pieces(side, storage), n).items()})
         return out
 
     def packed(self, n: int | None = None) -> tuple[PackedFormat | None, PackedFormat | None]:
         """Format views (``formats``) of the first `n` packed keys and values (all held when None; in the static
-        layout, ``n = static.capacity`` gives the whole preallocated buffers). None for a side without a format."""
+        layout, ``n = static.capacity`` gives the whole preallocated buffers). None for a side without a format.
+        The kernels read one tensor per piece: a fork's shared segments are joined into its own storage first."""
         if self.num_sinks:  # the exact sink tokens come before the packed ones: no kernel format holds them
             return None, None
+        self.consolidate()
         storage = self.storage if n is None else self._prefix_or_reserved(n)
         return tuple(self.codecs[side].packed(self.pieces(side, storage)) for side in SIDES)
 
@@ -220,7 +265,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         Returns:
             (keys, values).
         """
-        storage = self.storage if n is None else self.storage_prefix(n)
+        storage = self.full_storage() if n is None else self.storage_prefix(n)
         if self.num_quantized == 0 or n == 0:
             out = [self.keys[..., :0, :].to(dtype), self.values[..., :0, :].to(dtype)]
         else:
@@ -242,10 +287,14 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def encode_block(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Encode `[B, H, T, D]` tokens leaving the window; returns prefixed pieces to append on dim 2."""
+        # the codecs read their static pieces (the means), which a fork finds in the first shared segment
+        held = {name: t for segment in self.shared for name, t in segment.items()
+                if name[2:] in self.codecs[name[0]].static_pieces}
+        held.update(self.storage)
         out = {}
         for side, x, what in (("k", keys, "key_states"), ("v", values, "value_states")):
             self.non_finite.check(x, f"{what} of layer {self.layer_idx}")
-            new = self.codecs[side].encode(x, self.pieces(side), use_kernels=self.use_kernels)
+            new = self.codecs[side].encode(x, self.pieces(side, held), use_kernels=self.use_kernels)
             out.update({f"{side}_{name}": t for name, t in new.items()})
         return out
 
@@ -396,10 +445,12 @@ class QuantizedKVLayer(CacheLayerMixin):
     # ------------------------------------------------------------------------------------------------------------
     def enter_static(self, capacity: int, shared: StaticShared) -> None:
         """Move the storage and window into preallocated buffers of `capacity` packed tokens (a multiple of
-        flush_size, at least the tokens held). Called again with a larger capacity, it moves them again."""
+        flush_size, at least the tokens held). Called again with a larger capacity, it moves them again. A fork's
+        shared segments are copied into the buffers (they are never written)."""
         if self.num_sinks:
             raise ValueError(f"layer {self.layer_idx}: the static layout (CUDA graphs) does not hold exact sink tokens "
                              f"(sink_tokens={self.cfg.sink_tokens}); use sink_tokens=0 for CUDA-graph decoding")
+        self.consolidate()
         self.static = StaticLayout.build(self, capacity, shared)
 
     def leave_static(self) -> None:
@@ -437,6 +488,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.num_quantized = 0
         self.storage = {}
+        self.shared = []
         self.static = None
         self.sink_keys = self.sink_values = None
 
@@ -445,7 +497,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             return
         self.leave_static()
         self.keys, self.values = fn(self.keys), fn(self.values)
-        self.storage = {name: fn(t) for name, t in self.storage.items()}
+        self.storage = {name: fn(t) for name, t in self.full_storage().items()}
+        self.shared = []
         if self.num_sinks:
             self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
 
@@ -493,6 +546,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.keys = compact(self.keys[..., :window_keep, :])
             self.values = compact(self.values[..., :window_keep, :])
         else:
+            self.consolidate()
             # whole entries stay packed; tokens of a partly kept entry (a KIVI key group) return to the window
             packed = min(codec.whole_entries(keep) for codec in self.codecs.values())
             if packed < keep:
@@ -520,9 +574,76 @@ class QuantizedKVLayer(CacheLayerMixin):
             windows = (self.static.win_k, self.static.win_v)
         codes = self.code_storage
         out = {"codes": 0, "metadata": 0, "window": 0}
-        for name, t in held.items():
-            out["codes" if name in codes else "metadata"] += t.numel() * t.element_size()
+        for segment in (*self.shared, held):
+            for name, t in segment.items():
+                out["codes" if name in codes else "metadata"] += _nbytes(t)
         if self.num_sinks:
             windows = (*windows, self.sink_keys, self.sink_values)
-        out["window"] = sum(t.numel() * t.element_size() for t in windows)
+        out["window"] = sum(_nbytes(t) for t in windows)
         return out
+
+    def memory_sharing(self) -> dict[str, int]:
+        """The bytes of ``memory_footprint`` split into the layer's own and those of the segments it shares with its
+        forks (``fork``).
+
+        Returns:
+            {"own": int, "shared": int}
+        """
+        shared = sum(_nbytes(t) for segment in self.shared for t in segment.values())
+        return {"own": sum(self.memory_footprint().values()) - shared, "shared": shared}
+
+    def state(self) -> dict:
+        """The layer's saved state (``persistence``): every public attribute but ``transient_attributes`` (the
+        window, counters, head dims), with ``storage`` holding all packed tokens (``full_storage``). A new attribute
+        flows through as long as it is a tensor, a dict of tensors or a plain value (else saving raises naming it).
+
+        Returns:
+            {attribute name: value}.
+        """
+        state = {name: value for name, value in vars(self).items()
+                 if not name.startswith("_") and name not in self.transient_attributes}
+        state["storage"] = dict(self.full_storage())
+        return state
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forks (copy-on-write) and copies
+    # ------------------------------------------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """Move the own storage into a new shared segment (nothing is copied): from now on forks may read it."""
+        if self.storage and self.num_quantized > 0 and self.static is None:
+            self.shared = [*self.shared, self.storage]
+            self.storage = {}
+
+    def fork(self) -> QuantizedKVLayer:
+        """A copy of this layer that continues independently and shares the packed history (copy-on-write).
+
+        The fork gets its own window (a copy) and counters, and appends its own flushes; the packed history is
+        frozen into shared segments that both layers read (``freeze``). The method config, codecs and fast-path
+        hooks are shared (they are never changed after creation). In the static layout (CUDA graphs), whose buffers
+        are written in place, the fork copies the packed tokens instead.
+
+        Returns:
+            the new layer.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(vars(self))
+        new.non_finite = NonFiniteWatch()
+        new.static = None
+        if self.static is None:
+            self.freeze()
+            new.storage, new.shared = dict(self.storage), list(self.shared)
+        else:  # the storage is views of buffers the static layout writes in place
+            new.storage, new.shared = {name: _owned_copy(t) for name, t in self.storage.items()}, []
+        if self.is_initialized:
+            new.keys, new.values = _owned_copy(self.keys), _owned_copy(self.values)
+        return new
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy``: a deep copy of everything but the packed history, which the copy shares as a fork does
+        (``fork``; in the static layout it is copied too)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        self.freeze()
+        for name, value in vars(self).items():
+            setattr(new, name, list(value) if name == "shared" else copy.deepcopy(value, memo))
+        return new

@@ -13,6 +13,11 @@ In the layout:
   live part. After a flush the live tokens begin at ``start`` until the next step moves them to the front, so the
   flushing step's attention still reads the window it attended to from slot 0;
 - the counts a step needs are on the device, in ``StaticShared.lengths`` (shared by all layers of the cache).
+
+Ownership: the layout writes in place (flushes, beam reorders, the window) only into the buffers it allocates here.
+A forked layer's shared segments (``QuantizedKVLayer.shared``, read by its other forks) are copied into the buffers
+when the layout is built (the layer consolidates first; ``build`` refuses a layer that still shares any) and never
+written.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class StaticLayout:
                 f"capacity must be a multiple of flush_size ({F}) and >= {layer.num_quantized} packed tokens, got "
                 f"{capacity}"
             )
+        if layer.shared:
+            raise ValueError(f"layer {layer.layer_idx}: the static layout needs a layer that owns its storage; call "
+                             "layer.consolidate() first (its shared segments are read by other forks)")
         layer.settle()
         flushes = layer.num_quantized // F
         growing = {name for name in layer.storage if name[2:] not in layer.codecs[name[0]].static_pieces}

@@ -1,0 +1,287 @@
+"""Saving and loading a quantized cache in safetensors (no pickle): keep a prefilled document and continue later.
+
+    cache.save("contract.tqkv")                                            # after prefilling a long document
+    cache = TurboQuantCache.load("contract.tqkv", model.config, device="cuda")
+    model.generate(input_ids, cache=cache, ...)                            # input_ids: the document's ids + more
+
+The file is one safetensors file:
+
+- tensors: ``layers.<i>.<attribute>`` for each tensor attribute of layer ``i`` and ``layers.<i>.<attribute>.<key>``
+  for each dict of tensors (a quantized layer: the window ``keys`` / ``values`` and every packed piece of
+  ``storage``, shared fork segments joined; a sliding-window layer: its window), and ``token_ids`` when the cache
+  knows them (``tq_transformers.enable`` records them: a loaded cache then continues a conversation the same way);
+- the header's metadata, strings: ``format`` and ``format_version``; ``cache``, JSON: the cache class, its method
+  name and settings; ``model``, JSON: the model's identity (layer count, each layer's type, KV heads and key / value
+  head dims, the dtype, the batch size); ``layers``, JSON: each layer's plain attributes (counters, head dims,
+  window size settings) and its method config; ``checksum``: SHA-256 of all of the above and of every tensor's name,
+  dtype, shape and bytes.
+
+What a layer saves is generic: every public attribute except those it declares transient
+(``QuantizedKVLayer.transient_attributes``, ``state``); transformers' own layers save their public attributes but the
+dtype and device. A new attribute flows through as long as it is a tensor, a dict of tensors or a plain value.
+
+Loading rebuilds the cache from the given model config and the saved settings, checks the file against it (a
+ValueError names the first mismatch: class, layer count, layer type, KV heads, head dims, dtype, a layer's settings),
+verifies the checksum (a truncated or corrupted file raises a ValueError, never a cache that answers wrong), and
+restores every layer. The file's size is ``memory_footprint()["total"]`` plus the token ids plus the safetensors
+header (tested); a cache in the CUDA-graph static layout saves exactly its tokens, not its reserved capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+
+from .cache import QuantizedKVCache, head_dim_of, registered_methods
+from .layer import QuantizedKVLayer
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "save_cache"]
+
+FORMAT = "tq_transformers.cache"
+FORMAT_VERSION = 1
+#: attributes of transformers' own layers that are not saved (rebuilt by ``lazy_initialization`` at load)
+_TRANSIENT = ("dtype", "device")
+#: plain layer attributes set at construction from the config, checked at load
+_IDENTITY = ("layer_idx", "sliding_window")
+_TOKEN_IDS = "token_ids"
+_PLAIN = (int, float, bool, str, type(None))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------------------
+def save_cache(cache: QuantizedKVCache, path) -> None:
+    """Write `cache` to `path` (module docstring).
+
+    Args:
+        cache: a tq_transformers cache.
+        path: the file to write (overwritten).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a tq_transformers cache, got {type(cache).__name__}")
+    tensors, layers, identity = {}, [], []
+    for i, layer in enumerate(cache.layers):
+        entry = {"class": type(layer).__name__, "plain": {}, "tensors": [], "dicts": {}}
+        for name, value in _layer_state(layer).items():
+            key = f"layers.{i}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = _contiguous(value)
+                entry["tensors"].append(name)
+            elif isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values()):
+                tensors.update({f"{key}.{k}": _contiguous(t) for k, t in value.items()})
+                entry["dicts"][name] = list(value)
+            elif isinstance(value, _PLAIN):
+                entry["plain"][name] = value
+            else:
+                raise TypeError(
+                    f"layer {i} ({type(layer).__name__}) attribute {name!r} is a {type(value).__name__}, which a saved "
+                    "cache cannot hold (tensors, dicts of tensors and plain values only); list it in the layer's "
+                    "transient_attributes if it is rebuilt from the config"
+                )
+        if isinstance(layer, QuantizedKVLayer):
+            entry["config"] = _settings(layer.cfg)
+        layers.append(entry)
+        identity.append(_layer_identity(layer))
+    if cache.token_ids is not None:
+        tensors[_TOKEN_IDS] = _contiguous(cache.token_ids)
+    windows = [layer.keys for layer in cache.layers if getattr(layer, "is_initialized", False)]
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "cache": _dumps({"class": type(cache).__name__, "method": cache.method,
+                         "settings": _settings(cache.method_config)}),
+        "model": _dumps({"num_layers": len(cache.layers), "layers": identity,
+                         "dtype": str(windows[0].dtype) if windows else None,
+                         "batch_size": windows[0].shape[0] if windows else None}),
+        "layers": _dumps(layers),
+    }
+    metadata["checksum"] = _checksum(metadata, tensors)
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _layer_state(layer) -> dict:
+    if isinstance(layer, QuantizedKVLayer):
+        return layer.state()
+    return {name: value for name, value in vars(layer).items()
+            if not name.startswith("_") and name not in _TRANSIENT}
+
+
+def _layer_identity(layer) -> dict:
+    out = {"type": type(layer).__name__}
+    if getattr(layer, "is_initialized", False):
+        out.update(kv_heads=layer.keys.shape[1], key_dim=layer.keys.shape[-1], value_dim=layer.values.shape[-1])
+    return out
+
+
+def _settings(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+
+
+def _dumps(value) -> str:
+    try:
+        return json.dumps(value, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"a saved cache holds plain values only (method settings, counters): {e}") from None
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of exactly `t`'s elements (safetensors writes a view's whole storage otherwise)."""
+    return t.detach().clone(memory_format=torch.contiguous_format) if not t.is_contiguous() else t.detach()
+
+
+def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+def load_cache(path, config, device="cpu", dtype: torch.dtype | None = None,
+               expected: type = QuantizedKVCache) -> QuantizedKVCache:
+    """Read a cache written by ``save_cache`` (module docstring; ``QuantizedKVCache.load``).
+
+    Args:
+        path: the file.
+        config: the model's config, the model itself (its dtype is then checked too), or None (no model check; every
+            layer of the file must be quantized).
+        device: where the tensors go.
+        dtype: the model's dtype, checked against the file's when given.
+        expected: the cache class asked for (``QuantizedKVCache``: any).
+    Returns:
+        the cache.
+    """
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    if isinstance(config, PreTrainedModel):
+        dtype = config.dtype if dtype is None else dtype
+        config = config.config
+    if config is not None and not isinstance(config, PreTrainedConfig):
+        raise TypeError(f"config must be a transformers PreTrainedConfig, a model or None, got {type(config).__name__}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    metadata, tensors = _read(path)
+    head = _parse(metadata, path)
+    cache_cls = _cache_class(head["cache"], expected, path)
+    model = head["model"]
+    if dtype is not None and model["dtype"] is not None and model["dtype"] != str(dtype):
+        raise ValueError(f"{path}: the cache was saved from a model in {model['dtype']}, the model is in {dtype}")
+    settings = head["cache"]["settings"]
+    if config is not None:
+        cache = cache_cls(config, **settings)
+        _check_model(cache, config, model, path)
+    else:
+        cache = cache_cls(**settings)
+        for i, entry in enumerate(head["layers"]):
+            if entry["class"] != cache.layer_class.__name__:
+                raise ValueError(f"{path}: layer {i} is a {entry['class']}; loading it needs the model's config")
+            cache.layers.append(cache.layer_class(cache.method_config, layer_idx=i))
+    for i, (layer, entry) in enumerate(zip(cache.layers, head["layers"])):
+        _restore(layer, i, entry, tensors, device, path)
+    if _TOKEN_IDS in tensors:
+        cache.token_ids = tensors[_TOKEN_IDS].to(device)
+    return cache
+
+
+def _read(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no saved cache at {path!r}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path, device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a complete safetensors file (truncated or corrupted): {e}") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a saved tq_transformers cache (format {metadata.get('format')!r}, expected "
+                         f"{FORMAT!r})")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(f"{path}: format version {metadata.get('format_version')!r}, this tq_transformers reads "
+                         f"version {FORMAT_VERSION}")
+    if metadata.get("checksum") != _checksum(metadata, tensors):
+        raise ValueError(f"{path}: checksum mismatch, the file is corrupted (its tensors or header changed after "
+                         "saving)")
+    return metadata, tensors
+
+
+def _parse(metadata: dict, path) -> dict:
+    try:
+        return {key: json.loads(metadata[key]) for key in ("cache", "model", "layers")}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the header is incomplete or corrupted ({e})") from None
+
+
+def _cache_class(head: dict, expected: type, path) -> type:
+    found = registered_methods().get(head["method"])
+    if found is None or found.__name__ != head["class"]:
+        raise ValueError(f"{path}: the file holds a {head['class']} (method {head['method']!r}), which is not a "
+                         f"registered cache: {sorted(registered_methods())}")
+    if expected is not QuantizedKVCache and not issubclass(found, expected):
+        raise ValueError(f"{path} holds a {found.__name__}, not a {expected.__name__}: load it with "
+                         f"{found.__name__}.load or QuantizedKVCache.load")
+    return found
+
+
+def _expected_dims(config) -> tuple[int | None, int | None, int | None]:
+    """(KV heads, key head dim, value head dim) a model config declares (MLA configs: qk_nope + qk_rope, v_head_dim)."""
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
+    rope, nope = getattr(text, "qk_rope_head_dim", None), getattr(text, "qk_nope_head_dim", None)
+    if rope is not None and nope is not None:
+        return heads, rope + nope, getattr(text, "v_head_dim", None)
+    head_dim = head_dim_of(config)
+    return heads, head_dim, head_dim
+
+
+def _check_model(cache, config, model: dict, path) -> None:
+    """A ValueError naming the first difference between the file's model and `config` (``cache`` built from it)."""
+    if model["num_layers"] != len(cache.layers):
+        raise ValueError(f"{path}: the cache was saved from a model of {model['num_layers']} layers, the config has "
+                         f"{len(cache.layers)}")
+    heads, key_dim, value_dim = _expected_dims(config)
+    for i, (layer, saved) in enumerate(zip(cache.layers, model["layers"])):
+        if saved["type"] != type(layer).__name__:
+            raise ValueError(f"{path}: layer {i} is a {saved['type']} in the file, a {type(layer).__name__} for "
+                             "this config (the layer types differ)")
+        for name, want in (("kv_heads", heads), ("key_dim", key_dim), ("value_dim", value_dim)):
+            if name in saved and want is not None and saved[name] != want:
+                raise ValueError(f"{path}: layer {i} was saved with {name}={saved[name]}, the config gives {want}")
+
+
+def _restore(layer, i: int, entry: dict, tensors: dict, device, path) -> None:
+    if entry["class"] != type(layer).__name__:
+        raise ValueError(f"{path}: layer {i} is a {entry['class']} in the file, a {type(layer).__name__} here")
+    if isinstance(layer, QuantizedKVLayer) and entry.get("config") != _settings(layer.cfg):
+        raise ValueError(f"{path}: layer {i} was saved with settings {entry.get('config')}, the cache rebuilt from "
+                         f"them has {_settings(layer.cfg)}")
+    for name in _IDENTITY:  # fixed at construction from the config: a difference is another model
+        if name in entry["plain"] and getattr(layer, name, None) != entry["plain"][name]:
+            raise ValueError(f"{path}: layer {i} was saved with {name}={entry['plain'][name]!r}, this config gives "
+                             f"{getattr(layer, name, None)!r}")
+    if entry["plain"].get("is_initialized"):
+        keys, values = (tensors[f"layers.{i}.{name}"] for name in ("keys", "values"))
+        layer.lazy_initialization(keys[..., :0, :].to(device), values[..., :0, :].to(device))
+    for name in entry["tensors"]:
+        setattr(layer, name, tensors[f"layers.{i}.{name}"].to(device))
+    for name, keys in entry["dicts"].items():
+        setattr(layer, name, {k: tensors[f"layers.{i}.{name}.{k}"].to(device) for k in keys})
+    for name, value in entry["plain"].items():
+        setattr(layer, name, value)
