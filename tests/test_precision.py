@@ -36,6 +36,7 @@ from cases import (
     build_tiny,
     case,
     generate_with_scores,
+    needs_gpu,
     padded_inputs,
     random_ids,
 )
@@ -235,12 +236,15 @@ def test_sink_tokens_stay_exact_and_first():
     assert not torch.equal(k[:, :, 4:84], x[:, :, 4:84])  # then the packed tokens
     assert torch.equal(k[:, :, 84:], x[:, :, 84:])  # then the window
     assert layer.packed() == (None, None)  # no kernel format holds the sinks: the fast path falls back
-    # one prefill or token by token: the same state
-    other = TurboQuantCache(bits=2, sink_tokens=4, residual_length=16, flush_size=16)
-    for t in range(0, 100, 7):
-        other.update(x[:, :, t:t + 7], x[:, :, t:t + 7] * 2, 0)
-    assert all(torch.equal(a, b) for a, b in zip(other.layers[0].dequantize(torch.float32),
-                                                 layer.dequantize(torch.float32)))
+    # one prefill, chunks or token by token: the same state (uncentered: the means depend on the first flush)
+    states = []
+    for chunk in (100, 7, 1):
+        other = TurboQuantCache(bits=2, sink_tokens=4, residual_length=16, flush_size=16, center=False)
+        for t in range(0, 100, chunk):
+            other.update(x[:, :, t:t + chunk], x[:, :, t:t + chunk] * 2, 0)
+        states.append((*other.layers[0].dequantize(torch.float32), other.memory_footprint()))
+    assert states[0][2] == states[1][2] == states[2][2]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(states, states[1:]))
 
 
 def test_sinks_crop_and_batch_ops():
@@ -254,7 +258,8 @@ def test_sinks_crop_and_batch_ops():
     assert torch.equal(k, x[:, :, :40]) and layer.num_sinks == 4
     cache.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.sink_keys, x[[1, 0], :, :4])
-    assert cache.memory_footprint() == estimate_cache_bytes(_llama_config(), 40, 2, "turboquant", torch.float32,
+    one_layer = LlamaConfig(**{**COMMON, "num_hidden_layers": 1}, num_key_value_heads=2, head_dim=64)
+    assert cache.memory_footprint() == estimate_cache_bytes(one_layer, 40, 2, "turboquant", torch.float32,
                                                             bits=3, sink_tokens=4, residual_length=16, flush_size=16)
 
 
@@ -307,22 +312,23 @@ def test_keys_and_values_of_different_head_dims(case_id):
         assert not tq_transformers.kernels.decode_supported(*views, torch.float16)  # reference path (kernels: 1 D)
 
 
-@pytest.mark.parametrize("factory,message", [
-    (lambda: BonsaiCache(residual_length=0, flush_size=16), r"layer 0: key_states of shape \(2, 2, 16, 192\) \[batch, "
-     r"kv_heads, seq, head_dim\] cannot be quantized with BonsaiConfig: group_size must divide head_dim=192 .*got "
-     r"group_size=128; group sizes that work: \[8, 16, 24, 32, 48, 64, 96, 192\]"),
-    (lambda: KIVICache(group_size=256), r"layer 0: key_states of shape \(2, 2, 16, 192\) .* KIVIConfig: group_size "
-     r"must divide head_dim=192"),
-    (lambda: TurboQuantCache(value_bits=2.125), r"layer 0: value_states of shape \(2, 2, 16, 128\) .*TurboQuantConfig"
-     r": a rate of 2.125 bits at head_dim 128 splits 16 channels"),
-    (lambda: MixedCache(key={"method": "turboquant"}, value={"method": "bonsai", "group_size": 96}),
+@pytest.mark.parametrize("factory,dims,message", [
+    (lambda: BonsaiCache(residual_length=0, flush_size=16), (192, 128), r"layer 0: key_states of shape "
+     r"\(2, 2, 16, 192\) \[batch, kv_heads, seq, head_dim\] cannot be quantized with BonsaiConfig: group_size must "
+     r"divide head_dim=192 .*got group_size=128; group sizes that work: \[8, 16, 24, 32, 48, 64, 96, 192\]"),
+    (lambda: KIVICache(group_size=128), (192, 128), r"layer 0: key_states of shape \(2, 2, 16, 192\) .* KIVIConfig: "
+     r"group_size must divide head_dim=192"),
+    (lambda: TurboQuantCache(value_bits=2.125), (192, 32), r"layer 0: value_states of shape \(2, 2, 16, 32\) .*"
+     r"TurboQuantConfig: a rate of 2.125 bits at head_dim 32 splits 4 channels"),
+    (lambda: TurboQuantCache(), (192, 100), r"layer 0: value_states of shape \(2, 2, 16, 100\) .*TurboQuantConfig: "
+     r"head_dim must be a multiple of 8"),
+    (lambda: MixedCache(key={"method": "turboquant"}, value={"method": "bonsai", "group_size": 96}), (192, 128),
      r"layer 0: value_states of shape \(2, 2, 16, 128\) .* BonsaiConfig: group_size must divide head_dim=128"),
-], ids=["bonsai-keys", "kivi-keys", "tq-values", "mixed-values"])
-def test_a_shape_a_method_cannot_take_names_the_layer_the_shape_and_what_works(factory, message):
-    """At the first update, against the dims the states really have (keys 192, values 128)."""
+], ids=["bonsai-keys", "kivi-keys", "tq-values-split", "tq-values-packing", "mixed-values"])
+def test_a_shape_a_method_cannot_take_names_the_layer_the_shape_and_what_works(factory, dims, message):
+    """At the first update, against the dims the states really have."""
     with pytest.raises(ValueError, match=message):
-        _feed(factory(), 1, [16], key_dim=192, value_dim=128)
-    _feed(MixedCache(key={"method": "turboquant"}, value={"method": "bonsai"}), 1, [16], key_dim=192, value_dim=128)
+        _feed(factory(), 1, [16], key_dim=dims[0], value_dim=dims[1])
 
 
 def test_tiny_deepseek_v3_every_method():
@@ -332,7 +338,7 @@ def test_tiny_deepseek_v3_every_method():
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(config).eval()
     model.generation_config.pad_token_id = 0
-    ids = {"input_ids": random_ids(1, 24)}
+    ids = {"input_ids": random_ids(1, 40)}
     ref, _ = generate_with_scores(model, ids, DynamicCache(), new_tokens=6)
     lossless, _ = generate_with_scores(model, ids, TurboQuantCache(config, residual_length=10**6), new_tokens=6)
     assert torch.equal(lossless, ref)
@@ -442,3 +448,61 @@ def test_estimate_accepts_the_same_arguments():
         estimate_cache_bytes(_llama_config(), 100, method="turboquant", layer_settings=[None, None])
     with pytest.raises(ValueError, match=r"group_size must divide head_dim=64"):
         estimate_cache_bytes(tiny_deepseek_config(), 100, method="bonsai")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fast path: every new format falls back (with a warning on CUDA) or runs the kernel, against the reference
+# ----------------------------------------------------------------------------------------------------------------------
+#: (case id, extra settings): the new formats and options; which of them the GPU kernels cover today
+FAST_NEW = [("turboquant-k4v2", {}), ("kivi-k4v2", {}), ("mixed-tq4-bonsai", {}), ("turboquant2.5", {}),
+            ("mixed-kivi2-tq3.5", {}), ("turboquant4", {"sink_tokens": 4}),
+            ("turboquant4", {"edge_layers": 1, "edge_settings": {"bits": 2.5}})]
+KERNEL_COVERED = {"turboquant-k4v2", "kivi-k4v2", "mixed-tq4-bonsai"}  # per-side widths, one format a side
+
+
+def _fast_and_reference(c, extra: dict, device: str):
+    model = build_tiny("llama").to(device)
+    inputs = padded_inputs(device)
+    kwargs = {**c.kwargs(model.config), **extra}
+    ref_seq, ref_scores = generate_with_scores(model, inputs, make_cache(c.method, model.config, **kwargs))
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=False, **kwargs)
+    try:
+        cache = tq_transformers.fast_attention.prepare_cache(make_cache(c.method, model.config, **kwargs))
+        fast_seq, fast_scores = generate_with_scores(model, inputs, cache)
+    finally:
+        tq_transformers.disable(model)
+    assert cache.quantized_layers[0].num_quantized >= 32
+    return ref_seq, ref_scores, fast_seq, fast_scores
+
+
+def _fast_params(cpu: bool) -> list:
+    """FAST_NEW as pytest params; on the CPU the split rate and the sinks run always, the rest are `slow`."""
+    out = []
+    for c, e in FAST_NEW:
+        slow = cpu and not (c == "turboquant2.5" or "sink_tokens" in e)
+        out.append(pytest.param(c, e, id=f"{c}{'-' + '-'.join(e) if e else ''}",
+                                marks=[pytest.mark.slow] if slow else []))
+    return out
+
+
+@pytest.mark.parametrize("case_id,extra", _fast_params(cpu=True))
+def test_new_formats_fast_path_fallback_equals_reference_on_cpu(case_id, extra, monkeypatch):
+    monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
+    ref_seq, ref_scores, fast_seq, fast_scores = _fast_and_reference(CASES[case_id], extra, "cpu")
+    assert torch.equal(fast_seq, ref_seq) and torch.equal(fast_scores, ref_scores)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case_id,extra", _fast_params(cpu=False))
+def test_new_formats_fast_path_on_gpu_kernel_or_warned_fallback(case_id, extra, recwarn):
+    """On CUDA a covered combination runs the fused kernel (same tokens, logits within float32 noise); one the kernels
+    do not cover decodes on the reference path with a warning naming it."""
+    tq_transformers.fast_attention._WARNED.clear()
+    ref_seq, ref_scores, fast_seq, fast_scores = _fast_and_reference(CASES[case_id], extra, "cuda")
+    assert torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-3, atol=1e-3)
+    warned = [str(w.message) for w in recwarn if "do not cover" in str(w.message)]
+    if case_id in KERNEL_COVERED and not extra:
+        assert warned == []
+    else:
+        assert warned and warned[0].startswith("tq_fused: the GPU decode kernels do not cover layer "), warned

@@ -14,6 +14,10 @@ Per key or value vector x ``[head_dim]`` of one token and one head (docs/METHODS
    the norm of x - mu.
 
 Stored as ``formats.CodebookPacked``: ``codes`` ``[B, H, N, D*b/8]`` uint8, ``norms`` ``[B, H, N]`` fp16, ``mean``.
+Keys and values may take different rates (``key_bits`` / ``value_bits``). A fractional rate b + f (a multiple of
+1/8, e.g. 2.5 or 3.5) is the paper's two-rate channel split after rotation (``rate_split``): the first f * D rotated
+channels at b + 1 bits, the rest at b, each part with its own Lloyd-Max codebook, one norm (norm correction over the
+whole vector); stored as ``formats.SplitCodebookPacked`` (pieces ``codes`` and ``codes_low``).
 QJL variant (``qjl=True``): (b-1)-bit codes as above without norm correction, plus one sign bit per coordinate of
 S r (r = y - c[idx], S a seeded Gaussian d x d matrix) in ``qjl`` ``[B, H, N, D/8]`` and ||r|| in ``rnorm``
 ``[B, H, N]``: ``y_hat = c[idx] + sqrt(pi/2)/d ||r|| S^T sign(S r)``, an unbiased inner-product estimator (no kernel
