@@ -1,4 +1,5 @@
-"""Real text for evaluation: the shared data folder, local files and Hugging Face datasets.
+"""Real text for evaluation: the shared data folder, local files and Hugging Face datasets, all read through
+``datasets`` (the evaluation's data layer; no hub access is needed for local files).
 
 The shared data folder sits beside the project's checkout (``<repo>/../shared/data``) and holds
 WikiText-2 and two long documents, with their sha256 in ``SHA256SUMS``. It is read in place, never
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,41 +83,77 @@ def shared_file(name: str) -> Path:
     return path
 
 
-def _load_hf(spec: str) -> str:
-    """Load ``hf:<name>[:<config>]:<split>[:<column>]`` with ``datasets``; rows joined by blank lines.
-
-    Two fields are ``name:split``, three ``name:config:split``, four ``name:config:split:column``
-    (leave config empty, ``name::split:column``, to give a column without a config). The column
-    defaults to ``text``.
-    """
-    fields = spec[len("hf:"):].split(":")
-    if len(fields) == 2:
-        name, config, split, column = fields[0], None, fields[1], "text"
-    elif len(fields) == 3:
-        name, config, split, column = fields[0], fields[1], fields[2], "text"
-    elif len(fields) == 4:
-        name, config, split, column = fields
-    else:
-        raise ValueError(f"spec must look like hf:<name>[:<config>]:<split>[:<column>]; got {spec!r}")
+def _datasets():
+    """The ``datasets`` module (the evaluation's data layer), or an ImportError naming the extra to install."""
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"loading {spec!r} needs the 'datasets' package: pip install datasets") from e
-    ds = datasets.load_dataset(name, config or None, split=split)
+        raise ImportError("the evaluation reads every text through the 'datasets' package: "
+                          "pip install 'tq_transformers[eval]' (or pip install datasets)") from e
+    return datasets
+
+
+@contextmanager
+def _quiet(datasets):
+    """Silence ``datasets``' per-load progress bars (the evaluation shows its own) and restore them afterwards."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def text_dataset(path: str | os.PathLike):
+    """A local UTF-8 text file as a one-row ``datasets.Dataset`` (column ``text``, the whole file unchanged).
+
+    Loaded with the ``text`` builder (``data_files=path``, ``sample_by="document"``), so no hub access is needed.
+    """
+    datasets = _datasets()
+    with _quiet(datasets):
+        ds = datasets.load_dataset("text", data_files=os.fspath(path), split="train", sample_by="document")
+    return ds if len(ds) else datasets.Dataset.from_dict({"text": [""]})  # an empty file has no document
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str, str]:
+    """``hf:<name>[:<config>]:<split>[:<column>]`` as (name, config or None, split, column).
+
+    Two fields are ``name:split``, three ``name:config:split``, four ``name:config:split:column`` (leave config
+    empty, ``name::split:column``, to give a column without a config). The column defaults to ``text``. ``name`` is a
+    hub id or a local folder that ``datasets.load_dataset`` reads (data files in it, e.g. ``train.jsonl``).
+    """
+    fields = spec[len("hf:"):].split(":")
+    if len(fields) == 2:
+        return fields[0], None, fields[1], "text"
+    if len(fields) == 3:
+        return fields[0], fields[1] or None, fields[2], "text"
+    if len(fields) == 4:
+        return fields[0], fields[1] or None, fields[2], fields[3]
+    raise ValueError(f"spec must look like hf:<name>[:<config>]:<split>[:<column>]; got {spec!r}")
+
+
+def _load_hf(spec: str) -> str:
+    """Load ``hf:<name>[:<config>]:<split>[:<column>]`` with ``datasets``; rows joined by blank lines."""
+    name, config, split, column = parse_hf_spec(spec)
+    datasets = _datasets()
+    with _quiet(datasets):
+        ds = datasets.load_dataset(name, config, split=split)
     if column not in ds.column_names:
         raise ValueError(f"column must be one of {ds.column_names} for {spec!r}; got {column!r}")
     return "\n\n".join(ds[column])
 
 
 def load_text(spec: str | os.PathLike) -> str:
-    """Return the text named by ``spec``.
+    """Return the text named by ``spec``, read through ``datasets``.
 
-    ``spec`` is a short name from ``KNOWN_TEXTS`` (shared data, sha256-checked), a path to a local
-    UTF-8 text file, or ``hf:<name>[:<config>]:<split>[:<column>]`` (needs ``datasets``).
+    ``spec`` is a short name from ``KNOWN_TEXTS`` (shared data, sha256-checked, then loaded with the ``text``
+    builder), a path to a local UTF-8 text file (the ``text`` builder), or ``hf:<name>[:<config>]:<split>[:<column>]``
+    (``datasets.load_dataset``: a hub id, or a local dataset folder).
     """
     spec_str = os.fspath(spec)
     if spec_str in KNOWN_TEXTS:
-        return shared_file(spec_str).read_text(encoding="utf-8")
+        return text_dataset(shared_file(spec_str))[0]["text"]
     if spec_str.startswith("hf:"):
         return _load_hf(spec_str)
     path = Path(spec_str).expanduser()
@@ -124,7 +162,7 @@ def load_text(spec: str | os.PathLike) -> str:
             f"spec must be one of {sorted(KNOWN_TEXTS)}, an existing text file, or "
             f"hf:<name>[:<config>]:<split>[:<column>]; got {spec_str!r} (no such file)"
         )
-    return path.read_text(encoding="utf-8")
+    return text_dataset(path)[0]["text"]
 
 
 def tokenize_text(tokenizer, text: str, max_tokens: int | None = None,
