@@ -12,7 +12,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import tq_transformers
-from tq_transformers import fast_attention
+from tq_transformers import cpu_attention, fast_attention
 from tq_transformers.fast_attention import attn_implementation_of
 from tq_transformers.generation import CACHE_KWARG
 
@@ -22,8 +22,10 @@ from cases import generate_with_scores as _generate
 
 @pytest.fixture
 def no_triton(monkeypatch):
-    """The CPU fallback, even on a GPU machine."""
+    """The fallback (the reference path's tensors into SDPA), even on a GPU machine and for the formats the CPU
+    attention covers (tested against the reference in test_cpu_attention.py)."""
     monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(cpu_attention, "supported", lambda keys, values: False)
 
 
 def _run_both(c, device, dtype=torch.float32, arch="llama"):
@@ -118,8 +120,9 @@ def _beams_both(c, device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 def test_fast_path_on_sliding_window_model_equals_reference(device, monkeypatch):
     """Gemma3: sliding-window layers stay unquantized (plain SDPA with their window), full layers take the fast path."""
-    if device == "cpu":
+    if device == "cpu":  # the fallback (test_cpu_attention.py covers the CPU attention on this model)
         monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
+        monkeypatch.setattr(cpu_attention, "supported", lambda keys, values: False)
     ref_seq, ref_scores, fast_seq, fast_scores, cache = _run_both(case("turboquant4"), device, arch="gemma3")
     assert len(cache.quantized_layers) == 1  # (and _run_both checked it went through packed tokens and flushes)
     assert torch.equal(fast_seq, ref_seq)

@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import kernels
+from . import cpu_attention, kernels
 from .cache import QuantizedKVCache, mla_latent_dims
 from .layer import QuantizedKVLayer
 from .validation import check_bool
@@ -220,18 +220,28 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
     else:
         usable, key_mask = _key_mask(attention_mask, total)
     packed_k, packed_v = view.packed()
-    fused = (
+    plain = (  # what every fused path needs: one plain softmax decode step over packed views
         usable
-        and query.is_cuda
         and query.shape[2] == 1
         and (dropout == 0.0 or not module.training)
         and kwargs.get("softcap") is None
         and kwargs.get("sliding_window") is None
         and packed_k is not None
         and packed_v is not None
+    )
+    fused = (
+        plain
+        and query.is_cuda
         and kernels.triton_available()
         and kernels.decode_supported(packed_k, packed_v, query.dtype)
     )
+    on_cpu = (plain and query.device.type == "cpu" and view.lengths is None
+              and cpu_attention.supported(packed_k, packed_v))
+    score_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if on_cpu:
+        out = cpu_attention.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=view.keys,
+                                             window_v=view.values, key_mask=key_mask, scaling=score_scale)
+        return out.unsqueeze(1), None
     if not fused:
         if query.is_cuda and kernels.triton_available():
             _warn_fallback(view.layer, packed_k, packed_v, query.dtype)
@@ -241,8 +251,7 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
             attention_mask = None if bool(used.all()) else used[:, None, None, :]
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = kernels.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=view.keys,
-                                   window_v=view.values, key_mask=key_mask, scaling=scaling,
+                                   window_v=view.values, key_mask=key_mask, scaling=score_scale,
                                    lengths=view.lengths)  # [B, Hq, D]
     return out.unsqueeze(1), None

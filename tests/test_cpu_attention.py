@@ -1,0 +1,134 @@
+"""CPU decode attention on the packed formats (``tq_transformers.cpu_attention``) against today's reference.
+
+- one decode step, every format the method table produces, GQA, a padded row, a window: the same output as
+  ``kernels.reference.decode_attention`` (dequantize everything, then float32 attention) within float32 rounding
+  (``FLOOR``: the largest difference, on values of unit scale, stays below 2e-5; measured up to 5e-6);
+- greedy generation on tiny models through ``enable(..., fast=True)`` on the CPU: the same tokens as the reference
+  path, logits within ``LOGIT_ATOL``; the fast path really took the CPU attention (counted), and formats it does not
+  cover fall back to the reference tensors exactly;
+- nothing is held between steps: the cache's storage and window are the same tensors with or without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tq_transformers
+from tq_transformers import cpu_attention, fast_attention, kernels
+
+from cases import SHORT, build_tiny, case, padded_inputs, params
+from cases import generate_with_scores as _generate
+
+FLOOR = 2e-5  # max |cpu - reference| of one step, values of unit scale (float32 rounding; measured up to 5e-6)
+LOGIT_ATOL = 1e-3  # logits of a tiny float32 model after 24 steps (measured below 1e-4)
+B, HKV, G, D = 2, 2, 3, 64
+
+
+def _layer_after(c, tokens: int, head_dim: int = D, **overrides):
+    """A quantized layer of case `c` holding `tokens` random tokens (keys offset, like real keys)."""
+    cache = c.cache(None, head_dim=head_dim, **overrides)
+    gen = torch.Generator().manual_seed(tokens)
+    k = torch.randn(B, HKV, tokens, head_dim, generator=gen) + 0.5
+    v = torch.randn(B, HKV, tokens, head_dim, generator=gen)
+    cache.update(k, v, 0)
+    return cache.layers[0]
+
+
+def _step(layer, pad: int = 7):
+    """(cpu, reference) outputs of one decode step over `layer`'s packed tokens and window, the second row padded."""
+    pk, pv = layer.packed()
+    assert cpu_attention.supported(pk, pv)
+    n, w = pk.num_tokens, layer.keys.shape[2]
+    q = torch.randn(B, HKV * G, layer.head_dim, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, n + w, dtype=torch.bool)
+    mask[1, :pad] = False
+    args = dict(q=q, keys=pk, values=pv, window_k=layer.keys, window_v=layer.values, key_mask=mask,
+                scaling=layer.head_dim ** -0.5)
+    return cpu_attention.decode_attention(**args), kernels.decode_attention(**args, impl="reference")
+
+
+def _err(got, want) -> float:
+    return (got.float() - want.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("c", params("turboquant4", "turboquant2", "kivi2", "kivi4", "bonsai", "bonsai-improved",
+                                     "bonsai-improved-l2"))
+@pytest.mark.parametrize("tokens", [200, 1100])  # 1100: more than one chunk of cpu_attention.CHUNK_TOKENS
+def test_step_matches_reference(c, tokens):
+    layer = _layer_after(c, tokens)
+    assert layer.num_quantized > 0 and layer.keys.shape[2] > 0  # packed tokens and a window
+    got, want = _step(layer)
+    assert got.shape == want.shape == (B, HKV * G, D) and got.dtype == want.dtype
+    assert _err(got, want) < FLOOR, _err(got, want)
+
+
+def test_bonsai_groups_and_bf16_query():
+    """Several scale groups per vector (group 16 of 64 coordinates); a bf16 model: the output in bf16."""
+    layer = _layer_after(case("bonsai-improved"), 300, group_size=16)
+    pk, _ = layer.packed()
+    assert pk.group_size == 16
+    got, want = _step(layer)
+    assert _err(got, want) < FLOOR
+    pk, pv = layer.packed()
+    q = torch.randn(B, HKV * G, D).bfloat16()
+    args = dict(q=q, keys=pk, values=pv, window_k=layer.keys, window_v=layer.values, key_mask=None, scaling=0.125)
+    got = cpu_attention.decode_attention(**args)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, kernels.decode_attention(**args, impl="reference"))
+
+
+def test_unsupported_views():
+    """3-bit codes (no whole code per byte) and the QJL variant (no format) are left to the reference path."""
+    layer = _layer_after(case("turboquant3"), 200)
+    assert not cpu_attention.supported(*layer.packed())
+    assert not cpu_attention.supported(*_layer_after(case("turboquant3-qjl"), 200).packed())
+    assert not cpu_attention.supported(None, None)
+
+
+def _generate_both(c, arch: str = "llama", monkeypatch=None):
+    """Greedy generation on the reference path, then through enable(fast=True) on the CPU; counts CPU steps."""
+    model = build_tiny(arch)
+    inputs = padded_inputs("cpu")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config))
+    calls = []
+    original = cpu_attention.decode_attention
+    monkeypatch.setattr(cpu_attention, "decode_attention", lambda **kw: calls.append(1) or original(**kw))
+    tq_transformers.enable(model, c.method, fast=True, **c.kwargs(model.config))
+    try:
+        cache = fast_attention.prepare_cache(c.cache(model.config))
+        fast_seq, fast_scores = _generate(model, inputs, cache)
+    finally:
+        tq_transformers.disable(model)
+    return ref_seq, ref_scores, fast_seq, fast_scores, len(calls)
+
+
+@pytest.mark.parametrize("c", params(*SHORT))
+def test_greedy_tokens_equal_reference_path(c, monkeypatch):
+    ref_seq, ref_scores, fast_seq, fast_scores, calls = _generate_both(c, monkeypatch=monkeypatch)
+    assert calls > 0  # the CPU attention ran (3 layers x the steps with packed tokens)
+    assert torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_sliding_window_model(monkeypatch):
+    """Gemma3: its sliding-window layers stay unquantized (plain SDPA), its full layer takes the CPU attention."""
+    ref_seq, ref_scores, fast_seq, fast_scores, calls = _generate_both(case("bonsai"), "gemma3", monkeypatch)
+    assert calls > 0 and torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_unsupported_format_falls_back_exactly(monkeypatch):
+    """TurboQuant-3: the fast path rebuilds the reference path's tensors, so the output is the same bit for bit."""
+    ref_seq, ref_scores, fast_seq, fast_scores, calls = _generate_both(case("turboquant3"), monkeypatch=monkeypatch)
+    assert calls == 0
+    assert torch.equal(fast_seq, ref_seq) and torch.equal(fast_scores, ref_scores)
+
+
+def test_nothing_held_between_steps():
+    """A decode step leaves the layer's storage as it was: the same tensors, no dequantized copy added."""
+    layer = _layer_after(case("turboquant4"), 300)
+    before = {name: t for name, t in layer.storage.items()}
+    _step(layer)
+    assert layer.storage.keys() == before.keys()
+    assert all(layer.storage[name] is t for name, t in before.items())
