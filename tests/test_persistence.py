@@ -162,3 +162,24 @@ def test_an_attribute_a_file_cannot_hold_is_named(tiny_model, tmp_path):
     cache.layers[1].extra = object()
     with pytest.raises(TypeError, match="layer 1 .*'extra'"):
         cache.save(tmp_path / "x.tqkv")
+
+
+def test_a_cache_in_the_static_layout_saves_exactly_its_tokens(tmp_path):
+    from tq_transformers.static_layout import StaticShared
+
+    c = case("kivi2")
+    cache = c.cache(head_dim=64)
+    gen = torch.Generator().manual_seed(0)
+    for layer_idx in range(2):
+        cache.update(torch.randn(1, 2, 70, 64, generator=gen), torch.randn(1, 2, 70, 64, generator=gen), layer_idx)
+    dynamic = cache.memory_footprint()
+    shared = StaticShared(torch.zeros(3, dtype=torch.int64), torch.ones(1, 1024, dtype=torch.bool))
+    for layer in cache.layers:
+        layer.enter_static(512, shared)
+    assert cache.memory_footprint()["total"] > dynamic["total"]  # the reserved capacity
+    cache.save(tmp_path / "static.tqkv")
+    loaded = QuantizedKVCache.load(tmp_path / "static.tqkv", None)
+    assert loaded.memory_footprint() == dynamic
+    for a, b in zip(loaded.layers, cache.layers):
+        assert all(torch.equal(x, y) for x, y in zip(a.dequantize(torch.float32), b.dequantize(torch.float32)))
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -37,7 +37,7 @@ import os
 import torch
 
 from .cache import QuantizedKVCache, head_dim_of, registered_methods
-from .layer import QuantizedKVLayer
+from .layer import QuantizedKVLayer, compact
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "save_cache"]
 
@@ -131,8 +131,9 @@ def _dumps(value) -> str:
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor of exactly `t`'s elements (safetensors writes a view's whole storage otherwise)."""
-    return t.detach().clone(memory_format=torch.contiguous_format) if not t.is_contiguous() else t.detach()
+    """`t` as a contiguous tensor owning exactly its bytes (a view is copied: safetensors refuses tensors that share
+    a storage, e.g. the views of the static layout's buffers)."""
+    return compact(t.detach())
 
 
 def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
