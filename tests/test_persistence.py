@@ -97,8 +97,10 @@ def _llama(**overrides):
 
 @pytest.mark.parametrize("config, message", [
     (_llama(num_hidden_layers=4), "3 layers, the config has 4"),
-    (_llama(num_key_value_heads=4), "kv_heads=2, the config gives 4"),
-    (_llama(head_dim=32), "key_dim=64, the config gives 32"),
+    (_llama(num_key_value_heads=4), "num_key_value_heads=2, the config has 4"),
+    (_llama(head_dim=32), "head_dim=64, the config has 32"),
+    (_llama(vocab_size=1000), "vocab_size=512, the config has 1000"),
+    (_llama(num_attention_heads=8), "num_attention_heads=4, the config has 8"),
 ])
 def test_loading_into_another_model_names_the_mismatch(tiny_model, tmp_path, config, message):
     _, path = _saved(tiny_model, tmp_path)
@@ -108,8 +110,11 @@ def test_loading_into_another_model_names_the_mismatch(tiny_model, tmp_path, con
 
 def test_loading_checks_layer_types_window_class_and_dtype(tiny_model, tmp_path):
     model, path = _saved(tiny_model, tmp_path, "gemma3")
-    with pytest.raises(ValueError, match="layer 0 is a DynamicSlidingWindowLayer in the file, a QuantizedKVLayer"):
+    with pytest.raises(ValueError, match="model_type='gemma3_text', the config has 'llama'"):
         TurboQuantCache.load(path, tiny_model("llama").config)
+    other = model.config.__class__(**{**model.config.to_dict(), "layer_types": ["full_attention"] * 3})
+    with pytest.raises(ValueError, match="layer 0 is a DynamicSlidingWindowLayer in the file, a QuantizedKVLayer"):
+        TurboQuantCache.load(path, other)
     other = model.config.__class__(**{**model.config.to_dict(), "sliding_window": 32})
     with pytest.raises(ValueError, match="sliding_window=16, this config gives 32"):
         TurboQuantCache.load(path, other)
