@@ -4,8 +4,8 @@ Mode ``fork`` (no model: random keys and values through the cache): N forks of a
 ``cache.fork()`` and by ``copy.deepcopy``, against N full copies (every tensor copied: what ``copy.deepcopy`` did
 before forks shared the history); time to make them, and the memory the group holds (``fork.distinct_bytes``: each
 tensor counted once) right after forking and after each copy appends `--new-tokens` more tokens (flushes included;
-the storage as the reference path leaves it: on the fused-kernel path a decoding fork joins its history into a copy
-of its own at its first step, see ``tq_transformers.fork``).
+the storage as the reference path leaves it: on the fused-kernel path a decoding fork holds a copy of its own history
+from its first flush on, see ``tq_transformers.fork``).
 
 Mode ``persist``: a random-weight Llama-3.1-8B-shaped model prefills `--tokens` random ids through the cache (timed,
 the re-prefill a saved cache saves), the cache is saved (time, file bytes against ``memory_footprint``) and loaded
