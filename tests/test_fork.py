@@ -155,3 +155,41 @@ def test_crop_and_reorder_of_a_fork_leave_its_siblings_alone(tiny_model):
     assert all(torch.equal(x, y) for x, y in zip(got, want))
     flipped = [x for layer in b.quantized_layers for x in layer.dequantize(torch.float32)]
     assert all(torch.equal(x, y.flip(0)) for x, y in zip(flipped, want))
+
+
+def test_a_fork_on_the_fast_path_takes_its_own_copy_and_continues_exactly(tiny_model):
+    from tq_transformers import fast_attention
+
+    c = case("turboquant4")
+    model = tiny_model("llama")
+    prefix = random_ids(length=PREFIX)
+    ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
+    reference = _continue(model, ids, _prefill(model, prefix, c.cache(model.config)))
+    fast_attention.install(model)  # "tq_fused": on the CPU the fast path's fallback, the reference path's math
+    original = fast_attention.prepare_cache(_prefill(model, prefix, c.cache(model.config)))
+    fork = original.fork()
+    history = _shared_tensors(fork)
+    seq, scores = _continue(model, ids, fork)
+    assert torch.equal(seq, reference[0]) and torch.equal(scores, reference[1])
+    assert all(not layer.shared for layer in fork.quantized_layers)  # the kernels read one tensor per piece
+    assert fork.memory_sharing()["shared"] == 0
+    assert all(a is b for a, b in zip(_shared_tensors(original), history))  # the original still reads its segments
+
+
+def test_benchmark_fork_script_figures(tmp_path):
+    """scripts/benchmark_fork.py's fork mode at a small size: its figures are the ones the tests check above."""
+    import argparse
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+    benchmark_fork = pytest.importorskip("benchmark_fork")
+    args = argparse.Namespace(method="kivi2", tokens=300, layers=1, forks=2, new_tokens=40)
+    out = benchmark_fork.run_fork(args, torch.device("cpu"), torch.float32)
+    ways = out["ways"]
+    window = out["prefix_window_bytes"]
+    assert ways["full_copy"]["added_bytes_after_forking"] == 2 * out["prefix_bytes"]
+    for way in ("fork", "deepcopy"):
+        assert ways[way]["added_bytes_after_forking"] == 2 * window
+        assert ways[way]["one_copy_after_decoding"]["shared"] == out["prefix_bytes"] - window
+    assert ways["fork"]["group_bytes_after_decoding"] < ways["full_copy"]["group_bytes_after_decoding"]

@@ -97,8 +97,10 @@ def _llama(**overrides):
 
 @pytest.mark.parametrize("config, message", [
     (_llama(num_hidden_layers=4), "3 layers, the config has 4"),
-    (_llama(num_key_value_heads=4), "kv_heads=2, the config gives 4"),
-    (_llama(head_dim=32), "key_dim=64, the config gives 32"),
+    (_llama(num_key_value_heads=4), "num_key_value_heads=2, the config has 4"),
+    (_llama(head_dim=32), "head_dim=64, the config has 32"),
+    (_llama(vocab_size=1000), "vocab_size=512, the config has 1000"),
+    (_llama(num_attention_heads=8), "num_attention_heads=4, the config has 8"),
 ])
 def test_loading_into_another_model_names_the_mismatch(tiny_model, tmp_path, config, message):
     _, path = _saved(tiny_model, tmp_path)
@@ -108,8 +110,11 @@ def test_loading_into_another_model_names_the_mismatch(tiny_model, tmp_path, con
 
 def test_loading_checks_layer_types_window_class_and_dtype(tiny_model, tmp_path):
     model, path = _saved(tiny_model, tmp_path, "gemma3")
-    with pytest.raises(ValueError, match="layer 0 is a DynamicSlidingWindowLayer in the file, a QuantizedKVLayer"):
+    with pytest.raises(ValueError, match="model_type='gemma3_text', the config has 'llama'"):
         TurboQuantCache.load(path, tiny_model("llama").config)
+    other = model.config.__class__(**{**model.config.to_dict(), "layer_types": ["full_attention"] * 3})
+    with pytest.raises(ValueError, match="layer 0 is a DynamicSlidingWindowLayer in the file, a QuantizedKVLayer"):
+        TurboQuantCache.load(path, other)
     other = model.config.__class__(**{**model.config.to_dict(), "sliding_window": 32})
     with pytest.raises(ValueError, match="sliding_window=16, this config gives 32"):
         TurboQuantCache.load(path, other)
@@ -162,3 +167,24 @@ def test_an_attribute_a_file_cannot_hold_is_named(tiny_model, tmp_path):
     cache.layers[1].extra = object()
     with pytest.raises(TypeError, match="layer 1 .*'extra'"):
         cache.save(tmp_path / "x.tqkv")
+
+
+def test_a_cache_in_the_static_layout_saves_exactly_its_tokens(tmp_path):
+    from tq_transformers.static_layout import StaticShared
+
+    c = case("kivi2")
+    cache = c.cache(head_dim=64)
+    gen = torch.Generator().manual_seed(0)
+    for layer_idx in range(2):
+        cache.update(torch.randn(1, 2, 70, 64, generator=gen), torch.randn(1, 2, 70, 64, generator=gen), layer_idx)
+    dynamic = cache.memory_footprint()
+    shared = StaticShared(torch.zeros(3, dtype=torch.int64), torch.ones(1, 1024, dtype=torch.bool))
+    for layer in cache.layers:
+        layer.enter_static(512, shared)
+    assert cache.memory_footprint()["total"] > dynamic["total"]  # the reserved capacity
+    cache.save(tmp_path / "static.tqkv")
+    loaded = QuantizedKVCache.load(tmp_path / "static.tqkv", None)
+    assert loaded.memory_footprint() == dynamic
+    for a, b in zip(loaded.layers, cache.layers):
+        assert all(torch.equal(x, y) for x, y in zip(a.dequantize(torch.float32), b.dequantize(torch.float32)))
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

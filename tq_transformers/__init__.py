@@ -7,6 +7,7 @@
 
 from .cache import QuantizedKVCache
 from .codec import Codec
+from .fork import distinct_bytes
 from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from .generation import disable, enable
 from .layer import QuantizedKVLayer, WindowConfig
@@ -15,6 +16,7 @@ from .methods.bonsai import BonsaiCache, BonsaiConfig
 from .methods.kivi import KIVICache, KIVIConfig
 from .methods.mixed import MixedCache, MixedConfig
 from .methods.turboquant import TurboQuantCache, TurboQuantConfig
+from .persistence import load_cache, save_cache
 from .registry import METHOD_NAMES, get_method, make_cache
 
 __version__ = "0.1.0"
@@ -38,8 +40,11 @@ __all__ = [
     "TurboQuantConfig",
     "WindowConfig",
     "disable",
+    "distinct_bytes",
     "enable",
     "estimate_cache_bytes",
     "get_method",
+    "load_cache",
     "make_cache",
+    "save_cache",
 ]

@@ -15,10 +15,11 @@ How (``QuantizedKVLayer.fork``): forking freezes a layer's packed storage into a
 original nor any fork ever writes; each then appends its own flushes to its own storage, so a fork pays only for its
 window and the tokens it adds. Every fork continues exactly as a deep copy of the whole state would (tested for every
 method). Three things give a fork a copy of the history of its own (documented costs, not errors): the fused kernels
-of the eager fast path and the CUDA-graph static layout read one tensor per piece (the fork joins its segments into
-its own storage at its first fast decode step, or when the layout is built); a crop into the packed tokens and a batch
-reorder (beam search) rebuild the storage anyway. A cache in the static layout is forked by copying (its buffers are
-written in place).
+of the eager fast path and the CUDA-graph static layout read one tensor per piece (at its first fast decode step the
+fork takes its segments as its own storage, still the same tensors while nothing was added, and its next flush then
+appends by copying, as any cache's flush does; the static layout copies when it is built); a crop into the packed
+tokens and a batch reorder (beam search) rebuild the storage anyway. A cache in the static layout is forked by
+copying (its buffers are written in place).
 
 Memory: ``memory_footprint()`` of a fork counts everything it can read (equal to ``estimate_cache_bytes``), its own
 and the shared segments; ``memory_sharing()`` splits that total, and ``distinct_bytes(*caches)`` counts what a group

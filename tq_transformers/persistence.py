@@ -12,9 +12,9 @@ The file is one safetensors file:
   knows them (``tq_transformers.enable`` records them: a loaded cache then continues a conversation the same way);
 - the header's metadata, strings: ``format`` and ``format_version``; ``cache``, JSON: the cache class, its method
   name and settings; ``model``, JSON: the model's identity (layer count, each layer's type, KV heads and key / value
-  head dims, the dtype, the batch size); ``layers``, JSON: each layer's plain attributes (counters, head dims,
-  window size settings) and its method config; ``checksum``: SHA-256 of all of the above and of every tensor's name,
-  dtype, shape and bytes.
+  head dims, the dtype, the batch size, and the config's sizes: ``cache.model_identity``); ``layers``, JSON: each
+  layer's plain attributes (counters, head dims, window size settings) and its method config; ``checksum``:
+  SHA-256 of all of the above and of every tensor's name, dtype, shape and bytes.
 
 What a layer saves is generic: every public attribute except those it declares transient
 (``QuantizedKVLayer.transient_attributes``, ``state``); transformers' own layers save their public attributes but the
@@ -36,8 +36,8 @@ import os
 
 import torch
 
-from .cache import QuantizedKVCache, head_dim_of, registered_methods
-from .layer import QuantizedKVLayer
+from .cache import QuantizedKVCache, head_dim_of, model_identity, registered_methods
+from .layer import QuantizedKVLayer, compact
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "save_cache"]
 
@@ -98,7 +98,8 @@ def save_cache(cache: QuantizedKVCache, path) -> None:
                          "settings": _settings(cache.method_config)}),
         "model": _dumps({"num_layers": len(cache.layers), "layers": identity,
                          "dtype": str(windows[0].dtype) if windows else None,
-                         "batch_size": windows[0].shape[0] if windows else None}),
+                         "batch_size": windows[0].shape[0] if windows else None,
+                         "config": None if cache.model_config is None else model_identity(cache.model_config)}),
         "layers": _dumps(layers),
     }
     metadata["checksum"] = _checksum(metadata, tensors)
@@ -131,8 +132,9 @@ def _dumps(value) -> str:
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor of exactly `t`'s elements (safetensors writes a view's whole storage otherwise)."""
-    return t.detach().clone(memory_format=torch.contiguous_format) if not t.is_contiguous() else t.detach()
+    """`t` as a contiguous tensor owning exactly its bytes (a view is copied: safetensors refuses tensors that share
+    a storage, e.g. the views of the static layout's buffers)."""
+    return compact(t.detach())
 
 
 def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -256,6 +258,11 @@ def _check_model(cache, config, model: dict, path) -> None:
     if model["num_layers"] != len(cache.layers):
         raise ValueError(f"{path}: the cache was saved from a model of {model['num_layers']} layers, the config has "
                          f"{len(cache.layers)}")
+    saved_config, given = model.get("config") or {}, model_identity(config)
+    for name, value in saved_config.items():  # the checkpoint's name may differ between machines: not compared
+        if name != "name_or_path" and value is not None and given.get(name) is not None and value != given[name]:
+            raise ValueError(f"{path}: the cache was saved from a model with {name}={value!r}, the config has "
+                             f"{given[name]!r}")
     heads, key_dim, value_dim = _expected_dims(config)
     for i, (layer, saved) in enumerate(zip(cache.layers, model["layers"])):
         if saved["type"] != type(layer).__name__:
