@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from tq_transformers import KIVICache, QuantizedKVCache, TurboQuantCache
+from tq_transformers import KIVICache, MixedCache, QuantizedKVCache, TurboQuantCache
 from tq_transformers.generation import CACHE_KWARG
 
 from cases import COMMON, PLUMBING, case, one_thread, params, random_ids
@@ -58,6 +58,34 @@ def test_loaded_cache_continues_exactly_as_the_original(tiny_model, tmp_path, ar
     want = _continue(model, ids, original)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(layer.num_quantized > 32 for layer in loaded.quantized_layers)  # flushed after loading
+
+
+PRECISION_SETTINGS = {  # issue 14's settings: each must survive a save / load and a fork (exactly)
+    "sinks-and-layer-bits": lambda cfg: TurboQuantCache(cfg, bits=4, sink_tokens=4, residual_length=16, flush_size=16,
+                                                        layer_settings={0: {"bits": 2}}),
+    "mixed-sides": lambda cfg: MixedCache(cfg, residual_length=16, flush_size=16,
+                                          key={"method": "turboquant", "bits": 4},
+                                          value={"method": "bonsai", "group_size": 32}),
+    "layer-of-another-method": lambda cfg: TurboQuantCache(cfg, bits=4, residual_length=16, flush_size=16,
+                                                           layer_settings={1: {"method": "bonsai", "group_size": 32}}),
+}
+
+
+@pytest.mark.parametrize("make", list(PRECISION_SETTINGS.values()), ids=list(PRECISION_SETTINGS))
+def test_per_side_and_per_layer_settings_round_trip_and_fork(tiny_model, tmp_path, make):
+    model = tiny_model("llama")
+    prefix = random_ids(length=PREFIX)
+    ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
+    original = _prefill(model, prefix, make(model.config))
+    original.save(tmp_path / "cache.tqkv")
+    loaded = QuantizedKVCache.load(tmp_path / "cache.tqkv", model.config)
+    assert type(loaded) is type(original) and loaded.memory_footprint() == original.memory_footprint()
+    assert loaded.layer_configs == original.layer_configs and loaded.method_config == original.method_config
+    fork = original.fork()
+    want = _continue(model, ids, original)
+    for other in (loaded, fork):
+        got = _continue(model, ids, other)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_a_fork_saves_its_whole_history_and_a_lazy_cache_loads_without_a_config(tiny_model, tmp_path):

@@ -38,6 +38,7 @@ import torch
 
 from .cache import QuantizedKVCache, head_dim_of, model_identity, registered_methods
 from .layer import QuantizedKVLayer, compact
+from .methods.mixed import WINDOW_FIELDS as _WINDOW_FIELDS
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "save_cache"]
 
@@ -95,7 +96,7 @@ def save_cache(cache: QuantizedKVCache, path) -> None:
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "cache": _dumps({"class": type(cache).__name__, "method": cache.method,
-                         "settings": _settings(cache.method_config)}),
+                         "settings": _settings(cache.method_config), "layer_settings": _layer_overrides(cache)}),
         "model": _dumps({"num_layers": len(cache.layers), "layers": identity,
                          "dtype": str(windows[0].dtype) if windows else None,
                          "batch_size": windows[0].shape[0] if windows else None,
@@ -120,8 +121,38 @@ def _layer_identity(layer) -> dict:
     return out
 
 
+def _method_of(cfg) -> str:
+    """The registered method name whose config class `cfg` is."""
+    for name, cls in registered_methods().items():
+        if type(cfg) is cls.config_class:
+            return name
+    raise TypeError(f"a saved cache holds configs of registered methods only, got a {type(cfg).__name__}")
+
+
 def _settings(cfg) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    """A method config's settings as plain values: a nested config (a mixed cache's sides) as the dict
+    ``{"method": name, **settings}`` its cache accepts (without the window, which is the outer config's)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = {"method": _method_of(value),
+                     **{k: v for k, v in _settings(value).items() if k not in _WINDOW_FIELDS}}
+        out[f.name] = value
+    return out
+
+
+def _layer_overrides(cache) -> dict:
+    """The per-layer configs that differ from the cache's (``layer_settings``), as plain ``layer_settings``."""
+    out = {}
+    for i, cfg in cache.layer_configs.items():
+        entry = _settings(cfg)
+        if type(cfg) is not type(cache.method_config):
+            entry = {"method": _method_of(cfg), **{k: v for k, v in entry.items() if k not in _WINDOW_FIELDS}}
+        out[str(i)] = entry
+    return out
 
 
 def _dumps(value) -> str:
@@ -180,7 +211,10 @@ def load_cache(path, config, device="cpu", dtype: torch.dtype | None = None,
     model = head["model"]
     if dtype is not None and model["dtype"] is not None and model["dtype"] != str(dtype):
         raise ValueError(f"{path}: the cache was saved from a model in {model['dtype']}, the model is in {dtype}")
-    settings = head["cache"]["settings"]
+    settings = dict(head["cache"]["settings"])
+    overrides = head["cache"].get("layer_settings") or {}
+    if overrides:
+        settings["layer_settings"] = {int(i): entry for i, entry in overrides.items()}
     if config is not None:
         cache = cache_cls(config, **settings)
         _check_model(cache, config, model, path)
