@@ -19,6 +19,10 @@ KIVI-2 and Bonsai-1 at their default settings (``--plain`` also times the refere
   warm-up call of each; the median over rounds is reported, and each cache's ratio to DynamicCache is the median
   of the per-round ratios (the machine may be shared: ratios within one round share its load).
 
+``--profile``: one more generate call of each configuration under torch.profiler, split into the attention
+(SDPA, or the CPU attention on the packed codes), the cache updates (``update`` of the cache layers: storing, and on
+the reference path dequantizing) and the rest (the model), in ms per call.
+
 Prints a table per context and writes ``--out``/cpu_decode.json after every context.
 """
 
@@ -125,6 +129,48 @@ def run_generate(model, name: str, ids, kv, new_tokens: int, fast: bool) -> floa
     return seconds
 
 
+PROFILED = {  # profiler label -> (owner, attribute) wrapped in a record_function while profiling
+    "cpu_attention": ("tq_transformers.cpu_attention", "decode_attention"),
+    "layer_update": ("tq_transformers.layer", "QuantizedKVLayer.update"),
+    "dynamic_update": ("transformers.cache_utils", "DynamicLayer.update"),
+}
+
+
+def profile_call(model, name, ids, kv, new_tokens, fast) -> dict:
+    """ms per call of one generate call in attention, cache updates and the rest (``--profile``)."""
+    import importlib
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    originals = []
+    for label, (module, attr) in PROFILED.items():
+        owner = importlib.import_module(module)
+        *path, last = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, last)
+
+        def wrapped(*a, _fn=fn, _label=label, **kw):
+            with record_function(_label):
+                return _fn(*a, **kw)
+
+        originals.append((owner, last, fn))
+        setattr(owner, last, wrapped)
+    try:
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_generate(model, name, ids, kv, new_tokens, fast)
+        wall = time.perf_counter() - start
+    finally:
+        for owner, last, fn in originals:
+            setattr(owner, last, fn)
+    totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
+    attention = totals.get("cpu_attention", 0.0) + totals.get("aten::scaled_dot_product_attention", 0.0)
+    update = totals.get("layer_update", 0.0) + totals.get("dynamic_update", 0.0)
+    return {"wall_ms": 1e3 * wall, "attention_ms": attention, "cache_update_ms": update,
+            "rest_ms": 1e3 * wall - attention - update}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/cpu_decode", help="folder of cpu_decode.json and the saved prefill")
@@ -135,6 +181,7 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="real tokens prefilled (longer contexts tile)")
     ap.add_argument("--prefill-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--plain", action="store_true", help="also time the reference path (fast=False)")
+    ap.add_argument("--profile", action="store_true", help="also profile one call of each configuration")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = ap.parse_args()
     try:
@@ -186,6 +233,15 @@ def main():
             results["runs"].append(row)
             print(f"| {row['name']} | {row['ms_per_token']:.1f} | {ratio:.3f} | "
                   f"{', '.join(f'{x:.0f}' for x in row['per_round_ms'])} |")
+        if args.profile:
+            print(f"\ncontext {ctx}: one generate call of {long} tokens under torch.profiler, ms")
+            print("| cache | wall | attention | cache updates | rest (model) |")
+            print("| --- | --- | --- | --- | --- |")
+            for c in configs:
+                prof = profile_call(model, c[0], ids, kv, long, c[1])
+                results["runs"].append({"name": label[c], "context": ctx, "profile": prof})
+                print(f"| {label[c]} | {prof['wall_ms']:.0f} | {prof['attention_ms']:.0f} | "
+                      f"{prof['cache_update_ms']:.0f} | {prof['rest_ms']:.0f} |")
         results["load_avg_end"] = os.getloadavg()
         with open(out / "cpu_decode.json", "w") as f:
             json.dump(results, f, indent=1)

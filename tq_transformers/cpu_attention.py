@@ -4,7 +4,8 @@ The reference (``kernels.reference.decode_attention``) rebuilds every packed key
 the scale, rotated back with a ``[D, D]`` product per token, the mean added), then attends. Here the algebra of each
 format (``formats``) is moved to the query and to the probabilities instead, so a step only turns the codes into
 their code values (one byte-table lookup per packed byte, ``packing.byte_table``) and multiplies them by small
-matrices. Same arguments and result as ``kernels.decode_attention``; the results differ only by float32 rounding.
+matrices (KIVI's codes need no lookup: shifts and masks). Same arguments and result as
+``kernels.decode_attention``; the results differ only by float32 rounding.
 
 Keys, one query head (q ``[D]``, scores of the packed tokens before ``scaling``):
 
@@ -63,16 +64,19 @@ def supported(keys, values) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _table(values: tuple[float, ...], bits: int) -> torch.Tensor:
-    """``packing.byte_table`` of `values` (levels, or the code values 0..2^b-1), float32 ``[256, 8 // bits]``."""
-    return byte_table(torch.tensor(values, dtype=torch.float32), bits, torch.float32)
+def _table(levels: tuple[float, ...], bits: int) -> torch.Tensor:
+    """``packing.byte_table`` of a codebook, float32 ``[256, 8 // bits]``."""
+    return byte_table(torch.tensor(levels, dtype=torch.float32), bits, torch.float32)
 
 
 def _code_values(codes: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
     """``levels[code]`` (or the code itself when `levels` is None) of every code packed in uint8 `codes`
-    ``[..., m]``, float32 ``[..., m * 8 // bits]``."""
-    values = tuple(levels.tolist()) if levels is not None else tuple(float(c) for c in range(1 << bits))
-    out = F.embedding(codes.to(torch.int32), _table(values, bits))  # [..., m, 8 // bits]
+    ``[..., m]`` (``packing``'s layout: lowest bits first), float32 ``[..., m * 8 // bits]``."""
+    if levels is None:  # the codes themselves: shifts and masks on the bytes (no lookup)
+        mask = (1 << bits) - 1
+        out = torch.stack([(codes >> shift) & mask for shift in range(0, 8, bits)], dim=-1).to(torch.float32)
+    else:  # one row of the byte table per byte
+        out = F.embedding(codes.to(torch.int32), _table(tuple(levels.tolist()), bits))  # [..., m, 8 // bits]
     return out.reshape(*codes.shape[:-1], codes.shape[-1] * 8 // bits)
 
 
