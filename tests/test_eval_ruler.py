@@ -8,13 +8,12 @@ from collections import Counter
 import pytest
 import torch
 import yaml
+from test_eval_quick import tiny_model_dir  # noqa: F401  (the tiny random Llama folder fixture)
 
 from tq_transformers.evaluation import cli, ruler
 from tq_transformers.evaluation import config as eval_config
 from tq_transformers.evaluation.data import load_text
 from tq_transformers.evaluation.runner import MethodSpec
-
-from test_eval_quick import tiny_model_dir  # noqa: F401  (the tiny random Llama folder fixture)
 
 
 class CharTokenizer:
@@ -191,7 +190,7 @@ def test_generate_side_by_side_uses_a_fresh_cache_and_the_quantized_history(monk
 
 
 @pytest.mark.slow
-def test_ruler_config_end_to_end_tiny(tiny_model_dir, tmp_path):
+def test_ruler_config_end_to_end_tiny(tiny_model_dir, tmp_path):  # noqa: F811
     cfg_path = tmp_path / "tiny_ruler.yaml"
     cfg_path.write_text(yaml.safe_dump(TINY_RULER))
     out = tmp_path / "out"

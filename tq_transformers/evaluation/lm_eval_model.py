@@ -97,8 +97,8 @@ class TQHFLM(HFLM):
         """Logits [1, len(ids), V] of `ids` continuing `cache` (which they update)."""
         name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         inp = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
+        mixed = getattr(self, "mixed_precision_dtype", None)  # as HFLM._model_call does
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):
             return self.model(input_ids=inp, use_cache=True, **{name: cache}).logits
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
@@ -133,7 +133,8 @@ class TQHFLM(HFLM):
                 cache = copy.deepcopy(prefilled) if shared else prefilled
                 step = chunk or len(fed)
                 logits = torch.cat([self._cache_forward(fed[s:s + step], cache) for s in range(0, len(fed), step)], 1)
-                logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)[0]  # [len(cont), V]
+                softmax_dtype = getattr(self, "softmax_dtype", None)  # as HFLM._loglikelihood_tokens does
+                logprobs = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)[0]  # [len(cont), V]
                 target = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
                 greedy = bool((logprobs.argmax(-1) == target).all())
                 answer = (float(logprobs.gather(-1, target[:, None]).sum()), greedy)
