@@ -18,7 +18,8 @@ from tq_transformers.evaluation.data import load_text  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "configs" / "lm_eval_tasks"
 #: Documents per task (the whole tasks hold 12 and 8).
-LIMIT = {"tq_local_mc": 6, "tq_local_gen": 3}
+LIMIT = 4
+METRICS = {"tq_local_mc": "acc,none", "tq_local_gen": "exact_match,strip"}
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +43,19 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def evaluate(lm, task: str):
-    """(metric value, per-document responses) of `task` (limited to LIMIT[task] documents)."""
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(TASKS)),
-                                  limit=LIMIT[task], log_samples=True, bootstrap_iters=0)
-    metric = "acc,none" if task == "tq_local_mc" else "exact_match,strip"
-    samples = out["samples"][task]
-    if task == "tq_local_mc":
-        resps = [[r[0][0] for r in s["resps"]] for s in samples]  # loglikelihood of each choice
-    else:
-        resps = [s["resps"][0][0] for s in samples]  # the generated text
-    return out["results"][task][metric], resps
+def evaluate(lm, task_manager) -> dict:
+    """Per task: (metric value, per-document responses), on the first LIMIT documents of each task."""
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(METRICS), task_manager=task_manager, limit=LIMIT,
+                                  log_samples=True, bootstrap_iters=0)
+    res = {}
+    for task, metric in METRICS.items():
+        samples = out["samples"][task]
+        if task == "tq_local_mc":
+            resps = [[r[0][0] for r in s["resps"]] for s in samples]  # loglikelihood of each choice
+        else:
+            resps = [s["resps"][0][0] for s in samples]  # the generated text
+        res[task] = (out["results"][task][metric], resps)
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,8 @@ def scores(model_dir):
             "lossless": lm_eval_model.TQHFLM(**args, cache_method="kivi", cache_residual_length=1024),
             "quantized": lm_eval_model.TQHFLM(**args, cache_method="kivi", cache_bits=2, cache_residual_length=0),
         }
-        return {name: {task: evaluate(lm, task) for task in LIMIT} for name, lm in lms.items()}
+        task_manager = TaskManager(include_path=str(TASKS))  # indexing lm-eval's task library once
+        return {name: evaluate(lm, task_manager) for name, lm in lms.items()}
     finally:
         os.chdir(cwd)
 
