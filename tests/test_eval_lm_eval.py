@@ -85,6 +85,7 @@ def test_registered_as_tq_hf():
     assert get_model(lm_eval_model.MODEL_NAME) is lm_eval_model.TQHFLM
 
 
+@pytest.mark.slow
 def test_lossless_setting_scores_as_plain_hflm(scores):
     hf, lossless = scores["hf"], scores["lossless"]
     assert lossless["tq_local_mc"][0] == hf["tq_local_mc"][0]  # accuracy: exactly equal
@@ -93,6 +94,7 @@ def test_lossless_setting_scores_as_plain_hflm(scores):
     assert lossless["tq_local_gen"] == hf["tq_local_gen"]  # identical generations and score
 
 
+@pytest.mark.slow
 def test_quantized_setting_reads_the_quantized_history(scores):
     hf, quant = torch.tensor(scores["hf"]["tq_local_mc"][1]), torch.tensor(scores["quantized"]["tq_local_mc"][1])
     diff = (quant - hf).abs().max().item()
