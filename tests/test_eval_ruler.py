@@ -208,3 +208,26 @@ def test_ruler_config_end_to_end_tiny(tiny_model_dir, tmp_path):  # noqa: F811
         assert all(s["prompt_tokens"] <= 1536 - 4 for s in items), key
     md = (out / "table.md").read_text()
     assert "RULER-style suite: string-match score" in md and "| 1536 tokens |" in md
+
+
+def test_ruler_table_and_heatmap_model_free(tmp_path):
+    pytest.importorskip("matplotlib")
+    from eval_helpers import fake_results
+
+    from tq_transformers.evaluation import report
+
+    res = fake_results()
+    scores = {"full": (100.0, 50.0), "kivi-a": (100.0, 25.0), "kivi-b": (0.0, 50.0)}
+    for name, (a, b) in scores.items():
+        res["methods"][name]["ruler"] = {"scores": {"vt": {"2048": a}, "cwe": {"2048": b}},
+                                         "average": {"2048": (a + b) / 2}, "answers": {}}
+    res["ruler"] = {"num_samples": 1, "tasks": {"vt": {}, "cwe": {}}, "template": "chat"}
+    res["config"]["ruler"]["enabled"] = True
+    text = report.ruler_table(res)
+    assert "| 2048 tokens | vt | cwe | avg |" in text and "| kivi-b | 0 | 50 | 25.0 |" in text
+    assert [r["ruler_average"] for r in report.rows(res)] == [75.0, 62.5, 25.0]
+    assert "RULER-style suite: 2 tasks" in report.header(res)
+    import matplotlib.pyplot as plt
+
+    paths = report.plot_ruler(res, tmp_path, plt)
+    assert [p.name for p in paths] == ["ruler_heatmap.png"] and paths[0].stat().st_size > 0
