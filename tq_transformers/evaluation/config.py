@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import parse_dtype
+from .ruler import KINDS, STANDARD_TASKS, tasks_from_config
 from .runner import REFERENCE, MethodSpec
 from .util import describe
 
@@ -54,16 +55,31 @@ DEFAULTS: dict[str, Any] = {
         "prompt_length": 512,
         "new_tokens": 24,
     },
+    "ruler": {
+        "enabled": False,
+        "haystack": "debian-handbook",
+        "words": "wikitext2-valid",
+        "lengths": [2048, 4096],
+        "num_samples": 2,
+        "seed": 42,
+        "template": "auto",
+        "prefill_chunk": 1024,
+        "use_evaluate": True,
+        "max_new_tokens": {},
+        "only": None,
+        "tasks": copy.deepcopy(STANDARD_TASKS),
+    },
     "projection": {"seq_len": 32768, "batch_size": 1},
     "quick": {
         "methods_limit": None,
         "perplexity": {"context_length": 256, "continuation_length": 32},
         "needle": {"lengths": [512], "depths": [0.5]},
         "agreement": {"num_prompts": 1, "prompt_length": 256, "new_tokens": 8},
+        "ruler": {"lengths": [1024], "num_samples": 1},
     },
 }
 
-_SECTIONS = ("perplexity", "needle", "agreement", "projection")
+_SECTIONS = ("perplexity", "needle", "agreement", "ruler", "projection")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -135,6 +151,8 @@ def apply_max_length(cfg: dict, max_length: int) -> dict:
     lengths = [n for n in out["needle"]["lengths"] if n <= max_length]
     out["needle"]["lengths"] = lengths or [max_length]
     out["agreement"]["prompt_length"] = min(out["agreement"]["prompt_length"], max_length)
+    ruler_lengths = [n for n in out["ruler"]["lengths"] if n <= max_length]
+    out["ruler"]["lengths"] = ruler_lengths or [max_length]
     return out
 
 
@@ -142,6 +160,7 @@ _POSITIVE_INTS = {
     "perplexity": ("segments", "context_length", "continuation_length", "chunk_size"),
     "needle": ("max_new_tokens",),
     "agreement": ("num_prompts", "prompt_length", "new_tokens"),
+    "ruler": ("num_samples", "prefill_chunk"),
     "projection": ("seq_len", "batch_size"),
 }
 
@@ -177,7 +196,33 @@ def validate(cfg: dict) -> dict:
     if (not isinstance(depths, list) or not depths
             or not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in depths)):
         raise ValueError(f"needle.depths must be a non-empty list of numbers in [0, 1], got {depths!r}")
+    validate_ruler(cfg["ruler"])
     return cfg
+
+
+def validate_ruler(rcfg: dict) -> dict:
+    """Check the ``ruler`` section (lengths, seed, template, budgets, tasks); raises ValueError naming the key."""
+    lengths = rcfg["lengths"]
+    if (not isinstance(lengths, list) or not lengths
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)):
+        raise ValueError(f"ruler.lengths must be a non-empty list of positive integers, got {lengths!r}")
+    if isinstance(rcfg["seed"], bool) or not isinstance(rcfg["seed"], int) or rcfg["seed"] < 0:
+        raise ValueError(f"ruler.seed must be a non-negative integer, got {rcfg['seed']!r}")
+    if not isinstance(rcfg["use_evaluate"], bool):
+        raise TypeError(f"ruler.use_evaluate must be true or false, got {describe(rcfg['use_evaluate'])}")
+    budgets = rcfg["max_new_tokens"] or {}
+    if not isinstance(budgets, dict):
+        raise TypeError(f"ruler.max_new_tokens must be a mapping of task kinds to token counts, got "
+                        f"{describe(budgets)}")
+    for kind, value in budgets.items():
+        if kind not in KINDS:
+            raise ValueError(f"ruler.max_new_tokens keys must be among {sorted(KINDS)}, got {kind!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"ruler.max_new_tokens.{kind} must be a positive integer or null, got {value!r}")
+    if rcfg["template"] not in ("auto", "chat", "plain"):
+        raise ValueError(f"ruler.template must be one of ('auto', 'chat', 'plain'), got {rcfg['template']!r}")
+    tasks_from_config(rcfg)
+    return rcfg
 
 
 def method_specs(cfg: dict, only: list[str] | None = None) -> list[MethodSpec]:

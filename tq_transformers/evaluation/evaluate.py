@@ -1,4 +1,5 @@
-"""Run an evaluation config end to end: memory, attention fidelity, perplexity, needle retrieval, greedy agreement."""
+"""Run an evaluation config end to end: memory, attention fidelity, perplexity, needle retrieval, greedy agreement and
+the RULER-style suite."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .config import method_specs
 from .data import load_text, tokenize_text
 from .models import PYPI_MODELS, load_model_and_tokenizer
 from .progress import Overall
+from .ruler import SUITE_KEY, ruler_units, run_ruler
 from .runner import (
     REFERENCE,
     MethodSpec,
@@ -162,6 +164,8 @@ def work_plan(cfg: dict, n_specs: int) -> dict[str, int]:
         plan["needle"] = sum(greedy_units(n_specs, len(nd["depths"]), n, nd["max_new_tokens"]) for n in nd["lengths"])
     if a.get("enabled", True):
         plan["agreement"] = greedy_units(n_specs, a["num_prompts"], a["prompt_length"], a["new_tokens"])
+    if cfg["ruler"].get("enabled", False):
+        plan["ruler"] = ruler_units(cfg["ruler"], n_specs)
     return plan
 
 
@@ -212,13 +216,16 @@ def run_evaluation(cfg: dict, only: list[str] | None = None) -> dict[str, Any]:
     logger.info("Settings, run side by side in one batch: %s", labels)
     plan = work_plan(cfg, len(specs))
     overall = Overall(plan)
-    parts = [("perplexity", run_perplexity), ("needle", run_needle), ("agreement", run_agreement)]
+    parts = [("perplexity", run_perplexity), ("needle", run_needle), ("agreement", run_agreement),
+             ("ruler", run_ruler)]
     for key, fn in parts:
         if key not in plan:
             continue
         t = time.perf_counter()
         part = fn(model, tokenizer, specs, cfg[key], overall=overall)
         timings[key] = time.perf_counter() - t
+        if SUITE_KEY in part:  # what the RULER suite asked (prompt lengths, expected values)
+            results["ruler"] = part.pop(SUITE_KEY)
         for name, value in part.items():
             results["methods"][name][key] = value
     if "perplexity" in plan:
