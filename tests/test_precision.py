@@ -16,6 +16,7 @@ from transformers import (
 )
 
 import tq_transformers
+import tq_transformers.cpu_attention
 from tq_transformers import (
     BonsaiCache,
     KIVICache,
@@ -488,6 +489,7 @@ def _fast_params(cpu: bool) -> list:
 @pytest.mark.parametrize("case_id,extra", _fast_params(cpu=True))
 def test_new_formats_fast_path_fallback_equals_reference_on_cpu(case_id, extra, monkeypatch):
     monkeypatch.setattr(tq_transformers.kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(tq_transformers.cpu_attention, "supported", lambda keys, values: False)  # the fallback itself
     ref_seq, ref_scores, fast_seq, fast_scores = _fast_and_reference(CASES[case_id], extra, "cpu")
     assert torch.equal(fast_seq, ref_seq) and torch.equal(fast_scores, ref_scores)
 

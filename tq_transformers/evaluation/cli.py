@@ -1,4 +1,4 @@
-"""`tq-eval`: the evaluation's command line (also `python scripts/evaluate.py`).
+"""`tq-eval`: the evaluation's command line (also `python scripts/tq_eval.py`).
 
 Bad arguments (an unknown config, method, dtype, device, text or a path that does not exist) are reported as
 argparse errors: a usage line, one error line and exit code 2, before the model is loaded.

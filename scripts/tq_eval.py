@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin wrapper of `tq-eval` (tq_transformers.evaluation.cli): python scripts/evaluate.py --config default."""
+"""Thin wrapper of `tq-eval` (tq_transformers.evaluation.cli): python scripts/tq_eval.py --config default."""
 
 import sys
 
