@@ -219,6 +219,19 @@ def generate_with_scores(model, inputs: dict, cache, new_tokens: int = 24, **kwa
     return out.sequences, torch.stack(out.scores)
 
 
+def prefill(model, ids: torch.Tensor, cache):
+    """One forward of `ids` [B, T] through `cache`; returns the cache."""
+    with torch.no_grad():
+        model(ids, use_cache=True, **{CACHE_KWARG: cache})
+    return cache
+
+
+def continue_greedy(model, ids: torch.Tensor, cache, new_tokens: int):
+    """``generate_with_scores`` of the whole unpadded conversation `ids` from a prefilled `cache` (generate feeds only
+    the uncached suffix)."""
+    return generate_with_scores(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cache, new_tokens)
+
+
 def assert_valid_tokens(sequences: torch.Tensor, prompt: torch.Tensor) -> None:
     """Generated ids start with the prompt and lie in the vocabulary."""
     assert bool((sequences[:, : prompt.shape[1]] == prompt.to(sequences.device)).all())  # rows: beams or samples

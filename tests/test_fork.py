@@ -10,26 +10,15 @@ import torch
 
 from tq_transformers import estimate_cache_bytes
 from tq_transformers.fork import distinct_bytes
-from tq_transformers.generation import CACHE_KWARG
 from tq_transformers.static_layout import StaticLayout, StaticShared
 
-from cases import PLUMBING, case, one_thread, params, random_ids
+from cases import PLUMBING, case, continue_greedy, one_thread, params, prefill, random_ids
 
 PREFIX, QUESTION, NEW = 50, 6, 30  # the window is 16 tokens: the continuation flushes twice after the fork
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
-def _prefill(model, ids, cache):
-    with torch.no_grad():
-        model(ids, use_cache=True, **{CACHE_KWARG: cache})
-    return cache
-
-
-def _continue(model, ids, cache, n=NEW):
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         output_scores=True, return_dict_in_generate=True, **{CACHE_KWARG: cache})
-    return out.sequences, torch.stack(out.scores)
 
 
 def _shared_tensors(cache):
@@ -41,16 +30,16 @@ def test_fork_and_deepcopy_continue_exactly_as_an_unforked_cache(tiny_model, c):
     model = tiny_model("llama")
     prefix = random_ids(length=PREFIX)
     questions = [torch.cat([prefix, random_ids(length=QUESTION, seed=s)], dim=1) for s in (2, 3)]
-    references = [_continue(model, q, _prefill(model, prefix, c.cache(model.config))) for q in questions]
+    references = [continue_greedy(model, q, prefill(model, prefix, c.cache(model.config)), NEW) for q in questions]
 
-    original = _prefill(model, prefix, c.cache(model.config))
+    original = prefill(model, prefix, c.cache(model.config))
     at_fork = original.quantized_layers[0].num_quantized
     forks = [original.fork(), copy.deepcopy(original)]
     assert _shared_tensors(forks[0]) and all(  # the history is shared, not copied
         a is b for f in forks for a, b in zip(_shared_tensors(f), _shared_tensors(original)))
     runs = [(forks[0], 0), (forks[1], 0), (original, 1)]  # the original continues after its forks
     for cache, q in runs:
-        seq, scores = _continue(model, questions[q], cache)
+        seq, scores = continue_greedy(model, questions[q], cache, NEW)
         assert torch.equal(seq, references[q][0]), f"{c.id}: a fork diverged from the unforked cache"
         assert torch.equal(scores, references[q][1])
     for cache, _ in runs:  # every fork flushed at least twice after forking, into its own storage
@@ -62,7 +51,7 @@ def test_fork_and_deepcopy_continue_exactly_as_an_unforked_cache(tiny_model, c):
 def test_forks_share_the_history_and_account_for_it(tiny_model, c):
     model = tiny_model("llama")
     prefix = random_ids(length=PREFIX)
-    original = _prefill(model, prefix, c.cache(model.config))
+    original = prefill(model, prefix, c.cache(model.config))
     alone = distinct_bytes(original)
     assert alone == original.memory_footprint()["total"]  # nothing shared yet: every byte counted once
     forks = [original.fork() for _ in range(4)]
@@ -75,7 +64,7 @@ def test_forks_share_the_history_and_account_for_it(tiny_model, c):
     assert distinct_bytes(original, *forks) == alone + 4 * window  # the forks pay for their windows only
 
     ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
-    seq, _ = _continue(model, ids, forks[0])
+    seq, _ = continue_greedy(model, ids, forks[0], NEW)
     held = seq.shape[1] - 1
     got = forks[0].memory_footprint()
     want = estimate_cache_bytes(model.config, held, method=c.method, dtype=torch.float32,
@@ -91,12 +80,13 @@ def test_fork_of_a_hybrid_model_and_of_a_fork(tiny_model):
     c = case("kivi2")
     prefix = random_ids(length=PREFIX)
     ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
-    unforked = _prefill(model, prefix[:, 40:], _prefill(model, prefix[:, :40], c.cache(model.config)))
-    reference = _continue(model, ids, unforked)  # the same chunks: a chunked prefill attends to packed tokens
-    first = _prefill(model, prefix[:, :40], c.cache(model.config)).fork()
-    second = _prefill(model, prefix[:, 40:], first).fork()  # a fork of a fork that flushed: two shared segments
+    unforked = prefill(model, prefix[:, 40:], prefill(model, prefix[:, :40], c.cache(model.config)))
+    # the same chunks: a chunked prefill attends to packed tokens
+    reference = continue_greedy(model, ids, unforked, NEW)
+    first = prefill(model, prefix[:, :40], c.cache(model.config)).fork()
+    second = prefill(model, prefix[:, 40:], first).fork()  # a fork of a fork that flushed: two shared segments
     assert len(second.quantized_layers[0].shared) == 2
-    seq, scores = _continue(model, ids, second)
+    seq, scores = continue_greedy(model, ids, second, NEW)
     assert torch.equal(seq, reference[0]) and torch.equal(scores, reference[1])
 
 
@@ -145,7 +135,7 @@ def test_crop_and_reorder_of_a_fork_leave_its_siblings_alone(tiny_model):
     c = case("turboquant4")
     model = tiny_model("llama")
     prefix = random_ids(batch=2, length=PREFIX)
-    original = _prefill(model, prefix, c.cache(model.config))
+    original = prefill(model, prefix, c.cache(model.config))
     want = [x.clone() for layer in original.quantized_layers for x in layer.dequantize(torch.float32)]
     a, b = original.fork(), copy.deepcopy(original)
     a.crop(-30)  # into the packed tokens: 20 kept
@@ -167,12 +157,12 @@ def test_a_fork_on_the_fast_path_takes_its_own_copy_and_continues_exactly(tiny_m
     model = tiny_model("llama")
     prefix = random_ids(length=PREFIX)
     ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
-    reference = _continue(model, ids, _prefill(model, prefix, c.cache(model.config)))
+    reference = continue_greedy(model, ids, prefill(model, prefix, c.cache(model.config)), NEW)
     fast_attention.install(model)  # "tq_fused": on the CPU the fast path's fallback, the reference path's math
-    original = fast_attention.prepare_cache(_prefill(model, prefix, c.cache(model.config)))
+    original = fast_attention.prepare_cache(prefill(model, prefix, c.cache(model.config)))
     fork = original.fork()
     history = _shared_tensors(fork)
-    seq, scores = _continue(model, ids, fork)
+    seq, scores = continue_greedy(model, ids, fork, NEW)
     assert torch.equal(seq, reference[0]) and torch.equal(scores, reference[1])
     assert all(not layer.shared for layer in fork.quantized_layers)  # the kernels read one tensor per piece
     assert fork.memory_sharing()["shared"] == 0

@@ -11,25 +11,14 @@ import torch
 from transformers import LlamaConfig
 
 from tq_transformers import KIVICache, MixedCache, QuantizedKVCache, TurboQuantCache
-from tq_transformers.generation import CACHE_KWARG
 
-from cases import COMMON, PLUMBING, case, one_thread, params, random_ids
+from cases import COMMON, PLUMBING, case, continue_greedy, one_thread, params, prefill, random_ids
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 PREFIX, QUESTION, NEW = 50, 6, 30  # 16-token windows: the continuation flushes after loading
 
 
-def _prefill(model, ids, cache):
-    with torch.no_grad():
-        model(ids, use_cache=True, **{CACHE_KWARG: cache})
-    return cache
-
-
-def _continue(model, ids, cache, n=NEW):
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         output_scores=True, return_dict_in_generate=True, **{CACHE_KWARG: cache})
-    return out.sequences, torch.stack(out.scores)
 
 
 def _header_bytes(path) -> int:
@@ -44,7 +33,7 @@ def test_loaded_cache_continues_exactly_as_the_original(tiny_model, tmp_path, ar
     model = tiny_model(arch)
     prefix = random_ids(length=PREFIX)
     ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
-    original = _prefill(model, prefix, c.cache(model.config))
+    original = prefill(model, prefix, c.cache(model.config))
     original.token_ids = prefix
     path = tmp_path / "cache.tqkv"
     original.save(path)
@@ -54,8 +43,8 @@ def test_loaded_cache_continues_exactly_as_the_original(tiny_model, tmp_path, ar
     loaded = type(original).load(path, model.config)
     assert type(loaded) is type(original) and loaded.memory_footprint() == footprint
     assert torch.equal(loaded.token_ids, prefix) and loaded.get_seq_length() == PREFIX
-    got = _continue(model, ids, loaded)
-    want = _continue(model, ids, original)
+    got = continue_greedy(model, ids, loaded, NEW)
+    want = continue_greedy(model, ids, original, NEW)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(layer.num_quantized > 32 for layer in loaded.quantized_layers)  # flushed after loading
 
@@ -76,15 +65,15 @@ def test_per_side_and_per_layer_settings_round_trip_and_fork(tiny_model, tmp_pat
     model = tiny_model("llama")
     prefix = random_ids(length=PREFIX)
     ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
-    original = _prefill(model, prefix, make(model.config))
+    original = prefill(model, prefix, make(model.config))
     original.save(tmp_path / "cache.tqkv")
     loaded = QuantizedKVCache.load(tmp_path / "cache.tqkv", model.config)
     assert type(loaded) is type(original) and loaded.memory_footprint() == original.memory_footprint()
     assert loaded.layer_configs == original.layer_configs and loaded.method_config == original.method_config
     fork = original.fork()
-    want = _continue(model, ids, original)
+    want = continue_greedy(model, ids, original, NEW)
     for other in (loaded, fork):
-        got = _continue(model, ids, other)
+        got = continue_greedy(model, ids, other, NEW)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -93,13 +82,13 @@ def test_a_fork_saves_its_whole_history_and_a_lazy_cache_loads_without_a_config(
     c = case("kivi2")
     prefix = random_ids(length=PREFIX)
     ids = torch.cat([prefix, random_ids(length=QUESTION, seed=2)], dim=1)
-    original = _prefill(model, prefix, c.cache(head_dim=64))  # no config: layers created lazily
+    original = prefill(model, prefix, c.cache(head_dim=64))  # no config: layers created lazily
     fork = original.fork()
     fork.save(tmp_path / "fork.tqkv")
     loaded = QuantizedKVCache.load(tmp_path / "fork.tqkv", None)
     assert isinstance(loaded, KIVICache) and not loaded.quantized_layers[0].shared
     assert loaded.memory_footprint() == fork.memory_footprint()
-    got, want = _continue(model, ids, loaded), _continue(model, ids, original)
+    got, want = continue_greedy(model, ids, loaded, NEW), continue_greedy(model, ids, original, NEW)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -113,7 +102,7 @@ def test_empty_cache_round_trips(tiny_model, tmp_path):
 
 def _saved(tiny_model, tmp_path, arch="llama", method="turboquant4"):
     model = tiny_model(arch)
-    cache = _prefill(model, random_ids(length=40), case(method).cache(model.config))
+    cache = prefill(model, random_ids(length=40), case(method).cache(model.config))
     path = tmp_path / "cache.tqkv"
     cache.save(path)
     return model, path
@@ -191,7 +180,7 @@ def test_damaged_files_raise_clear_errors(tiny_model, tmp_path):
 
 def test_an_attribute_a_file_cannot_hold_is_named(tiny_model, tmp_path):
     model = tiny_model("llama")
-    cache = _prefill(model, random_ids(length=40), case("kivi2").cache(model.config))
+    cache = prefill(model, random_ids(length=40), case("kivi2").cache(model.config))
     cache.layers[1].extra = object()
     with pytest.raises(TypeError, match="layer 1 .*'extra'"):
         cache.save(tmp_path / "x.tqkv")
