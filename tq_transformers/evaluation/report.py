@@ -406,10 +406,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
                         color="white" if value else "black", fontweight="normal" if value else "bold")
         ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(names)), labels, fontsize=8)
-        ax.set_xticks([j - 0.5 for j in range(1, len(keys))], minor=True)
-        ax.set_yticks([i - 0.5 for i in range(1, len(names))], minor=True)
-        ax.grid(which="minor", color="white", lw=2)
-        ax.tick_params(which="minor", length=0)
+        cell_borders(ax, len(keys), len(names), width=2)
         model = results.get("model") or {"name": results["config"]["model"], "dtype": results["config"]["dtype"]}
         ax.set_xlabel("prompt length (tokens) @ needle depth\n(fraction of the text before the needle)", fontsize=8)
         ax.set_title(f"needle retrieval, {model['name']} ({model['dtype']})\nblue: found, orange: missed", fontsize=9)
@@ -419,6 +416,14 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         plt.close(fig)
     written += plot_ruler(results, out_dir, plt)
     return written
+
+
+def cell_borders(ax, columns: int, rows: int, width: float) -> None:
+    """White borders of `width` points between the cells of a heatmap of `columns` x `rows` cells."""
+    ax.set_xticks([j - 0.5 for j in range(1, columns)], minor=True)
+    ax.set_yticks([i - 0.5 for i in range(1, rows)], minor=True)
+    ax.grid(which="minor", color="white", lw=width)
+    ax.tick_params(which="minor", length=0)
 
 
 #: RULER heatmap: a cell this many points or more below the reference's score is marked (the issue's target for
@@ -457,10 +462,7 @@ def plot_ruler(results: dict[str, Any], out_dir: Path, plt) -> list[Path]:
                     fontweight="bold" if i > 0 and drop >= RULER_DROP_MARK else "normal")
     ax.set_xticks(range(len(cols)), [f"{t}@{n}" for t, n in cols], rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), labels, fontsize=8)
-    ax.set_xticks([j - 0.5 for j in range(1, len(cols))], minor=True)
-    ax.set_yticks([i - 0.5 for i in range(1, len(names))], minor=True)
-    ax.grid(which="minor", color="white", lw=1)
-    ax.tick_params(which="minor", length=0)
+    cell_borders(ax, len(cols), len(names), width=1)
     model = results.get("model") or {"name": results["config"]["model"], "dtype": results["config"]["dtype"]}
     samples = (results.get("ruler") or {}).get("num_samples", "?")
     ax.set_xlabel("task @ length (tokens)", fontsize=8)
