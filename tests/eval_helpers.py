@@ -1,8 +1,38 @@
-"""Helpers shared by the evaluation tests (model-free): a results dict shaped like `run_evaluation`'s."""
+"""Helpers shared by the evaluation tests: a results dict shaped like `run_evaluation`'s (model-free), and a tiny
+random Llama saved as a local model folder."""
 
 import copy
 
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
 from tq_transformers.evaluation import config as eval_config
+from tq_transformers.evaluation.data import load_text
+
+#: characters of real text the tiny tokenizer is trained on
+TOKENIZER_TEXT_CHARS = 20000
+
+
+def save_tiny_llama(folder, config, eos_token: str | None = None):
+    """Save a tiny random Llama of `config` (seed 0) and a byte-level BPE tokenizer of ``config.vocab_size`` tokens
+    trained on real text in `folder`; with `eos_token`, the tokenizer has it as its end-of-text and padding token.
+
+    Returns:
+        `folder`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[eos_token] if eos_token else [])
+    tok.train_from_iterator([load_text("wikitext2-valid")[:TOKENIZER_TEXT_CHARS]], trainer)
+    special = {"eos_token": eos_token, "pad_token": eos_token} if eos_token else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
 
 
 def fake_results(change_ci=((-1.0, 2.0), (0.5, 3.0))) -> dict:

@@ -8,12 +8,12 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from eval_helpers import save_tiny_llama  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 
 from tq_transformers.evaluation import lm_eval_model  # noqa: E402
-from tq_transformers.evaluation.data import load_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "configs" / "lm_eval_tasks"
@@ -25,22 +25,9 @@ METRICS = {"tq_local_mc": "acc,none", "tq_local_gen": "exact_match,strip"}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer (with an end-of-text token) trained on real text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tiny_llama_eos")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"])
-    tok.train_from_iterator([load_text("wikitext2-valid")[:20000]], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                            pad_token="<|endoftext|>").save_pretrained(folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=128,
-                                 max_position_embeddings=1024)).save_pretrained(folder)
-    return folder
+    config = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=128, max_position_embeddings=1024)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_eos"), config, eos_token="<|endoftext|>")
 
 
 def evaluate(lm, task_manager) -> dict:

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from eval_helpers import save_tiny_llama
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from tq_transformers import KIVICache
 from tq_transformers.evaluation import cli
 from tq_transformers.evaluation import config as eval_config
-from tq_transformers.evaluation.data import load_text
 from tq_transformers.evaluation.runner import MethodSpec, RowSplitCache, build_caches, forward, replay_prefill
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,18 +26,7 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama and a byte-level BPE tokenizer trained on real text, saved as a local model folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([load_text("wikitext2-valid")[:20000]], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_config()).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_config())
 
 
 def test_row_split_matches_separate_runs():
