@@ -46,25 +46,29 @@ class _EmulatedGraph:
 
     def replay(self):
         shared = self.layers[0].static.shared
-        saved = [(layer.cumulative_length, layer.keys, layer.values) for layer in self.layers]
+        saved = shared.host_state(self.layers)
         shared.graph_step = True
         try:
             with _capturing():
                 new = self.fn()
         finally:
             shared.graph_step = False
-            for layer, (length, keys, values) in zip(self.layers, saved):
-                layer.cumulative_length, layer.keys, layer.values = length, keys, values
+            shared.restore_host_state(self.layers, saved)
         self.output.logits.copy_(new.logits)
 
 
 def _emulate(fn, layers):
-    """A real capture runs no kernel; this one runs the step (with the counts the replay will be given: it writes the
-    same window slot again), for an output of the right shapes."""
+    """A real capture runs no kernel; this one runs the step for an output of the right shapes (with the counts the
+    replay will be given), then puts the layout's buffers back as they were (a flushing step moves the window)."""
     graph = _EmulatedGraph(fn, layers)
     layers[0].write_step_counts()
+    buffers = [b for layer in layers for b in (*layer.static.reserved.values(), layer.static.win_k,
+                                               layer.static.win_v, layer.static.found)]
+    before = [b.clone() for b in buffers]
     with _capturing():
         graph.output = fn()
+    for b, old in zip(buffers, before):
+        b.copy_(old)
     return graph, graph.output
 
 
@@ -108,6 +112,21 @@ def test_emulated_graph_generate_equals_reference(c, emulated_graphs):
     seq, scores, cache, stats = _graphed_generate(model, inputs, c)
     assert stats["replay"] > 10 and stats["capture"] >= 2 and stats["layout"] >= 2, stats
     assert all(layer.static is not None for layer in cache.layers)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c", params(*FAST))
+def test_emulated_flush_steps_replay_from_their_graph(c, emulated_graphs, monkeypatch):
+    """With room for several flushes between regrowths, the steps after which tokens leave the window replay from a
+    graph of their own (the block written at the device-side offset, the window moved at the graph's end): the same
+    tokens and scores as the reference path, exactly."""
+    monkeypatch.setattr(cuda_graphs, "GROWTH", 64)
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config), 100)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, c, new_tokens=100)
+    assert stats.get("replay_flush", 0) >= 2 and stats["capture"] >= 2, stats
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
 

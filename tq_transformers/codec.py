@@ -68,8 +68,17 @@ class NonFiniteWatch:
         if not x.is_cuda:
             warn_non_finite(x, what)
             return
+        self.report((~torch.isfinite(x)).any().reshape(1), what)
+
+    def report(self, found: torch.Tensor, what: str) -> None:
+        """Watch an answer computed on the device (bool ``[1]``, True = non-finite values were found; e.g. inside a
+        CUDA graph, which cannot record the host copy's event itself). On the CPU it is read at once."""
+        if not found.is_cuda:
+            if bool(found):
+                _warn_non_finite_found(what)
+            return
         bad = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        bad.copy_((~torch.isfinite(x)).any().reshape(1), non_blocking=True)
+        bad.copy_(found, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self.pending.append((event, bad, what))

@@ -22,10 +22,14 @@ For graph steps of one cache:
 
 1. the layers move into a static layout (``static_layout.StaticLayout``): packed storage preallocated to a capacity of
    the tokens held plus ``GROWTH`` (moved again, larger, when a flush would not fit), the window in a fixed buffer;
-2. a step after which tokens leave the window (every ``flush_size`` tokens) runs eagerly, as does the first step
-   after the layout is (re)built (a warm-up: Triton compiles and cached tables are built outside the capture);
-3. the next step is captured, with the token counts, the window slot and the padding mask read on the device; it
-   and every later non-flushing step copy their inputs into the graph's buffers, write the counts, and replay.
+2. the first step after the layout is (re)built runs eagerly, as does the first step after it after which tokens
+   leave the window (every ``flush_size`` tokens): warm-ups, so that Triton compiles and cached tables are built
+   outside a capture;
+3. the next step of each kind is captured, with the token counts, the window slot and the padding mask read on the
+   device: one graph for plain steps, one for flushing steps (the flush encodes the block leaving the window and
+   writes it at the packed offset read on the device, and the graph ends by moving the window to the front of its
+   buffer); every later step of that kind copies its inputs into the graph's buffers, writes the counts, and
+   replays.
 
 The returned logits are a copy (the graph's own buffer is overwritten by the next replay). The output equals the
 eager static step's exactly (same kernels, same grid), and the dynamic fast path's up to the split of the packed
@@ -57,18 +61,25 @@ _GRAPH_KWARGS = {"input_ids", "position_ids", "attention_mask", "past_key_values
 
 
 @dataclasses.dataclass
+class _Graph:
+    """One captured step and its buffers."""
+
+    graph: torch.cuda.CUDAGraph
+    signature: tuple
+    inputs: dict  # the graph's input buffers
+    output: dict  # the graph's output fields, the cache left out (logits buffer inside)
+    output_class: type
+    cache_fields: tuple  # the output fields that hold the cache
+
+
+@dataclasses.dataclass
 class _State:
-    """One cache's graph and buffers (nothing here refers to the cache: it is a weak key of the runner's table)."""
+    """One cache's graphs (nothing here refers to the cache: it is a weak key of the runner's table)."""
 
     shared: StaticShared
-    layouts: list  # the layers' StaticLayout objects the graph was built for
-    warm: bool = False
-    graph: torch.cuda.CUDAGraph | None = None
-    signature: tuple | None = None
-    inputs: dict | None = None  # the graph's input buffers
-    output: dict | None = None  # the graph's output fields, the cache left out (logits buffer inside)
-    output_class: type | None = None
-    cache_fields: tuple = ()  # the output fields that hold the cache
+    layouts: list  # the layers' StaticLayout objects the graphs were built for
+    warm: dict = dataclasses.field(default_factory=dict)  # flushes (bool) -> whether that kind of step ran eagerly
+    graphs: dict = dataclasses.field(default_factory=dict)  # flushes (bool) -> _Graph
 
 
 def _round_up(n: int, m: int) -> int:
@@ -167,11 +178,11 @@ class _Runner:
         state = self._state_for(cache, layers, input_ids)
         first = layers[0]
         n = first.cumulative_length  # tokens held before this step
-        flushes = first.cfg.num_quantized(n + 1) > first.num_quantized
+        flushes = first.static.flushes_next(first)
         if flushes and first.num_quantized + first.cfg.flush_size > first.static.capacity:
             self._layout(layers, state, first.num_quantized + first.cfg.flush_size)
-        if flushes or not state.warm:
-            state.warm = True
+        if not state.warm.get(False) or not state.warm.get(flushes):
+            state.warm[False] = state.warm[flushes] = True
             self.stats["eager"] += 1
             return self.forward(**kwargs)
         if mask is None:
@@ -182,18 +193,19 @@ class _Runner:
             layer.settle()
         signature = (tuple(input_ids.shape), tuple(kwargs["position_ids"].shape), kwargs.get("logits_to_keep"),
                      "cache" in kwargs)
-        if state.graph is None or state.signature != signature:
-            self._capture(state, layers, kwargs, signature)
+        step = state.graphs.get(flushes)
+        if step is None or step.signature != signature:
+            step = state.graphs[flushes] = self._capture(state, layers, kwargs, signature, flushes)
             self.stats["capture"] += 1
         for name in ("input_ids", "position_ids"):
-            state.inputs[name].copy_(kwargs[name])
+            step.inputs[name].copy_(kwargs[name])
         first.write_step_counts()  # all layers hold the same counts and share the tensor
-        state.graph.replay()
-        self.stats["replay"] += 1
+        step.graph.replay()
+        self.stats["replay_flush" if flushes else "replay"] += 1
         for layer in layers:  # what the captured step's Python did on the host
-            layer.advance_one()
-        fields = {k: (v.clone() if k == "logits" else v) for k, v in state.output.items()}
-        return state.output_class(**fields, **{k: cache for k in state.cache_fields})
+            layer.advance_flush() if flushes else layer.advance_one()
+        fields = {k: (v.clone() if k == "logits" else v) for k, v in step.output.items()}
+        return step.output_class(**fields, **{k: cache for k in step.cache_fields})
 
     # ------------------------------------------------------------------------------------------------------------------
     def _state_for(self, cache, layers, input_ids) -> _State:
@@ -216,7 +228,7 @@ class _Runner:
         """(Re)build the static layout with room for `need` packed tokens; the graph is captured again after it."""
         cfg = layers[0].cfg
         capacity = _round_up(need + GROWTH, cfg.flush_size)
-        state.graph, state.inputs, state.output, state.warm = None, None, None, False
+        state.graphs, state.warm = {}, {}  # the old graphs are freed before the new buffers are allocated
         total = capacity + cfg.residual_length + cfg.flush_size
         if state.shared.key_mask.shape[1] < total:
             state.shared.key_mask = torch.ones(state.shared.key_mask.shape[0], total, dtype=torch.bool,
@@ -226,24 +238,30 @@ class _Runner:
         self.stats["layout"] += 1
         state.layouts = [layer.static for layer in layers]
 
-    def _capture(self, state: _State, layers, kwargs, signature) -> None:
-        state.graph = None
+    def _capture(self, state: _State, layers, kwargs, signature, flushes: bool) -> _Graph:
+        """Capture one step (a flushing one ends by settling every layer's window) into a graph of its own."""
+        state.graphs.pop(flushes, None)
         inputs = {name: kwargs[name].clone() for name in ("input_ids", "position_ids")}
         call = dict(kwargs, **inputs)
         call["attention_mask"] = None  # the mask comes from the layout (building one would sync the host)
-        saved = [(layer.cumulative_length, layer.keys, layer.values) for layer in layers]
+
+        def step():
+            output = self.forward(**call)
+            if flushes:
+                for layer in layers:
+                    layer.settle()
+            return output
+
+        saved = state.shared.host_state(layers)
         state.shared.graph_step = True
         try:
-            graph, output = _capture_graph(lambda: self.forward(**call))
+            graph, output = _capture_graph(step)
         finally:
             state.shared.graph_step = False
-            for layer, (length, keys, values) in zip(layers, saved):  # the capture ran no step: undo its host side
-                layer.cumulative_length, layer.keys, layer.values = length, keys, values
+            state.shared.restore_host_state(layers, saved)  # the capture ran no step: undo its host side
         cache = call.get("past_key_values", call.get("cache"))
-        state.graph, state.inputs, state.signature = graph, inputs, signature
-        state.output_class = type(output)
-        state.output = {k: v for k, v in output.items() if v is not cache}
-        state.cache_fields = tuple(k for k, v in output.items() if v is cache)
+        return _Graph(graph, signature, inputs, {k: v for k, v in output.items() if v is not cache}, type(output),
+                      tuple(k for k, v in output.items() if v is cache))
 
 
 _RUNNER_ATTR = "_tq_graph_runner"

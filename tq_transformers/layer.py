@@ -285,15 +285,27 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Names in ``storage`` that are codes (the rest is metadata)."""
         return tuple(f"{side}_{name}" for side, codec in self.codecs.items() for name in codec.code_pieces)
 
-    def encode_block(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Encode `[B, H, T, D]` tokens leaving the window; returns prefixed pieces to append on dim 2."""
+    def encode_block(self, keys: torch.Tensor, values: torch.Tensor, found: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Encode `[B, H, T, D]` tokens leaving the window; returns prefixed pieces to append on dim 2.
+
+        Args:
+            keys / values: ``[B, H, T, D]`` (key and value head dims may differ).
+            found: a bool ``[1]`` tensor on the device that is OR-ed with "non-finite values in this block" (in a CUDA
+                graph, whose host side reports it after the replay); None: checked by ``non_finite`` here.
+        Returns:
+            ``{"k_<piece>" | "v_<piece>": tensor}``, the block's entries on dim 2.
+        """
         # the codecs read their static pieces (the means), which a fork finds in the first shared segment
         held = {name: t for segment in self.shared for name, t in segment.items()
                 if name[2:] in self.codecs[name[0]].static_pieces}
         held.update(self.storage)
         out = {}
         for side, x, what in (("k", keys, "key_states"), ("v", values, "value_states")):
-            self.non_finite.check(x, f"{what} of layer {self.layer_idx}")
+            if found is None:
+                self.non_finite.check(x, f"{what} of layer {self.layer_idx}")
+            else:
+                found.logical_or_((~torch.isfinite(x)).any().reshape(1))
             new = self.codecs[side].encode(x, self.pieces(side, held), use_kernels=self.use_kernels)
             out.update({f"{side}_{name}": t for name, t in new.items()})
         return out
@@ -471,6 +483,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     def advance_one(self) -> None:
         """The host side of one non-flushing decode step in the static layout (after a graph replay)."""
         self.static.advance_one(self)
+
+    def advance_flush(self) -> None:
+        """The host side of one flushing decode step in the static layout (after a graph replay)."""
+        self.static.advance_flush(self)
 
     # ------------------------------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:

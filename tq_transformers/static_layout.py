@@ -10,9 +10,15 @@ In the layout:
 - each growing storage entry is held in a buffer of ``capacity`` packed tokens (``reserved``); ``layer.storage``
   entries are views of their first ``num_quantized`` tokens;
 - the window lives in ``win_k`` / ``win_v`` ``[B, H, R + F, D]``; ``layer.keys`` / ``layer.values`` are views of the
-  live part. After a flush the live tokens begin at ``start`` until the next step moves them to the front, so the
-  flushing step's attention still reads the window it attended to from slot 0;
-- the counts a step needs are on the device, in ``StaticShared.lengths`` (shared by all layers of the cache).
+  live part. After a flush the live tokens begin at ``start`` until they are moved to the front (``settle``: by the
+  graph runner at the end of a flushing step's graph, else before the next step), so the flushing step's attention
+  still reads the window it attended to from slot 0;
+- the counts a step needs are on the device, in ``StaticShared.lengths`` (shared by all layers of the cache); a
+  flush writes its block at the offset ``lengths[0]`` (the packed tokens before it) read on the device, so a step
+  that flushes replays from a CUDA graph too.
+
+Each operation that changes the layer has a device part (kernels: what a graph replays) and a host part (counters
+and views: what the runner redoes after a replay, ``advance_one`` / ``advance_flush``); one function each.
 
 Ownership: the layout writes in place (flushes, beam reorders, the window) only into the buffers it allocates here.
 A forked layer's shared segments (``QuantizedKVLayer.shared``, read by its other forks) are copied into the buffers
@@ -48,6 +54,19 @@ class StaticShared:
     key_mask: torch.Tensor
     graph_step: bool = False
 
+    def host_state(self, layers: list) -> list[tuple]:
+        """What a step changes on the host side of `layers` (counters, views, the window start), for a capture (which
+        runs the step's Python but no step) to undo."""
+        return [(layer.cumulative_length, layer.num_quantized, layer.keys, layer.values, dict(layer.storage),
+                 layer.static.start) for layer in layers]
+
+    @staticmethod
+    def restore_host_state(layers: list, saved: list[tuple]) -> None:
+        """Put back what `host_state` returned."""
+        for layer, (length, quantized, keys, values, storage, start) in zip(layers, saved, strict=True):
+            layer.cumulative_length, layer.num_quantized, layer.keys, layer.values = length, quantized, keys, values
+            layer.storage, layer.static.start = storage, start
+
 
 @dataclasses.dataclass
 class StaticLayout:
@@ -58,6 +77,8 @@ class StaticLayout:
     reserved: dict[str, torch.Tensor]
     win_k: torch.Tensor
     win_v: torch.Tensor
+    offsets: dict[str, torch.Tensor]  # per growing entry: arange(entries one flush adds), on the device
+    found: torch.Tensor  # bool [1] on the device: non-finite values in a block a graph step flushed (reported after)
     start: int = 0
 
     @classmethod
@@ -77,20 +98,22 @@ class StaticLayout:
         layer.settle()
         flushes = layer.num_quantized // F
         growing = {name for name in layer.storage if name[2:] not in layer.codecs[name[0]].static_pieces}
-        reserved = {}
+        reserved, offsets = {}, {}
         for name in growing:
             t = layer.storage[name]
             per_flush = t.shape[2] // flushes  # entries on dim 2 are proportional to tokens (per token or group)
             buf = t.new_empty((*t.shape[:2], per_flush * (capacity // F), *t.shape[3:]))
             buf[:, :, : t.shape[2]] = t
             reserved[name] = buf
+            offsets[name] = torch.arange(per_flush, device=t.device)
             layer.storage[name] = buf[:, :, : t.shape[2]]
         w = layer.keys.shape[-2]
         win_k = layer.keys.new_empty((*layer.keys.shape[:2], R + F, layer.keys.shape[-1]))
         win_v = layer.values.new_empty((*layer.values.shape[:2], R + F, layer.values.shape[-1]))
         win_k[:, :, :w], win_v[:, :, :w] = layer.keys, layer.values
         layer.keys, layer.values = win_k[:, :, :w], win_v[:, :, :w]
-        return cls(capacity, shared, reserved, win_k, win_v)
+        found = torch.zeros(1, dtype=torch.bool, device=win_k.device)
+        return cls(capacity, shared, reserved, win_k, win_v, offsets, found)
 
     @staticmethod
     def reorder_in_place(layers: list, beam_idx: torch.Tensor) -> bool:
@@ -129,6 +152,10 @@ class StaticLayout:
         w = layer.keys.shape[-2]
         self.win_k[:, :, :w] = layer.keys.clone()
         self.win_v[:, :, :w] = layer.values.clone()
+        self._settle_host(layer)
+
+    def _settle_host(self, layer) -> None:
+        w = layer.keys.shape[-2]
         layer.keys, layer.values = self.win_k[:, :, :w], self.win_v[:, :, :w]
         self.start = 0
 
@@ -140,8 +167,8 @@ class StaticLayout:
 
     def decode_update(self, layer, key_states: torch.Tensor, value_states: torch.Tensor):
         """One decode token: written to the window slot ``lengths[2]`` read on the device (so a CUDA graph replays it
-        at any position); the host-side counters advance as in ``layer.update``. A step that flushes runs eagerly
-        (the graph runner never captures or replays one)."""
+        at any position); the host-side counters advance as in ``layer.update``. A step after which tokens leave the
+        window encodes them and writes them at the packed offset ``lengths[0]``, read on the device too."""
         self.settle(layer)
         if not self.shared.graph_step:
             self.write_step_counts(layer)
@@ -161,17 +188,39 @@ class StaticLayout:
         w = layer.keys.shape[-2] + 1
         layer.keys, layer.values = self.win_k[:, :, :w], self.win_v[:, :, :w]
 
+    def flushes_next(self, layer) -> bool:
+        """Whether the next single-token step moves tokens out of the window (then `flush_size` of them)."""
+        return layer.cfg.num_quantized(layer.cumulative_length + 1) > layer.num_quantized
+
+    def advance_flush(self, layer) -> None:
+        """The host side of a flushing step whose graph settled the window at its end (after a replay)."""
+        self.advance_one(layer)
+        self._flush_host(layer, layer.cfg.flush_size)
+        self._settle_host(layer)
+        layer.non_finite.report(self.found, f"the keys or values of layer {layer.layer_idx}")
+        self.found.zero_()  # after the report's copy, in stream order
+
     def _flush(self, layer, count: int) -> None:
         if layer.num_quantized + count > self.capacity:
             raise RuntimeError(
                 f"layer {layer.layer_idx}: the static layout holds {self.capacity} packed tokens, a flush needs "
                 f"{layer.num_quantized + count}; enter_static again with a larger capacity first"
             )
-        block = layer.encode_block(self.win_k[:, :, :count], self.win_v[:, :, :count])
+        if count != layer.cfg.flush_size:  # decode steps flush one block; the offsets below are per block
+            raise RuntimeError(
+                f"layer {layer.layer_idx}: a static flush moves {layer.cfg.flush_size} tokens, not {count}"
+            )
+        block = layer.encode_block(self.win_k[:, :, :count], self.win_v[:, :, :count],
+                                   found=self.found if self.shared.graph_step else None)
+        first = self.shared.lengths[0] // count  # blocks held before this one, read on the device
         for name, t in block.items():
+            self.reserved[name].index_copy_(2, first * t.shape[2] + self.offsets[name], t)
+        self._flush_host(layer, count)
+
+    def _flush_host(self, layer, count: int) -> None:
+        for name, idx in self.offsets.items():
             held = layer.storage[name].shape[2]
-            self.reserved[name][:, :, held : held + t.shape[2]] = t
-            layer.storage[name] = self.reserved[name][:, :, : held + t.shape[2]]
+            layer.storage[name] = self.reserved[name][:, :, : held + idx.numel()]
         layer.num_quantized += count
         w = layer.keys.shape[-2]
         layer.keys, layer.values = self.win_k[:, :, count:w], self.win_v[:, :, count:w]

@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "name": "default",
     "model": "qwen2.5-coder-1.5b",
     "device": "cpu",
-    "dtype": "bf16",
+    "dtype": "fp32",
     "methods": [
         {"name": "full", "method": "full"},
         {"name": "turboquant-4", "method": "turboquant", "bits": 4},
