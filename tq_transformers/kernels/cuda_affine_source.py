@@ -49,12 +49,7 @@ extern "C" __global__ void BOUNDS affine_split(
     extern __shared__ u32 smem[];
     u32* tk = smem;
     u32* tv = SAME_TABLE ? smem : smem + 256 * 32;
-    for (int e = threadIdx.x; e < 256 * 32; e += NWARPS * 32) {  /* entry (byte, copy, word) */
-        int byte = e / 32, rest = e % 32;
-        tk[e] = TABLE_K[byte * KWORDS + rest % KWORDS];
-        if (!SAME_TABLE) tv[e] = TABLE_V[byte * VWORDS + rest % VWORDS];
-    }
-    __syncthreads();
+    load_tables(tk, tv, TABLE_K, TABLE_V);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tid = lane & 3;
     const int split = blockIdx.x * NWARPS + warp;
@@ -124,11 +119,8 @@ extern "C" __global__ void BOUNDS affine_split(
             bias0 = __shfl_sync(0xffffffff, part, (2 * tid) * 4);
             bias1 = __shfl_sync(0xffffffff, part, (2 * tid + 1) * 4);
         }
-        bool ok0 = t0 + gid < end, ok1 = t0 + gid + 8 < end;
-        if (mrow) {
-            ok0 = ok0 && mrow[(i64)(t0 + gid) * stride_mn] != 0;
-            ok1 = ok1 && mrow[(i64)(t0 + gid + 8) * stride_mn] != 0;
-        }
+        bool ok0, ok1;
+        tile_mask(t0, gid, end, mrow, stride_mn, ok0, ok1);
         /* scores S^T [16 tokens x 8 heads] on the integer codes */
         u32 k0[KREGS], k1[KREGS];
         decode<KBYTES, KWORDS, KREPL>(cur.k0, tk, lane, k0);
@@ -144,20 +136,9 @@ extern "C" __global__ void BOUNDS affine_split(
         s[1] = ok0 ? (s[1] + bias1) * sm_scale_log2 : NEG_INF;
         s[2] = ok1 ? (s[2] + bias0) * sm_scale_log2 : NEG_INF;
         s[3] = ok1 ? (s[3] + bias1) * sm_scale_log2 : NEG_INF;
-        float x0 = fmaxf(s[0], s[2]), x1 = fmaxf(s[1], s[3]);
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-            x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, o));
-            x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, o));
-        }
-        const float mn0 = fmaxf(m0, x0), mn1 = fmaxf(m1, x1);
-        const float ms0 = mn0 == NEG_INF ? 0.f : mn0, ms1 = mn1 == NEG_INF ? 0.f : mn1;
-        const float a0 = fast_exp2(m0 - ms0), a1 = fast_exp2(m1 - ms1);
-        const float p0 = fast_exp2(s[0] - ms0), p1 = fast_exp2(s[1] - ms1);
-        const float p2 = fast_exp2(s[2] - ms0), p3 = fast_exp2(s[3] - ms1);
-        l0 = l0 * a0 + p0 + p2;
-        l1 = l1 * a1 + p1 + p3;
-        m0 = mn0; m1 = mn1;
+        float a0, a1, p[4];
+        online_softmax(s, m0, m1, l0, l1, a0, a1, p);
+        const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
         const u32 pb0 = transpose8x8(pack2(p0, p1));
         const u32 pb1 = transpose8x8(pack2(p2, p3));
         /* values: decode, dequantize in registers (zero + code * scale of each token), O^T += V^T P^T */
@@ -169,38 +150,11 @@ extern "C" __global__ void BOUNDS affine_split(
 #pragma unroll
             for (int mt = 0; mt < VREGS; ++mt) v[i][mt] = fma2(v[i][mt], sc, zr);
         }
-#pragma unroll
-        for (int mt = 0; mt < VREGS; ++mt) {
-            acc[mt][0] *= a0; acc[mt][1] *= a1; acc[mt][2] *= a0; acc[mt][3] *= a1;
-            mma(acc[mt], prmt(v[0][mt], v[1][mt], 0x5410), prmt(v[0][mt], v[1][mt], 0x7632),
-                prmt(v[2][mt], v[3][mt], 0x5410), prmt(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
-        }
+        accumulate_pv(acc, v, a0, a1, pb0, pb1);
 #if PREFETCH
         cur = nxt;
 #endif
     }
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffff, l0, o);
-        l1 += __shfl_xor_sync(0xffffffff, l1, o);
-    }
-    const i64 row = (i64)bh * num_splits + split;
-    const int h0 = 2 * tid, h1 = 2 * tid + 1;
-    if (gid == 0) {
-        if (h0 < G) { M_OUT[row * G + h0] = m0; L_OUT[row * G + h0] = l0; }
-        if (h1 < G) { M_OUT[row * G + h1] = m1; L_OUT[row * G + h1] = l1; }
-    }
-#pragma unroll
-    for (int mt = 0; mt < VREGS; ++mt) {
-        const int dim = gid * (D / 8) + 2 * mt;
-        if (h0 < G) {
-            ACC_OUT[(row * G + h0) * D + dim] = acc[mt][0];
-            ACC_OUT[(row * G + h0) * D + dim + 1] = acc[mt][2];
-        }
-        if (h1 < G) {
-            ACC_OUT[(row * G + h1) * D + dim] = acc[mt][1];
-            ACC_OUT[(row * G + h1) * D + dim + 1] = acc[mt][3];
-        }
-    }
+    write_partials(M_OUT, L_OUT, ACC_OUT, (i64)bh * num_splits + split, G, gid, tid, m0, m1, l0, l1, acc);
 }
 """

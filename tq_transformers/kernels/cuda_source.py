@@ -125,6 +125,86 @@ __device__ __forceinline__ u32 broadcast2(u16 h) {  /* an fp16 metadata value as
     return (u32)h | ((u32)h << 16);
 #endif
 }
+/* The split kernels' shared steps (codebook and affine): one home each. */
+__device__ __forceinline__ void load_tables(u32* tk, u32* tv, const u32* table_k, const u32* table_v) {
+    /* the byte tables into shared memory, KREPL / VREPL copies (entry = byte, copy, word), then a barrier */
+    for (int e = threadIdx.x; e < 256 * 32; e += NWARPS * 32) {
+        int byte = e / 32, rest = e % 32;
+        tk[e] = table_k[byte * KWORDS + rest % KWORDS];
+        if (!SAME_TABLE) tv[e] = table_v[byte * VWORDS + rest % VWORDS];
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ void tile_mask(int t0, int gid, int end, const u8* mrow, int stride_mn, bool& ok0,
+                                          bool& ok1) {
+    /* whether this lane's key rows t0 + gid and t0 + gid + 8 are inside the split and not padding */
+    ok0 = t0 + gid < end;
+    ok1 = t0 + gid + 8 < end;
+    if (mrow) {
+        ok0 = ok0 && mrow[(i64)(t0 + gid) * stride_mn] != 0;
+        ok1 = ok1 && mrow[(i64)(t0 + gid + 8) * stride_mn] != 0;
+    }
+}
+
+__device__ __forceinline__ void online_softmax(const float* s, float& m0, float& m1, float& l0, float& l1,
+                                               float& a0, float& a1, float* p) {
+    /* flash attention's running max m and sum l of heads 2tid, 2tid+1 over one 16-token tile: s = the lane's scores
+       S^T (base 2, NEG_INF where masked); out: the probabilities p and the rescale a0 / a1 of the running sums */
+    float x0 = fmaxf(s[0], s[2]), x1 = fmaxf(s[1], s[3]);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, o));
+        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, o));
+    }
+    const float mn0 = fmaxf(m0, x0), mn1 = fmaxf(m1, x1);
+    const float ms0 = mn0 == NEG_INF ? 0.f : mn0, ms1 = mn1 == NEG_INF ? 0.f : mn1;
+    a0 = fast_exp2(m0 - ms0);
+    a1 = fast_exp2(m1 - ms1);
+    p[0] = fast_exp2(s[0] - ms0); p[1] = fast_exp2(s[1] - ms1);
+    p[2] = fast_exp2(s[2] - ms0); p[3] = fast_exp2(s[3] - ms1);
+    l0 = l0 * a0 + p[0] + p[2];
+    l1 = l1 * a1 + p[1] + p[3];
+    m0 = mn0; m1 = mn1;
+}
+
+__device__ __forceinline__ void accumulate_pv(float (*acc)[4], u32 (*v)[VREGS], float a0, float a1, u32 pb0,
+                                              u32 pb1) {
+    /* O^T [D x 8 heads] = O^T * rescale + V^T P^T: v = the four value rows' decoded pairs, pb = P^T as B fragments */
+#pragma unroll
+    for (int mt = 0; mt < VREGS; ++mt) {
+        acc[mt][0] *= a0; acc[mt][1] *= a1; acc[mt][2] *= a0; acc[mt][3] *= a1;
+        mma(acc[mt], prmt(v[0][mt], v[1][mt], 0x5410), prmt(v[0][mt], v[1][mt], 0x7632),
+            prmt(v[2][mt], v[3][mt], 0x5410), prmt(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
+    }
+}
+
+__device__ __forceinline__ void write_partials(float* m_out, float* l_out, float* acc_out, i64 row, int G, int gid,
+                                               int tid, float m0, float m1, float l0, float l1, float (*acc)[4]) {
+    /* the split's partial (max, sum, unnormalized output) of heads 2tid, 2tid+1 into row `row` of the outputs */
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffff, l0, o);
+        l1 += __shfl_xor_sync(0xffffffff, l1, o);
+    }
+    const int h0 = 2 * tid, h1 = 2 * tid + 1;
+    if (gid == 0) {
+        if (h0 < G) { m_out[row * G + h0] = m0; l_out[row * G + h0] = l0; }
+        if (h1 < G) { m_out[row * G + h1] = m1; l_out[row * G + h1] = l1; }
+    }
+#pragma unroll
+    for (int mt = 0; mt < VREGS; ++mt) {
+        const int dim = gid * (D / 8) + 2 * mt;
+        if (h0 < G) {
+            acc_out[(row * G + h0) * D + dim] = acc[mt][0];
+            acc_out[(row * G + h0) * D + dim + 1] = acc[mt][2];
+        }
+        if (h1 < G) {
+            acc_out[(row * G + h1) * D + dim] = acc[mt][1];
+            acc_out[(row * G + h1) * D + dim + 1] = acc[mt][3];
+        }
+    }
+}
 """
 
 CODEBOOK_SPLIT_SOURCE = PRELUDE + r"""
@@ -157,12 +237,7 @@ extern "C" __global__ void BOUNDS codebook_split(
     extern __shared__ u32 smem[];
     u32* tk = smem;
     u32* tv = SAME_TABLE ? smem : smem + 256 * 32;
-    for (int e = threadIdx.x; e < 256 * 32; e += NWARPS * 32) {  /* entry (byte, copy, word) */
-        int byte = e / 32, rest = e % 32;
-        tk[e] = TABLE_K[byte * KWORDS + rest % KWORDS];
-        if (!SAME_TABLE) tv[e] = TABLE_V[byte * VWORDS + rest % VWORDS];
-    }
-    __syncthreads();
+    load_tables(tk, tv, TABLE_K, TABLE_V);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tid = lane & 3;
     const int split = blockIdx.x * NWARPS + warp;
@@ -226,11 +301,8 @@ extern "C" __global__ void BOUNDS codebook_split(
 #endif
         const float kn0 = half_to_float(cur.kn0), kn1 = half_to_float(cur.kn1);
         const float vn0 = half_to_float(cur.vn0), vn1 = half_to_float(cur.vn1);
-        bool ok0 = t0 + gid < end, ok1 = t0 + gid + 8 < end;
-        if (mrow) {
-            ok0 = ok0 && mrow[(i64)(t0 + gid) * stride_mn] != 0;
-            ok1 = ok1 && mrow[(i64)(t0 + gid + 8) * stride_mn] != 0;
-        }
+        bool ok0, ok1;
+        tile_mask(t0, gid, end, mrow, stride_mn, ok0, ok1);
         /* scores S^T [16 tokens x 8 heads] */
         u32 k0[KREGS], k1[KREGS];
         decode<KBYTES, KWORDS, KREPL>(cur.k0, tk, lane, k0);
@@ -246,58 +318,20 @@ extern "C" __global__ void BOUNDS codebook_split(
         s[1] = ok0 ? (s[1] * kn0 + qmu1) * sm_scale_log2 : NEG_INF;
         s[2] = ok1 ? (s[2] * kn1 + qmu0) * sm_scale_log2 : NEG_INF;
         s[3] = ok1 ? (s[3] * kn1 + qmu1) * sm_scale_log2 : NEG_INF;
-        float x0 = fmaxf(s[0], s[2]), x1 = fmaxf(s[1], s[3]);
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-            x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, o));
-            x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, o));
-        }
-        const float mn0 = fmaxf(m0, x0), mn1 = fmaxf(m1, x1);
-        const float ms0 = mn0 == NEG_INF ? 0.f : mn0, ms1 = mn1 == NEG_INF ? 0.f : mn1;
-        const float a0 = fast_exp2(m0 - ms0), a1 = fast_exp2(m1 - ms1);
-        const float p0 = fast_exp2(s[0] - ms0), p1 = fast_exp2(s[1] - ms1);
-        const float p2 = fast_exp2(s[2] - ms0), p3 = fast_exp2(s[3] - ms1);
-        l0 = l0 * a0 + p0 + p2;
-        l1 = l1 * a1 + p1 + p3;
-        m0 = mn0; m1 = mn1;
+        float a0, a1, p[4];
+        online_softmax(s, m0, m1, l0, l1, a0, a1, p);
+        const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
         const u32 pb0 = transpose8x8(pack2(p0 * vn0, p1 * vn0));
         const u32 pb1 = transpose8x8(pack2(p2 * vn1, p3 * vn1));
         /* values: O^T [D x 8 heads] += V^T P^T */
         u32 v[4][VREGS];
 #pragma unroll
         for (int i = 0; i < 4; ++i) decode<VBYTES, VWORDS, VREPL>(cur.v[i], tv, lane, v[i]);
-#pragma unroll
-        for (int mt = 0; mt < VREGS; ++mt) {
-            acc[mt][0] *= a0; acc[mt][1] *= a1; acc[mt][2] *= a0; acc[mt][3] *= a1;
-            mma(acc[mt], prmt(v[0][mt], v[1][mt], 0x5410), prmt(v[0][mt], v[1][mt], 0x7632),
-                prmt(v[2][mt], v[3][mt], 0x5410), prmt(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
-        }
+        accumulate_pv(acc, v, a0, a1, pb0, pb1);
 #if PREFETCH
         cur = nxt;
 #endif
     }
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffff, l0, o);
-        l1 += __shfl_xor_sync(0xffffffff, l1, o);
-    }
-    const i64 row = (i64)bh * num_splits + split;
-    const int h0 = 2 * tid, h1 = 2 * tid + 1;
-    if (gid == 0) {
-        if (h0 < G) { M_OUT[row * G + h0] = m0; L_OUT[row * G + h0] = l0; }
-        if (h1 < G) { M_OUT[row * G + h1] = m1; L_OUT[row * G + h1] = l1; }
-    }
-#pragma unroll
-    for (int mt = 0; mt < VREGS; ++mt) {
-        const int dim = gid * (D / 8) + 2 * mt;
-        if (h0 < G) {
-            ACC_OUT[(row * G + h0) * D + dim] = acc[mt][0];
-            ACC_OUT[(row * G + h0) * D + dim + 1] = acc[mt][2];
-        }
-        if (h1 < G) {
-            ACC_OUT[(row * G + h1) * D + dim] = acc[mt][1];
-            ACC_OUT[(row * G + h1) * D + dim + 1] = acc[mt][3];
-        }
-    }
+    write_partials(M_OUT, L_OUT, ACC_OUT, (i64)bh * num_splits + split, G, gid, tid, m0, m1, l0, l1, acc);
 }
 """
