@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "needle": {
         "enabled": True,
         "haystack": "kjv",
-        "lengths": [1024, 2048],
+        "lengths": [1024],
         "depths": [0.1, 0.5, 0.9],
         "needle": "The secret passcode is 7-4-1-9-3.",
         "answer": "7-4-1-9-3",
@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "agreement": {
         "enabled": True,
         "data": "debian-handbook",
-        "num_prompts": 3,
+        "num_prompts": 2,
         "prompt_length": 512,
         "new_tokens": 24,
     },
