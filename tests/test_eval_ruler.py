@@ -38,7 +38,8 @@ def tasks():
 # ---------------------------------------------------------------- scoring
 def test_string_match_all_is_rulers_score():
     assert ruler_scoring.string_match_all(["the values are 12 and 34"], [["12", "34"]]) == 100.0
-    assert ruler_scoring.string_match_all(["only 12", "ABC-def here"], [["12", "34"], ["abc-DEF"]]) == 75.0  # (1/2 + 1) / 2
+    score = ruler_scoring.string_match_all(["only 12", "ABC-def here"], [["12", "34"], ["abc-DEF"]])
+    assert score == 75.0  # (1/2 + 1) / 2
     assert ruler_scoring.string_match_all(["nothing"], [["x"]]) == 0.0
     with pytest.raises(ValueError, match="predictions and references must be non-empty and of one length"):
         ruler_scoring.string_match_all(["a"], [])

@@ -7,11 +7,12 @@ import io
 
 import pytest
 import torch
-from cases import build_tiny
 
 from tq_transformers.evaluation import config as eval_config
 from tq_transformers.evaluation import ruler
 from tq_transformers.evaluation.runner import MethodSpec
+
+from cases import build_tiny
 
 # Prompt lengths of the padded batches: the shorter two are left-padded by 128 and 256 tokens, multiples of every
 # flush and group size below (so a quantized row's window and groups line up as when it runs alone). The settings

@@ -4,8 +4,8 @@
     metric = evaluate.load("<path to>/tq_transformers/evaluation/ruler_metric.py")
     metric.compute(predictions=["... 1234567 ..."], references=[["1234567"]])  # {"string_match_all": 100.0}
 
-The score itself is `tq_transformers.evaluation.ruler_scoring.string_match_all` (one home for the math); this module gives it
-``evaluate``'s interface (typed inputs, batching with ``add_batch``, the metric card below).
+The score itself is `tq_transformers.evaluation.ruler_scoring.string_match_all` (one home for the math); this module
+gives it ``evaluate``'s interface (typed inputs, batching with ``add_batch``, the metric card below).
 """
 
 import datasets
