@@ -10,7 +10,7 @@ import torch
 import yaml
 from test_eval_quick import tiny_model_dir  # noqa: F401  (the tiny random Llama folder fixture)
 
-from tq_transformers.evaluation import cli, ruler
+from tq_transformers.evaluation import cli, ruler, ruler_scoring, ruler_tasks
 from tq_transformers.evaluation import config as eval_config
 from tq_transformers.evaluation.data import load_text
 from tq_transformers.evaluation.runner import MethodSpec
@@ -28,31 +28,32 @@ class CharTokenizer:
 @pytest.fixture(scope="module")
 def sources():
     rcfg = eval_config.DEFAULTS["ruler"]
-    return ruler.Sources(load_text(rcfg["haystack"]), load_text(rcfg["words"]))
+    return ruler_tasks.Sources(load_text(rcfg["haystack"]), load_text(rcfg["words"]))
 
 
 def tasks():
-    return {t.name: t for t in ruler.tasks_from_config(eval_config.DEFAULTS["ruler"])}
+    return {t.name: t for t in ruler_tasks.tasks_from_config(eval_config.DEFAULTS["ruler"])}
 
 
 # ---------------------------------------------------------------- scoring
 def test_string_match_all_is_rulers_score():
-    assert ruler.string_match_all(["the values are 12 and 34"], [["12", "34"]]) == 100.0
-    assert ruler.string_match_all(["only 12", "ABC-def here"], [["12", "34"], ["abc-DEF"]]) == 75.0  # (1/2 + 1) / 2
-    assert ruler.string_match_all(["nothing"], [["x"]]) == 0.0
+    assert ruler_scoring.string_match_all(["the values are 12 and 34"], [["12", "34"]]) == 100.0
+    score = ruler_scoring.string_match_all(["only 12", "ABC-def here"], [["12", "34"], ["abc-DEF"]])
+    assert score == 75.0  # (1/2 + 1) / 2
+    assert ruler_scoring.string_match_all(["nothing"], [["x"]]) == 0.0
     with pytest.raises(ValueError, match="predictions and references must be non-empty and of one length"):
-        ruler.string_match_all(["a"], [])
+        ruler_scoring.string_match_all(["a"], [])
     with pytest.raises(ValueError, match="references must hold at least one"):
-        ruler.string_match_all(["a"], [[]])
-    assert ruler.postprocess("  1234\x00567\n ") == "1234\n567"
+        ruler_scoring.string_match_all(["a"], [[]])
+    assert ruler_scoring.postprocess("  1234\x00567\n ") == "1234\n567"
 
 
 def test_evaluate_metric_module_gives_the_same_score():
     pytest.importorskip("evaluate")
     preds, refs = ["a 1234567 b", "UUID ab-cd", "none"], [["1234567", "7654321"], ["ab-cd"], ["q"]]
-    direct = ruler.score(preds, refs, use_evaluate=False)
+    direct = ruler_scoring.score(preds, refs, use_evaluate=False)
     assert direct == pytest.approx(50.0)
-    assert ruler.score(preds, refs, use_evaluate=True) == pytest.approx(direct)
+    assert ruler_scoring.score(preds, refs, use_evaluate=True) == pytest.approx(direct)
 
 
 # ---------------------------------------------------------------- generation
@@ -66,11 +67,11 @@ def test_standard_tasks_follow_ruler(sources):
 
 @pytest.mark.parametrize("length", [1024, 4096])
 def test_every_sample_fits_its_budget_and_holds_its_answers(sources, length):
-    fmt = ruler.PromptFormat(CharTokenizer(), "auto")
+    fmt = ruler_tasks.PromptFormat(CharTokenizer(), "auto")
     assert not fmt.chat
     for task in tasks().values():
-        budget = ruler.generation_budget(task, eval_config.DEFAULTS["ruler"])
-        samples = ruler.make_samples(task, sources, fmt, length, 2, 42, budget)
+        budget = ruler_tasks.generation_budget(task, eval_config.DEFAULTS["ruler"])
+        samples = ruler_tasks.make_samples(task, sources, fmt, length, 2, 42, budget)
         for s in samples:
             assert s.prompt_tokens <= length - budget
             assert s.prompt_tokens > 0.8 * (length - budget), (task.name, s.prompt_tokens)  # the haystack fills it
@@ -98,21 +99,21 @@ def test_every_sample_fits_its_budget_and_holds_its_answers(sources, length):
 
 
 def test_samples_are_deterministic_from_the_seed(sources):
-    fmt = ruler.PromptFormat(CharTokenizer(), "plain")
+    fmt = ruler_tasks.PromptFormat(CharTokenizer(), "plain")
     task = tasks()["niah_multivalue"]
-    a = ruler.make_samples(task, sources, fmt, 2048, 2, 7, 128)
-    b = ruler.make_samples(task, sources, fmt, 2048, 2, 7, 128)
-    c = ruler.make_samples(task, sources, fmt, 2048, 2, 8, 128)
+    a = ruler_tasks.make_samples(task, sources, fmt, 2048, 2, 7, 128)
+    b = ruler_tasks.make_samples(task, sources, fmt, 2048, 2, 7, 128)
+    c = ruler_tasks.make_samples(task, sources, fmt, 2048, 2, 8, 128)
     assert [s.text for s in a] == [s.text for s in b] and a[0].references == b[0].references
     assert a[0].references != c[0].references
 
 
 def test_single_needle_wording_is_singular(sources):
-    fmt = ruler.PromptFormat(CharTokenizer(), "plain")
-    single = ruler.make_samples(tasks()["niah_single_3"], sources, fmt, 1024, 1, 42, 128)[0]
+    fmt = ruler_tasks.PromptFormat(CharTokenizer(), "plain")
+    single = ruler_tasks.make_samples(tasks()["niah_single_3"], sources, fmt, 1024, 1, 42, 128)[0]
     assert single.text.startswith("A special magic uuid is hidden within the following text.")
     assert single.answer_prefix.startswith(" The special magic uuid for ") and single.answer_prefix.endswith(" is")
-    multi = ruler.make_samples(tasks()["niah_multiquery"], sources, fmt, 1024, 1, 42, 128)[0]
+    multi = ruler_tasks.make_samples(tasks()["niah_multiquery"], sources, fmt, 1024, 1, 42, 128)[0]
     assert multi.text.startswith("Some special magic numbers are hidden") and ", and " in multi.answer_prefix
     assert len(multi.references) == 4
 
@@ -125,17 +126,17 @@ def test_words_are_whole_lowercase_words(sources):
 def test_bad_task_settings_name_the_key():
     rcfg = eval_config.DEFAULTS["ruler"]
     with pytest.raises(ValueError, match="ruler.tasks.x.kind must be one of"):
-        ruler.tasks_from_config({**rcfg, "tasks": {"x": {"kind": "qa"}}})
+        ruler_tasks.tasks_from_config({**rcfg, "tasks": {"x": {"kind": "qa"}}})
     with pytest.raises(ValueError, match=r"ruler.tasks.x arguments must be among .* got \['num_hops'\]"):
-        ruler.tasks_from_config({**rcfg, "tasks": {"x": {"kind": "niah", "num_hops": 2}}})
+        ruler_tasks.tasks_from_config({**rcfg, "tasks": {"x": {"kind": "niah", "num_hops": 2}}})
     with pytest.raises(ValueError, match="ruler.tasks.x.type_needle_v must be one of"):
-        ruler.tasks_from_config({**rcfg, "tasks": {"x": {"kind": "niah", "type_needle_v": "colours"}}})
+        ruler_tasks.tasks_from_config({**rcfg, "tasks": {"x": {"kind": "niah", "type_needle_v": "colours"}}})
     with pytest.raises(ValueError, match="ruler.only must name tasks"):
-        ruler.tasks_from_config({**rcfg, "only": ["nope"]})
+        ruler_tasks.tasks_from_config({**rcfg, "only": ["nope"]})
     with pytest.raises(ValueError, match="ruler.template must be one of"):
-        ruler.PromptFormat(CharTokenizer(), "jinja")
+        ruler_tasks.PromptFormat(CharTokenizer(), "jinja")
     with pytest.raises(ValueError, match="tokenizer has no chat template"):
-        ruler.PromptFormat(CharTokenizer(), "chat")
+        ruler_tasks.PromptFormat(CharTokenizer(), "chat")
     bad = eval_config.merge(eval_config.DEFAULTS, {"ruler": {"max_new_tokens": {"niah": 0}}})
     with pytest.raises(ValueError, match="ruler.max_new_tokens.niah must be a positive integer or null, got 0"):
         eval_config.validate(bad)
@@ -145,9 +146,9 @@ def test_bad_task_settings_name_the_key():
 
 
 def test_too_short_length_is_a_clear_error(sources):
-    fmt = ruler.PromptFormat(CharTokenizer(), "plain")
+    fmt = ruler_tasks.PromptFormat(CharTokenizer(), "plain")
     with pytest.raises(ValueError, match="ruler lengths must leave room for the vt prompt: 200 tokens"):
-        ruler.make_samples(tasks()["vt"], sources, fmt, 200, 1, 42, 30)
+        ruler_tasks.make_samples(tasks()["vt"], sources, fmt, 200, 1, 42, 30)
 
 
 # ---------------------------------------------------------------- end to end on a tiny random Llama

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ruler-lengths", help="comma-separated RULER lengths in tokens, replacing the config's (e.g. "
                    "4096,8192: split a long GPU run into parts)")
     p.add_argument("--ruler-samples", type=int, help="RULER samples per task and length, replacing the config's")
+    p.add_argument("--ruler-batch-size", type=int, help="RULER samples per batched generate (1: no padding), "
+                   "replacing the config's")
+    p.add_argument("--ruler-fast", action="store_true", help="RULER: decode each quantized cache on its fast path "
+                   "(fused kernels on CUDA), one generate per cache (sets ruler.fast, clears ruler.side_by_side)")
     p.add_argument("--ruler-tasks", help="comma-separated RULER task names to run (default: the config's)")
     p.add_argument("--output-dir", help="results folder (default: results/<config name>)")
     return p
@@ -109,6 +113,10 @@ def build_config(args: argparse.Namespace) -> dict:
             raise ValueError(f"ruler-lengths must be comma-separated integers, got {args.ruler_lengths!r}") from None
     if args.ruler_samples is not None:
         cfg["ruler"]["num_samples"] = args.ruler_samples
+    if args.ruler_batch_size is not None:
+        cfg["ruler"]["batch_size"] = args.ruler_batch_size
+    if args.ruler_fast:
+        cfg["ruler"]["fast"], cfg["ruler"]["side_by_side"] = True, False
     if args.ruler_tasks:
         cfg["ruler"]["only"] = [t.strip() for t in args.ruler_tasks.split(",") if t.strip()]
     if args.max_length is not None:

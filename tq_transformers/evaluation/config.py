@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import parse_dtype
-from .ruler import KINDS, STANDARD_TASKS, tasks_from_config
+from .ruler_tasks import KINDS, STANDARD_TASKS, tasks_from_config
 from .runner import REFERENCE, MethodSpec
 from .util import describe
 
@@ -64,6 +64,10 @@ DEFAULTS: dict[str, Any] = {
         "seed": 42,
         "template": "auto",
         "prefill_chunk": 1024,
+        "batch_size": 4,
+        "max_batch_tokens": None,
+        "side_by_side": True,
+        "fast": False,
         "use_evaluate": True,
         "max_new_tokens": {},
         "only": None,
@@ -160,7 +164,7 @@ _POSITIVE_INTS = {
     "perplexity": ("segments", "context_length", "continuation_length", "chunk_size"),
     "needle": ("max_new_tokens",),
     "agreement": ("num_prompts", "prompt_length", "new_tokens"),
-    "ruler": ("num_samples", "prefill_chunk"),
+    "ruler": ("num_samples", "prefill_chunk", "batch_size"),
     "projection": ("seq_len", "batch_size"),
 }
 
@@ -208,6 +212,15 @@ def validate_ruler(rcfg: dict) -> dict:
         raise ValueError(f"ruler.lengths must be a non-empty list of positive integers, got {lengths!r}")
     if isinstance(rcfg["seed"], bool) or not isinstance(rcfg["seed"], int) or rcfg["seed"] < 0:
         raise ValueError(f"ruler.seed must be a non-negative integer, got {rcfg['seed']!r}")
+    cap = rcfg["max_batch_tokens"]
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"ruler.max_batch_tokens must be a positive integer or null, got {cap!r}")
+    for key in ("side_by_side", "fast"):
+        if not isinstance(rcfg[key], bool):
+            raise TypeError(f"ruler.{key} must be true or false, got {describe(rcfg[key])}")
+    if rcfg["fast"] and rcfg["side_by_side"]:
+        raise ValueError("ruler.side_by_side must be false with ruler.fast: true (the fused attention reads one cache "
+                         "a generate), got side_by_side: true")
     if not isinstance(rcfg["use_evaluate"], bool):
         raise TypeError(f"ruler.use_evaluate must be true or false, got {describe(rcfg['use_evaluate'])}")
     budgets = rcfg["max_new_tokens"] or {}

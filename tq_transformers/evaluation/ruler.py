@@ -1,527 +1,34 @@
-"""RULER-style synthetic long-context tasks (Hsieh et al., 2024, "RULER: What's the Real Context Size of Your
-Long-Context Language Models?", arXiv 2404.06654), generated from the shared real texts, and their scoring.
+"""Running the RULER-style suite (tasks: :mod:`.ruler_tasks`, scoring: :mod:`.ruler_scoring`): greedy `generate` on
+the real model through a fresh cache of every setting, in left-padded batches of samples.
 
-The task definitions, prompt templates, answer prefixes, generation budgets and the string-match score follow the
-paper and its public task generators (NVIDIA/RULER, ``scripts/data/synthetic`` and ``scripts/synthetic.yaml``):
+For one (task, length) the samples are cut into batches of `batch_rows` prompts (``ruler.batch_size``, bounded by
+``ruler.max_batch_tokens``), longest first. A batch is left-padded to its longest prompt; its first T - 1 tokens are
+prefilled once in full precision (chunks of ``ruler.prefill_chunk``, the attention mask and the padded positions
+passed as `generate` would) and replayed into a fresh cache of every setting; then `model.generate` feeds the last
+prompt token and every generated token through each cache (one batched generate for all caches, one block of rows
+per cache, with ``ruler.side_by_side``; else one generate per cache), stopping each row at the end-of-sequence token.
 
-- ``niah``: needles "One of the special magic {kind} for {key} is: {value}." hidden in a haystack; the question asks
-  for every value of the queried key(s). Haystacks: ``essay`` (real text: RULER uses Paul Graham's essays, here one of
-  the shared long texts, cut at sentence boundaries), ``noise`` (RULER's repeated "The grass is green. ..."), or
-  ``needle`` (distractor needles of random keys, RULER's multikey_2/3). Keys and values are ``numbers`` (7 digits),
-  ``words`` (two real words joined by a hyphen, like RULER's adjective-noun pairs) or ``uuids``. Several keys
-  (distractors), several values per key (multivalue) or several queried keys (multiquery).
-- ``variable_tracking``: chains "VAR X = 12345", "VAR Y = VAR X", ... (num_hops assignments) hidden in the noise
-  haystack; the answer is every variable of the chain. One short solved example comes first, as in RULER.
-- ``common_words_extraction``: a numbered list of real words where 10 words repeat often (30 times, 3 for the others;
-  6 and 1 below 4K tokens) and the answer is those 10 words; one short solved example comes first.
-- ``freq_words_extraction``: coded 6-letter words drawn from a Zipf law (alpha 2); the answer is the 3 most frequent
-  (the most frequent, written '...', is noise and excluded).
-
-Each prompt holds at most ``length - tokens_to_generate`` tokens (RULER's budget: prompt plus generation fit the
-length), found by binary search on the haystack size with the model's tokenizer, chat template included. Every
-sample is a pure function of (seed, task, length, sample index). Scoring is RULER's ``string_match_all``: the share of
-expected values contained (case-insensitively) in the output, in percent; :mod:`.ruler_metric` serves it as an
-``evaluate`` metric module loaded from this package (no hub).
+Padding and the quantized caches: the pad tokens are masked out of attention, so the full-precision reference gives
+the same answers batched or alone (tested). A quantized cache also stores the pad tokens of its rows: they move the
+window boundary and KIVI's key groups by the padding, enter the centering mean of the first quantized tokens
+(TurboQuant's default, Bonsai improved), and take the places of sink tokens (``sink_tokens``: a padded row's sinks
+are pads). A row's answer equals its unbatched one exactly when its padding is a multiple of every flush and group
+size, with neither centering nor sinks (tested); otherwise it may differ, as in any padded serving batch. Samples are
+batched longest first and the suite records each sample's padding (``padding`` in the suite's samples), so its share
+can be judged; ``batch_size: 1`` runs without padding.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import random
-import re
-import string
-import uuid
-from collections import Counter
+import contextlib
 from typing import Any
 
-from .util import describe
+import torch
 
-# ----------------------------------------------------------------------------------------------------------------
-# Templates (RULER scripts/data/synthetic/constants.py)
-# ----------------------------------------------------------------------------------------------------------------
-#: Per task kind: the prompt template ({context}, {query} and kind-specific fields), the answer prefix appended after
-#: the model's turn starts, and RULER's generation budget in tokens.
-KINDS: dict[str, dict[str, Any]] = {
-    "niah": {
-        "template": "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize "
-                    "it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special "
-                    "magic {type_needle_v} for {query} mentioned in the provided text?",
-        "answer_prefix": " The special magic {type_needle_v} for {query} mentioned in the provided text are",
-        "tokens_to_generate": 128,
-    },
-    "variable_tracking": {
-        "template": "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-                    "{context}\nQuestion: Find all variables that are assigned the value {query} in the text above.",
-        "answer_prefix": " Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
-                         "variables are assigned the value {query}, they are: ",
-        "tokens_to_generate": 30,
-    },
-    "common_words_extraction": {
-        "template": "Below is a numbered list of words. In these words, some appear more often than others. Memorize "
-                    "the ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the "
-                    "above list?",
-        "answer_prefix": " Answer: The top 10 words that appear most often in the list are:",
-        "tokens_to_generate": 120,
-    },
-    "freq_words_extraction": {
-        "template": "Read the following coded text and track the frequency of each coded word. Find the three most "
-                    "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please "
-                    "ignore the dots '....'. What are the three most frequently appeared words in the above coded "
-                    "text?",
-        "answer_prefix": " Answer: According to the coded text above, the three most frequently appeared words are:",
-        "tokens_to_generate": 50,
-    },
-}
+from .ruler_scoring import score
+from .ruler_tasks import PromptFormat, RulerTask, Sample, Sources, generation_budget, make_samples, tasks_from_config
 
-#: The noise haystack sentence of RULER's niah and variable-tracking tasks.
-NOISE_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-#: The needle sentence of the niah tasks.
-NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
-#: Needle depths (percent of the haystack's sentences before the needle), as in RULER: 40 evenly spaced, 0..100.
-DEPTHS = [round(100 * i / 39) for i in range(40)]
-#: Digits of a "numbers" needle value (RULER: 7).
-NUMBER_DIGITS = 7
-#: Letters of a variable name (RULER: 5) and digits of the tracked value (RULER: 10000-99999).
-VAR_LETTERS, VAR_VALUE_RANGE = 5, (10000, 99999)
-#: cwe: common words (RULER's num_cw), and below RULER's 4096-token switch, (common, uncommon) repeats of the list
-#: and of its solved example; at or above it the config's freq_cw / freq_ucw apply and the example uses 10 / 3.
-CWE_SHORT_LENGTH = 4096
-CWE_SHORT_REPEATS, CWE_SHORT_EXAMPLE = (6, 1), (20, 3, 1)
-CWE_LONG_EXAMPLE = (40, 10, 3)
-#: fwe: coded word length, vocabulary size and answers (RULER: 6, 2000, the 3 most frequent after the noise word).
-FWE_WORD_LEN, FWE_VOCAB, FWE_ANSWERS = 6, 2000, 3
-#: vt: the solved example's noise sentences (RULER builds it at a 500-token budget; a handful of sentences).
-VT_EXAMPLE_NOISE = 5
-#: Real words for keys, values and the cwe list: lowercase letters only, this many letters, seen this often.
-WORD_LETTERS, WORD_MIN_COUNT = (4, 10), 3
-#: The least material accepted: haystack words and distinct vocabulary words.
-MIN_HAYSTACK_WORDS, MIN_VOCABULARY = 1000, 100
 
-#: The standard RULER synthetic suite (scripts/synthetic.yaml, without the two QA tasks, which need SQuAD/HotpotQA)
-#: plus one single needle with a word value. Per task: its kind and arguments.
-STANDARD_TASKS: dict[str, dict[str, Any]] = {
-    "niah_single_1": {"kind": "niah", "type_haystack": "noise", "type_needle_k": "words", "type_needle_v": "numbers"},
-    "niah_single_2": {"kind": "niah", "type_haystack": "essay", "type_needle_k": "words", "type_needle_v": "numbers"},
-    "niah_single_3": {"kind": "niah", "type_haystack": "essay", "type_needle_k": "words", "type_needle_v": "uuids"},
-    "niah_single_word": {"kind": "niah", "type_haystack": "essay", "type_needle_k": "words", "type_needle_v": "words"},
-    "niah_multikey_1": {"kind": "niah", "type_haystack": "essay", "type_needle_k": "words", "type_needle_v": "numbers",
-                        "num_needle_k": 4},
-    "niah_multikey_2": {"kind": "niah", "type_haystack": "needle", "type_needle_k": "words",
-                        "type_needle_v": "numbers"},
-    "niah_multikey_3": {"kind": "niah", "type_haystack": "needle", "type_needle_k": "uuids", "type_needle_v": "uuids"},
-    "niah_multivalue": {"kind": "niah", "type_haystack": "essay", "type_needle_k": "words", "type_needle_v": "numbers",
-                        "num_needle_v": 4},
-    "niah_multiquery": {"kind": "niah", "type_haystack": "essay", "type_needle_k": "words", "type_needle_v": "numbers",
-                        "num_needle_q": 4},
-    "vt": {"kind": "variable_tracking", "num_chains": 1, "num_hops": 4},
-    "cwe": {"kind": "common_words_extraction", "freq_cw": 30, "freq_ucw": 3, "num_cw": 10},
-    "fwe": {"kind": "freq_words_extraction", "alpha": 2.0},
-}
-
-_NIAH_DEFAULTS = {"type_haystack": "essay", "type_needle_k": "words", "type_needle_v": "numbers", "num_needle_k": 1,
-                  "num_needle_v": 1, "num_needle_q": 1}
-_KIND_DEFAULTS = {
-    "niah": _NIAH_DEFAULTS,
-    "variable_tracking": {"num_chains": 1, "num_hops": 4},
-    "common_words_extraction": {"freq_cw": 30, "freq_ucw": 3, "num_cw": 10},
-    "freq_words_extraction": {"alpha": 2.0},
-}
-_HAYSTACKS = ("essay", "noise", "needle")
-_NEEDLE_TYPES = ("numbers", "words", "uuids")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring (RULER scripts/eval/synthetic/constants.py)
-# ----------------------------------------------------------------------------------------------------------------
-def postprocess(prediction: str) -> str:
-    """RULER's clean-up of a generated answer: control characters become newlines, then strip."""
-    return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
-
-
-def string_match_all(predictions: list[str], references: list[list[str]]) -> float:
-    """RULER's score: mean over samples of the share of a sample's references contained (case-insensitively) in its
-    prediction, in percent (0-100)."""
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"predictions and references must be non-empty and of one length, got {len(predictions)} and "
-                         f"{len(references)}")
-    total = 0.0
-    for pred, refs in zip(predictions, references):
-        if not refs:
-            raise ValueError(f"references must hold at least one expected value per sample, got {refs!r}")
-        pred = pred.lower()
-        total += sum(r.lower() in pred for r in refs) / len(refs)
-    return 100.0 * total / len(predictions)
-
-
-def score(predictions: list[str], references: list[list[str]], use_evaluate: bool = True) -> float:
-    """`string_match_all` of the post-processed predictions, through the ``evaluate`` metric module of this package
-    (:mod:`.ruler_metric`, loaded from its file: no hub) when ``use_evaluate`` is set."""
-    preds = [postprocess(p) for p in predictions]
-    if not use_evaluate:
-        return string_match_all(preds, references)
-    return float(load_metric().compute(predictions=preds, references=references)["string_match_all"])
-
-
-_METRIC = None
-
-
-def load_metric():
-    """The RULER string-match metric as an ``evaluate`` module (``evaluate.load`` on this package's script)."""
-    global _METRIC
-    if _METRIC is None:
-        from pathlib import Path
-
-        try:
-            import evaluate
-        except ImportError as e:
-            raise ImportError("RULER scoring uses the 'evaluate' package: pip install 'tq_transformers[eval]'") from e
-        _METRIC = evaluate.load(str(Path(__file__).with_name("ruler_metric.py")))
-    return _METRIC
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tasks
-# ----------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RulerTask:
-    """One task of the suite: a `name`, its `kind` (a key of `KINDS`) and the kind's arguments (`args`)."""
-
-    name: str
-    kind: str
-    args: dict
-
-    @classmethod
-    def from_config(cls, name: str, entry: dict) -> RulerTask:
-        """A task from a config entry ``{kind: ..., <argument>: ...}``; missing arguments take RULER's defaults."""
-        if not isinstance(entry, dict) or "kind" not in entry:
-            raise ValueError(f"ruler.tasks.{name} must be a mapping with a 'kind' key, got {describe(entry)}")
-        kind = entry["kind"]
-        if kind not in KINDS:
-            raise ValueError(f"ruler.tasks.{name}.kind must be one of {sorted(KINDS)}, got {kind!r}")
-        args = {k: v for k, v in entry.items() if k != "kind"}
-        defaults = _KIND_DEFAULTS[kind]
-        unknown = sorted(set(args) - set(defaults))
-        if unknown:
-            raise ValueError(f"ruler.tasks.{name} arguments must be among {sorted(defaults)} for kind {kind!r}, got "
-                             f"{unknown}")
-        args = {**defaults, **args}
-        for key, value in args.items():
-            if key.startswith("type_"):
-                allowed = _HAYSTACKS if key == "type_haystack" else _NEEDLE_TYPES
-                if value not in allowed:
-                    raise ValueError(f"ruler.tasks.{name}.{key} must be one of {allowed}, got {value!r}")
-            elif key == "alpha":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 1:
-                    raise ValueError(f"ruler.tasks.{name}.alpha must be a number > 1, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ruler.tasks.{name}.{key} must be a positive integer, got {value!r}")
-        return cls(name, kind, args)
-
-    @property
-    def tokens_to_generate(self) -> int:
-        return KINDS[self.kind]["tokens_to_generate"]
-
-
-@dataclasses.dataclass
-class Sample:
-    """One prompt: the task text (template with the context), the answer prefix, and the expected values."""
-
-    task: str
-    length: int
-    index: int
-    text: str
-    answer_prefix: str
-    references: list[str]
-    prompt_tokens: int = 0
-
-
-class Sources:
-    """The real material of the suite: the essay haystack's words (whitespace-separated, in order) and a real-word
-    vocabulary."""
-
-    def __init__(self, haystack_text: str, words_text: str):
-        self.haystack = haystack_text.split()
-        counts = Counter(re.findall(r"(?<![A-Za-z])[a-z]+(?![A-Za-z])", words_text))  # whole lowercase words
-        lo, hi = WORD_LETTERS
-        self.words = sorted(w for w, c in counts.items() if lo <= len(w) <= hi and c >= WORD_MIN_COUNT)
-        if len(self.haystack) < MIN_HAYSTACK_WORDS or len(self.words) < MIN_VOCABULARY:
-            raise ValueError(f"ruler texts must give a haystack of at least {MIN_HAYSTACK_WORDS} words and "
-                             f"{MIN_VOCABULARY} distinct words, got {len(self.haystack)} and {len(self.words)}")
-
-
-def _random_value(rng: random.Random, kind: str, sources: Sources) -> str:
-    if kind == "numbers":
-        return str(rng.randint(10 ** (NUMBER_DIGITS - 1), 10 ** NUMBER_DIGITS - 1))
-    if kind == "words":
-        return f"{rng.choice(sources.words)}-{rng.choice(sources.words)}"
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
-def _essay(rng: random.Random, sources: Sources, n_words: int) -> list[str]:
-    """`n_words` consecutive words of the real text from a random start (wrapping around), cut into sentences."""
-    words = sources.haystack
-    start = rng.randrange(len(words))
-    text = " ".join(words[(start + i) % len(words)] for i in range(n_words))
-    return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
-
-
-def _insert_at_depths(rng: random.Random, sentences: list[str], inserts: list[str]) -> str:
-    """`inserts` placed between `sentences` at depths sampled (without replacement) from `DEPTHS`, joined by spaces."""
-    positions = sorted(int(len(sentences) * d / 100) for d in rng.sample(DEPTHS, len(inserts)))
-    out, last = [], 0
-    for pos, item in zip(positions, inserts):
-        out.extend(sentences[last:pos])
-        out.append(item)
-        last = pos
-    out.extend(sentences[last:])
-    return " ".join(out)
-
-
-def _insert_lines(rng: random.Random, lines: list[str], inserts: list[str]) -> str:
-    """`inserts` (in order) at random line positions among `lines`, joined by newlines."""
-    lines = list(lines)
-    for index, item in zip(sorted(rng.sample(range(len(lines) + 1), len(inserts)), reverse=True), reversed(inserts)):
-        lines.insert(index, item)
-    return "\n".join(lines)
-
-
-def _niah(rng: random.Random, args: dict, sources: Sources, size: int) -> tuple[str, str, list[str]]:
-    num_k = max(args["num_needle_k"], args["num_needle_q"])
-    kind_v = args["type_needle_v"]
-    keys, values, needles = [], [], []
-    for _ in range(num_k):
-        keys.append(_random_value(rng, args["type_needle_k"], sources))
-        values.append([_random_value(rng, kind_v, sources) for _ in range(args["num_needle_v"])])
-        needles += [NEEDLE.format(type_needle_v=kind_v, key=keys[-1], value=v) for v in values[-1]]
-    rng.shuffle(needles)
-    if args["type_haystack"] == "essay":
-        context = _insert_at_depths(rng, _essay(rng, sources, size), needles)
-    elif args["type_haystack"] == "noise":
-        context = _insert_lines(rng, [NOISE_SENTENCE] * size, needles)
-    else:
-        distractors = [NEEDLE.format(type_needle_v=kind_v, key=_random_value(rng, args["type_needle_k"], sources),
-                                     value=_random_value(rng, kind_v, sources)) for _ in range(size)]
-        context = _insert_lines(rng, distractors, needles)
-    picked = rng.sample(range(num_k), args["num_needle_q"])
-    queries = [keys[i] for i in picked]
-    answers = [v for i in picked for v in values[i]]
-    query = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + ", and " + queries[-1]
-    template, prefix = KINDS["niah"]["template"], KINDS["niah"]["answer_prefix"]
-    if args["num_needle_q"] * args["num_needle_v"] == 1:  # RULER's singular wording
-        template, prefix = (s.replace("Some", "A").replace("are all", "is").replace("are", "is")
-                            for s in (template, prefix))
-        kind_v = kind_v[:-1]
-    fields = {"type_needle_v": kind_v, "query": query}
-    return template.format(context=context, **fields), prefix.format(**fields), answers
-
-
-def _vt_chain(rng: random.Random, num_chains: int, num_hops: int) -> tuple[list[list[str]], list[list[str]]]:
-    names: list[str] = []
-    while len(names) < num_chains * (num_hops + 1):
-        name = "".join(rng.choices(string.ascii_uppercase, k=VAR_LETTERS))
-        if name not in names:
-            names.append(name)
-    chains, variables = [], []
-    for c in range(num_chains):
-        var = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
-        chain = [f"VAR {var[0]} = {rng.randint(*VAR_VALUE_RANGE)}"]
-        chain += [f"VAR {var[j + 1]} = VAR {var[j]} " for j in range(num_hops)]
-        chains.append(chain)
-        variables.append(var)
-    return variables, chains
-
-
-def _vt_text(rng: random.Random, args: dict, size: int) -> tuple[str, str, list[str]]:
-    variables, chains = _vt_chain(rng, args["num_chains"], args["num_hops"])
-    lines = [NOISE_SENTENCE] * max(size, args["num_hops"] + 1)  # room for a chain's lines at distinct positions
-    for chain in chains:
-        positions = sorted(rng.sample(range(len(lines)), len(chain)))
-        for j, (pos, item) in enumerate(zip(positions, chain)):
-            lines.insert(pos + j, item)
-    value = chains[0][0].split("=")[-1].strip()
-    fields = {"query": value, "num_v": args["num_hops"] + 1}
-    kind = KINDS["variable_tracking"]
-    context = "\n".join(lines).replace(". \n", ".\n")
-    return kind["template"].format(context=context, **fields), kind["answer_prefix"].format(**fields), variables[0]
-
-
-def _variable_tracking(rng: random.Random, args: dict, sources: Sources, size: int) -> tuple[str, str, list[str]]:
-    example, example_prefix, example_answer = _vt_text(rng, args, VT_EXAMPLE_NOISE)
-    text, prefix, answer = _vt_text(rng, args, size)
-    solved = example + example_prefix + " ".join(example_answer)
-    return solved + "\n\n" + text, prefix, answer
-
-
-def _cwe_list(rng: random.Random, sources: Sources, num_words: int, common: int, uncommon: int,
-              num_cw: int) -> tuple[str, list[str]]:
-    if num_words > len(sources.words):
-        raise ValueError(f"ruler cwe needs {num_words} distinct words, the words text has {len(sources.words)}")
-    chosen = rng.sample(sources.words, num_words)
-    top, rest = chosen[:num_cw], chosen[num_cw:]
-    items = top * common + rest * uncommon
-    rng.shuffle(items)
-    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)), top
-
-
-def _common_words(rng: random.Random, args: dict, sources: Sources, size: int,
-                  length: int) -> tuple[str, str, list[str]]:
-    kind, num_cw = KINDS["common_words_extraction"], args["num_cw"]
-    if length < CWE_SHORT_LENGTH:
-        (ex_n, ex_c, ex_u), (common, uncommon) = CWE_SHORT_EXAMPLE, CWE_SHORT_REPEATS
-    else:
-        (ex_n, ex_c, ex_u), (common, uncommon) = CWE_LONG_EXAMPLE, (args["freq_cw"], args["freq_ucw"])
-    ex_context, ex_answer = _cwe_list(rng, sources, max(ex_n, num_cw + 1), ex_c, ex_u, num_cw)
-    context, answer = _cwe_list(rng, sources, num_cw + size, common, uncommon, num_cw)
-    solved = (kind["template"].format(context=ex_context, query="") + kind["answer_prefix"] + " "
-              + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_answer)))
-    return solved + "\n" + kind["template"].format(context=context, query=""), kind["answer_prefix"], answer
-
-
-def zeta(alpha: float, terms: int = 10000) -> float:
-    """Riemann zeta(alpha) for alpha > 1: the first `terms` terms plus the Euler-Maclaurin tail."""
-    head = math.fsum(k ** -alpha for k in range(1, terms))
-    return head + terms ** (1 - alpha) / (alpha - 1) + 0.5 * terms ** -alpha
-
-
-def _freq_words(rng: random.Random, args: dict, sources: Sources, size: int) -> tuple[str, str, list[str]]:
-    vocab: set[str] = set()
-    while len(vocab) < FWE_VOCAB:
-        vocab.add("".join(rng.choices(string.ascii_lowercase, k=FWE_WORD_LEN)))
-    words = sorted(vocab)
-    rng.shuffle(words)
-    words[0] = "..."  # the most frequent "word" is noise
-    z = zeta(args["alpha"])
-    items = [w for k, w in enumerate(words, start=1) for _ in range(int(size * k ** -args["alpha"] / z))]
-    rng.shuffle(items)
-    kind = KINDS["freq_words_extraction"]
-    return kind["template"].format(context=" ".join(items), query=""), kind["answer_prefix"], words[1:1 + FWE_ANSWERS]
-
-
-def build_text(task: RulerTask, sources: Sources, size: int, length: int, seed: str) -> tuple[str, str, list[str]]:
-    """(task text, answer prefix, expected values) of `task` with a haystack of `size` units (essay words, lines, list
-    words or coded words), from a generator seeded by `seed` (the same seed and size give the same text)."""
-    rng = random.Random(seed)
-    if task.kind == "niah":
-        return _niah(rng, task.args, sources, size)
-    if task.kind == "variable_tracking":
-        return _variable_tracking(rng, task.args, sources, size)
-    if task.kind == "common_words_extraction":
-        return _common_words(rng, task.args, sources, size, length)
-    return _freq_words(rng, task.args, sources, size)
-
-
-#: Haystack units (essay words, noise or needle lines, list words, coded words) of the first binary-search bracket,
-#: doubled until the prompt no longer fits.
-START_SIZE = 16
-
-
-class PromptFormat:
-    """The prompt around a task text: the tokenizer's chat template (user turn = task text; the assistant turn starts
-    with the answer prefix, as RULER does for chat models) or the plain text followed by the answer prefix."""
-
-    def __init__(self, tokenizer, template: str):
-        allowed = ("auto", "chat", "plain")
-        if template not in allowed:
-            raise ValueError(f"ruler.template must be one of {allowed}, got {template!r}")
-        has_chat = bool(getattr(tokenizer, "chat_template", None))
-        if template == "chat" and not has_chat:
-            raise ValueError("ruler.template is 'chat' but the tokenizer has no chat template (use 'plain' or 'auto')")
-        self.tokenizer = tokenizer
-        self.chat = has_chat if template == "auto" else template == "chat"
-
-    def __call__(self, text: str, answer_prefix: str) -> str:
-        if not self.chat:
-            return text + answer_prefix
-        head = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                  add_generation_prompt=True)
-        return head + answer_prefix.lstrip()
-
-    def encode(self, prompt: str) -> list[int]:
-        """Token ids of a formatted prompt (the tokenizer's special tokens added for plain prompts, e.g. a BOS; the
-        chat template already holds its own)."""
-        return self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
-
-    def count(self, prompt: str) -> int:
-        return len(self.encode(prompt))
-
-
-#: Shrink step of the haystack when a further sample of a task no longer fits at the first sample's size.
-SHRINK = 0.97
-
-
-def make_samples(task: RulerTask, sources: Sources, fmt: PromptFormat, length: int, num_samples: int, seed: int,
-                 tokens_to_generate: int) -> list[Sample]:
-    """`num_samples` samples of `task` at `length` tokens, each from the seed (seed, task, length, index).
-
-    As in RULER, the haystack size is found once (sample 0: the largest whose prompt holds at most
-    ``length - tokens_to_generate`` tokens, by doubling then bisection) and the further samples start from it,
-    shrinking by `SHRINK` until their prompt fits.
-    """
-    budget = length - tokens_to_generate
-
-    def build(size: int, index: int) -> tuple[bool, Sample]:
-        text, prefix, refs = build_text(task, sources, size, length, f"{seed}:{task.name}:{length}:{index}")
-        n = fmt.count(fmt(text, prefix))
-        return n <= budget, Sample(task.name, length, index, text, prefix, refs, n)
-
-    lo = 1
-    ok, best = build(lo, 0)
-    if not ok:
-        raise ValueError(f"ruler lengths must leave room for the {task.name} prompt: {length} tokens (with "
-                         f"{tokens_to_generate} to generate) is too short ({best.prompt_tokens} prompt tokens at the "
-                         f"smallest haystack)")
-    hi = START_SIZE
-    while True:  # grow until the prompt no longer fits
-        ok, sample = build(hi, 0)
-        if not ok:
-            break
-        lo, best, hi = hi, sample, 2 * hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        ok, sample = build(mid, 0)
-        if ok:
-            lo, best = mid, sample
-        else:
-            hi = mid
-    out = [best]
-    for index in range(1, num_samples):
-        size = lo
-        ok, sample = build(size, index)
-        while not ok and size > 1:
-            size = max(1, int(size * SHRINK))
-            ok, sample = build(size, index)
-        out.append(sample)
-    return out
-
-
-def tasks_from_config(rcfg: dict) -> list[RulerTask]:
-    """The tasks of a ``ruler`` config section (``tasks``: a mapping of name to ``{kind, arguments}``; ``only``:
-    names to keep, or null for all)."""
-    tasks = rcfg["tasks"]
-    if not isinstance(tasks, dict) or not tasks:
-        raise ValueError(f"ruler.tasks must be a non-empty mapping of task names to settings, got {describe(tasks)}")
-    out = [RulerTask.from_config(name, entry) for name, entry in tasks.items()]
-    only = rcfg.get("only")
-    if only is not None:
-        if not isinstance(only, list) or not only:
-            raise ValueError(f"ruler.only must be a non-empty list of task names or null, got {only!r}")
-        unknown = [n for n in only if n not in tasks]
-        if unknown:
-            raise ValueError(f"ruler.only must name tasks of ruler.tasks {sorted(tasks)}, got {unknown}")
-        out = [t for t in out if t.name in only]
-    return out
-
-
-def generation_budget(task: RulerTask, rcfg: dict) -> int:
-    """Tokens generated for `task`: ``ruler.max_new_tokens[kind]`` if set, else RULER's budget for its kind."""
-    override = (rcfg.get("max_new_tokens") or {}).get(task.kind)
-    return task.tokens_to_generate if override is None else override
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Running the suite: greedy `generate` through a fresh cache of every setting, side by side
-# ----------------------------------------------------------------------------------------------------------------
 def suite_samples(tokenizer, rcfg: dict) -> tuple[list[RulerTask], dict[int, list[Sample]], PromptFormat]:
     """Every sample of the suite (tasks x lengths x num_samples), per length, and the prompt format."""
     from .data import load_text
@@ -537,8 +44,48 @@ def suite_samples(tokenizer, rcfg: dict) -> tuple[list[RulerTask], dict[int, lis
     return tasks, samples, fmt
 
 
+def batch_rows(rcfg: dict, length: int) -> int:
+    """Prompts of one batch at `length` tokens: ``batch_size``, lowered so that rows x length stays within
+    ``max_batch_tokens`` (null: no bound); at least 1."""
+    rows = rcfg["batch_size"]
+    if rcfg.get("max_batch_tokens"):
+        rows = min(rows, max(1, rcfg["max_batch_tokens"] // length))
+    return rows
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch: (ids [B, T], attention mask [B, T], 0 on padding), T the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of a left-padded batch, as `generate` derives them from the mask: each row's real tokens
+    count 0, 1, ...; padding gets 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill_padded(model, ids: torch.Tensor, mask: torch.Tensor, cache, chunk: int, on_prefill=None) -> None:
+    """Feed `ids` [B, T] (left-padded, `mask` [B, T]) through `cache` in chunks of `chunk` tokens, with the attention
+    mask and position ids `generate` would use; `on_prefill(k)` after each chunk of k tokens."""
+    from .runner import forward
+
+    positions = padded_positions(mask)
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        forward(model, ids[:, start:end], cache, last_only=True, attention_mask=mask[:, :end],
+                position_ids=positions[:, start:end])
+        if on_prefill is not None:
+            on_prefill(end - start)
+
+
 class _TokenCounter:
-    """A `generate` streamer that counts generated tokens (the first `put` is the prompt) for the progress bar."""
+    """A `generate` streamer that counts decode steps (the first `put` is the prompt) for the progress bar."""
 
     def __init__(self, on_token):
         self.on_token, self.seen_prompt = on_token, False
@@ -552,61 +99,136 @@ class _TokenCounter:
         pass
 
 
-def generate_side_by_side(model, prompt, specs, max_new_tokens: int, prefill_chunk: int, on_prefill=None,
-                          on_step=None):
-    """Greedy `generate` of `prompt` [1, T] through a fresh cache of every setting, side by side in one batch.
-
-    The first T - 1 tokens are prefilled once in full precision (in chunks of `prefill_chunk`) and replayed into a
-    fresh cache of each setting (the state a prefill through that cache leaves; see `runner.build_caches`); then
-    `model.generate` feeds the last prompt token and every generated token through each cache, so the whole answer
-    reads each method's (partly quantized) history. `on_prefill(k)` is called after each prefill chunk of k tokens
-    and `on_step()` after each generated token (progress). Returns the generated token ids of each setting (lists,
-    cut at the end-of-sequence token).
-    """
-    import torch
-    from transformers import DynamicCache
-
-    from ..generation import CACHE_KWARG
-    from .runner import RowSplitCache, can_replay, forward, replay_prefill
-
-    on_prefill = on_prefill or (lambda k: None)
-    on_step = on_step or (lambda: None)
-    n, config = len(specs), model.config
-    prompt = prompt.to(model.device)
-    head = prompt[:, :-1]
-    prefill = DynamicCache(config=config)
-    for start in range(0, head.shape[1], prefill_chunk):
-        chunk = head[:, start:start + prefill_chunk]
-        forward(model, chunk, prefill, last_only=True)
-        on_prefill(chunk.shape[1])
-    caches = [spec.make(config) for spec in specs]
-    if can_replay(prefill):
-        for cache in caches:
-            replay_prefill(prefill, cache)
-    else:  # sliding-window layers: a real prefill through every cache
-        forward(model, head.repeat(n, 1), RowSplitCache(caches, [1] * n), last_only=True)
-    del prefill
+def _eos_and_pad(model) -> tuple[Any, int]:
+    """The generation config's end-of-sequence id(s) and the pad id (the first end-of-sequence id when unset)."""
     gen = model.generation_config
     eos = gen.eos_token_id
     pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=prompt.repeat(n, 1), attention_mask=torch.ones_like(prompt).repeat(n, 1),
-            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1, temperature=None,
-            top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad, streamer=_TokenCounter(on_step),
-            **{CACHE_KWARG: RowSplitCache(caches, [1] * n)},
-        )
-    new = out[:, prompt.shape[1]:].cpu().tolist()
+    return eos, (0 if pad is None else pad)
+
+
+def _cut_at_eos(rows: list[list[int]], eos) -> list[list[int]]:
     stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    result = []
-    for row in new:
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        result.append(row[:cut])
-    return result
+    return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+
+
+def generate_batch(model, prompts: list[list[int]], specs, max_new_tokens: int, prefill_chunk: int,
+                   side_by_side: bool = True, on_prefill=None, on_step=None, on_generate=None, fast: bool = False):
+    """Greedy `generate` of a batch of prompts (token id lists, of any lengths) through a fresh cache of every
+    setting.
+
+    The prompts are left-padded to the longest (T tokens); the first T - 1 are prefilled once in full precision and
+    replayed into a fresh cache of each setting (the state a prefill through that cache leaves; see
+    `runner.build_caches`), then `model.generate` feeds the last prompt token and every generated token through each
+    cache, so the whole answer reads each method's (partly quantized) history. With `side_by_side` one generate runs
+    every cache (one block of B rows each); else one generate per cache. Each row stops at the end-of-sequence token.
+    With `fast` (one generate per cache; the model must be switched to the fused attention, `fast_attention.install`,
+    as `fast_decoding` does) every quantized cache decodes on its fast path (`fast_attention.prepare_cache`: the
+    Triton kernels on CUDA, `cpu_attention` on the CPU), which attends to the same packed tokens as the reference path.
+
+    Args:
+        model: a causal LM (its generation config gives the end-of-sequence and pad ids).
+        prompts: B token id lists.
+        specs: the settings (`runner.MethodSpec`), n of them.
+        max_new_tokens: the generation budget.
+        prefill_chunk: prompt tokens per prefill forward.
+        side_by_side: all caches in one generate (True) or one generate per cache.
+        on_prefill: called with k after each prefill chunk of k tokens (progress).
+        on_step: called after each decode step of a generate (progress).
+        on_generate: called with the list of settings before each generate, and with None after it (progress).
+        fast: decode quantized caches on their fast path (needs ``side_by_side=False``).
+
+    Returns:
+        Per setting (n lists), per prompt (B lists): the generated token ids, cut before the end-of-sequence token.
+    """
+    from transformers import DynamicCache
+
+    from ..cache import QuantizedKVCache
+    from ..fast_attention import prepare_cache
+    from ..generation import CACHE_KWARG
+    from .runner import RowSplitCache, can_replay, replay_prefill
+
+    if fast and side_by_side:
+        raise ValueError("side_by_side must be False with fast=True (the fused attention reads one cache a generate), "
+                         "got side_by_side=True")
+    on_generate = on_generate or (lambda group: None)
+    eos, pad = _eos_and_pad(model)
+    ids, mask = left_pad(prompts, pad)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    b, config = ids.shape[0], model.config
+    head, head_mask = ids[:, :-1], mask[:, :-1]
+    prefill = DynamicCache(config=config)
+    prefill_padded(model, head, head_mask, prefill, prefill_chunk, on_prefill)
+    replay = can_replay(prefill)
+    if not replay:  # sliding-window layers: a real prefill through every cache, below
+        del prefill
+    groups = [list(specs)] if side_by_side else [[s] for s in specs]
+    out = []
+    for group in groups:
+        n = len(group)
+        caches = [spec.make(config) for spec in group]
+        if fast:
+            for c in caches:
+                if isinstance(c, QuantizedKVCache):
+                    prepare_cache(c)
+        cache = caches[0] if n == 1 else RowSplitCache(caches, [b] * n)
+        if replay:
+            for c in caches:
+                replay_prefill(prefill, c)
+        else:
+            prefill_padded(model, head.repeat(n, 1), head_mask.repeat(n, 1), cache, prefill_chunk)
+        on_generate(group)
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1), max_new_tokens=max_new_tokens,
+                min_new_tokens=0, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                eos_token_id=eos, pad_token_id=pad, streamer=_TokenCounter(on_step) if on_step else None,
+                **{CACHE_KWARG: cache},
+            )
+        on_generate(None)
+        rows = _cut_at_eos(gen[:, ids.shape[1]:].cpu().tolist(), eos)
+        out.extend(rows[i * b:(i + 1) * b] for i in range(n))
+        del cache, caches
+    return out
+
+
+@contextlib.contextmanager
+def fast_decoding(model, enabled: bool = True):
+    """Inside, `model` attends through the fused attention of `fast_attention` (``install``; prefill and the
+    full-precision cache go through SDPA as before); its own attention implementation is restored afterwards. A no-op
+    when not `enabled`."""
+    if not enabled:
+        yield model
+        return
+    from .. import fast_attention
+
+    previous = fast_attention.install(model)
+    try:
+        yield model
+    finally:
+        fast_attention.uninstall(model, previous)
+
+
+def generate_side_by_side(model, prompt: torch.Tensor, specs, max_new_tokens: int, prefill_chunk: int,
+                          on_prefill=None, on_step=None):
+    """Greedy `generate` of one `prompt` [1, T] through a fresh cache of every setting, side by side: `generate_batch`
+    of a batch of one. Returns the generated token ids of each setting (lists, cut at the end-of-sequence token)."""
+    per_spec = generate_batch(model, [prompt[0].tolist()], specs, max_new_tokens, prefill_chunk, True, on_prefill,
+                              on_step)
+    return [rows[0] for rows in per_spec]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The suite
+# ----------------------------------------------------------------------------------------------------------------
+def _batches(n_samples: int, rows: int) -> list[int]:
+    """Sizes of the batches of `n_samples` prompts at most `rows` a batch."""
+    return [min(rows, n_samples - i) for i in range(0, n_samples, rows)]
 
 
 def ruler_units(rcfg: dict, n_specs: int) -> int:
-    """Work of the suite in the units of `progress.Overall` (prefill chunks, then decode steps of every setting)."""
+    """Work of the suite in the units of `progress.Overall` (prefill chunks, then decode steps of every setting), as
+    `run_ruler` advances it (prompts taken at their budget, answers at their full budget)."""
     from .runner import forward_units
 
     tasks = tasks_from_config(rcfg)
@@ -614,78 +236,139 @@ def ruler_units(rcfg: dict, n_specs: int) -> int:
     for length in rcfg["lengths"]:
         for task in tasks:
             steps = generation_budget(task, rcfg)
-            total += rcfg["num_samples"] * (forward_units(1, length - steps) + steps * forward_units(n_specs, 1))
+            head = length - steps - 1
+            for b in _batches(rcfg["num_samples"], batch_rows(rcfg, length)):
+                chunks = [min(rcfg["prefill_chunk"], head - s) for s in range(0, head, rcfg["prefill_chunk"])]
+                total += sum(forward_units(b, c) for c in chunks)
+                total += steps * (forward_units(n_specs * b, 1) if rcfg["side_by_side"]
+                                  else n_specs * forward_units(b, 1))
     return total
 
 
-class _Counter:
-    """Advances the suite's bar (one unit a prompt or generated token) and the overall estimate."""
+class _Progress:
+    """One (task, length)'s bar (unit: a prefill token of the batch or a decode step) and the overall estimate."""
 
-    def __init__(self, progress, overall, n_specs: int):
-        from .runner import forward_units
-
-        self.progress, self.overall, self.done = progress, overall, 0
-        self.step_units, self.prefill_units = forward_units(n_specs, 1), lambda k: forward_units(1, k)
+    def __init__(self, progress, overall, rows: int):
+        self.progress, self.overall, self.rows = progress, overall, rows
+        self.step_rows, self.done, self.expected = rows, 0, 0
 
     def prefill(self, k: int) -> None:
-        self.done += k
-        self.progress.update(k)
-        if self.overall is not None:
-            self.overall.advance(self.prefill_units(k))
+        self._advance(k, self.rows, k)
 
     def step(self) -> None:
-        self.done += 1
-        self.progress.update(1)
+        self._advance(1, self.step_rows, 1)
+
+    def start_generate(self, rows: int, budget: int) -> None:
+        self.step_rows, self.done, self.expected = rows, 0, budget
+
+    def end_generate(self) -> None:
+        self.progress.update(self.expected - self.done)  # generation stopped early (end of sequence)
+
+    def _advance(self, steps: int, rows: int, tokens: int) -> None:
+        from .runner import forward_units
+
+        self.done += steps
+        self.progress.update(steps)
         if self.overall is not None:
-            self.overall.advance(self.step_units)
+            self.overall.advance(forward_units(rows, tokens))
 
 
 #: Key of `run_ruler`'s result that holds what was asked (prompt lengths, expected values), not a setting's scores.
 SUITE_KEY = "_suite"
 
 
+def _settings_label(group) -> str:
+    return group[0].name if len(group) == 1 else f"{len(group)} caches side by side"
+
+
+def run_task(model, tokenizer, fmt: PromptFormat, task: RulerTask, length: int, samples: list[Sample], specs,
+             rcfg: dict, overall=None) -> tuple[list[list[str]], list[int]]:
+    """Answers of every setting to `samples` (one task at one length), in batches, under a progress bar naming the
+    task, length and setting.
+
+    Args:
+        model, tokenizer: the model and its tokenizer (answers are decoded without special tokens).
+        fmt: the prompt format (`ruler_tasks.PromptFormat`).
+        task, length, samples: the task, its length in tokens and its samples.
+        specs: the settings (`runner.MethodSpec`).
+        rcfg: the ``ruler`` config section (``batch_size``, ``max_batch_tokens``, ``side_by_side``, budgets).
+        overall: the run's `progress.Overall` estimate, or None.
+
+    Returns:
+        (per setting in `specs` order, per sample in `samples` order: the decoded answer; per sample: its left
+        padding in tokens).
+    """
+    from .progress import bar
+
+    budget = generation_budget(task, rcfg)
+    order = sorted(range(len(samples)), key=lambda i: -samples[i].prompt_tokens)  # longest first: less padding
+    sizes = _batches(len(samples), batch_rows(rcfg, length))
+    n, side = len(specs), rcfg["side_by_side"]
+    generates = 1 if side else n
+    answers: list[list[str | None]] = [[None] * len(samples) for _ in specs]
+    padding = [0] * len(samples)
+    total = 0
+    for k, b in enumerate(sizes):
+        first = sum(sizes[:k])
+        width = max(samples[i].prompt_tokens for i in order[first:first + b])
+        total += width - 1 + generates * budget
+    desc = f"ruler {task.name} @ {length}: {len(samples)} samples x {n} settings"
+    with bar(desc=desc, unit="step", total=total, overall=overall) as progress:
+        start = 0
+        for k, b in enumerate(sizes):
+            picked = order[start:start + b]
+            start += b
+            prompts = [fmt.encode(fmt(samples[i].text, samples[i].answer_prefix)) for i in picked]
+            counter = _Progress(progress, overall, b)
+            batch_label = f"batch {k + 1}/{len(sizes)} ({b} x {max(map(len, prompts))} tokens)"
+
+            def on_generate(group, counter=counter, batch_label=batch_label, b=b):
+                if group is None:
+                    counter.end_generate()
+                else:
+                    counter.start_generate(b * len(group), budget)
+                    progress.set_postfix_str(f"{batch_label}: {_settings_label(group)}")
+
+            progress.set_postfix_str(f"{batch_label}: prefill (full precision)")
+            tokens = generate_batch(model, prompts, specs, budget, rcfg["prefill_chunk"], side, counter.prefill,
+                                    counter.step, on_generate, fast=rcfg["fast"])
+            width = max(map(len, prompts))
+            for i, p in zip(picked, prompts):
+                padding[i] = width - len(p)
+            for s, rows in enumerate(tokens):
+                for i, row in zip(picked, rows):
+                    answers[s][i] = tokenizer.decode(row, skip_special_tokens=True)
+    return answers, padding
+
+
 def run_ruler(model, tokenizer, specs, rcfg: dict, overall=None) -> dict[str, Any]:
     """Score every setting on the suite: per task and length, RULER's string-match (percent), the mean over tasks per
     length, and the answers; under `SUITE_KEY`, what was asked (prompt lengths, expected values)."""
-    import torch
-
-    from .progress import bar
-
     tasks, samples, fmt = suite_samples(tokenizer, rcfg)
-    n = len(specs)
     out = {s.name: {"scores": {t.name: {} for t in tasks}, "average": {}, "answers": {}} for s in specs}
     suite = {"template": "chat" if fmt.chat else "plain", "num_samples": rcfg["num_samples"],
-             "lengths": list(rcfg["lengths"]), "tasks": {t.name: {"kind": t.kind, **t.args} for t in tasks},
-             "samples": {}}
+             "lengths": list(rcfg["lengths"]), "batch_size": rcfg["batch_size"],
+             "side_by_side": rcfg["side_by_side"], "fast": rcfg["fast"],
+             "tasks": {t.name: {"kind": t.kind, **t.args} for t in tasks}, "samples": {}}
+    with fast_decoding(model, rcfg["fast"]):
+        _run_lengths(model, tokenizer, fmt, tasks, samples, specs, rcfg, overall, out, suite)
+    out[SUITE_KEY] = suite
+    return out
+
+
+def _run_lengths(model, tokenizer, fmt, tasks, samples, specs, rcfg, overall, out, suite) -> None:
+    """`run_ruler`'s loop over lengths and tasks: fills `out` (scores, averages, answers) and `suite["samples"]`."""
     for length, group in samples.items():
-        total = sum(s.prompt_tokens - 1 + generation_budget(next(t for t in tasks if t.name == s.task), rcfg)
-                    for s in group)
-        desc = f"ruler {length} tokens, {len(tasks)} tasks x {rcfg['num_samples']} ({n} caches side by side)"
-        with bar(desc=desc, unit="token", total=total, overall=overall) as progress:
-            counter = _Counter(progress, overall, n)
-            by_task: dict[str, list[tuple[Sample, list[str]]]] = {}
-            for sample in group:
-                task = next(t for t in tasks if t.name == sample.task)
-                budget = generation_budget(task, rcfg)
-                progress.set_postfix_str(f"{sample.task} #{sample.index}: {sample.prompt_tokens} prompt tokens")
-                counter.done = 0
-                ids = torch.tensor([fmt.encode(fmt(sample.text, sample.answer_prefix))], dtype=torch.long)
-                tokens = generate_side_by_side(model, ids, specs, budget, rcfg["prefill_chunk"], counter.prefill,
-                                               counter.step)
-                progress.update(sample.prompt_tokens - 1 + budget - counter.done)  # generation stopped early
-                answers = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-                by_task.setdefault(sample.task, []).append((sample, answers))
-            for name, items in by_task.items():
-                key = f"{name}@{length}"
-                refs = [s.references for s, _ in items]
-                suite["samples"][key] = [{"prompt_tokens": s.prompt_tokens, "references": s.references}
-                                         for s, _ in items]
-                for i, spec in enumerate(specs):
-                    preds = [answers[i] for _, answers in items]
-                    out[spec.name]["scores"][name][str(length)] = score(preds, refs, rcfg["use_evaluate"])
-                    out[spec.name]["answers"][key] = preds
+        for task in tasks:
+            items = [s for s in group if s.task == task.name]
+            answers, padding = run_task(model, tokenizer, fmt, task, length, items, specs, rcfg, overall)
+            key = f"{task.name}@{length}"
+            refs = [s.references for s in items]
+            suite["samples"][key] = [{"prompt_tokens": s.prompt_tokens, "padding": pad, "references": s.references}
+                                     for s, pad in zip(items, padding)]
+            for spec, preds in zip(specs, answers):
+                out[spec.name]["scores"][task.name][str(length)] = score(preds, refs, rcfg["use_evaluate"])
+                out[spec.name]["answers"][key] = preds
         for res in out.values():
             values = [res["scores"][t.name][str(length)] for t in tasks]
             res["average"][str(length)] = sum(values) / len(values)
-    out[SUITE_KEY] = suite
-    return out

@@ -4,14 +4,14 @@
     metric = evaluate.load("<path to>/tq_transformers/evaluation/ruler_metric.py")
     metric.compute(predictions=["... 1234567 ..."], references=[["1234567"]])  # {"string_match_all": 100.0}
 
-The score itself is `tq_transformers.evaluation.ruler.string_match_all` (one home for the math); this module gives it
-``evaluate``'s interface (typed inputs, batching with ``add_batch``, the metric card below).
+The score itself is `tq_transformers.evaluation.ruler_scoring.string_match_all` (one home for the math); this module
+gives it ``evaluate``'s interface (typed inputs, batching with ``add_batch``, the metric card below).
 """
 
 import datasets
 import evaluate
 
-from tq_transformers.evaluation.ruler import string_match_all
+from tq_transformers.evaluation.ruler_scoring import string_match_all
 
 _DESCRIPTION = """RULER's string_match_all (Hsieh et al., 2024): for each sample, the share of its expected values that
 occur (case-insensitively) in the prediction; the mean over samples, in percent."""

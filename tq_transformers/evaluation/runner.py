@@ -163,12 +163,18 @@ def can_replay(prefill: DynamicCache) -> bool:
     return all(type(layer) is DynamicLayer for layer in prefill.layers)
 
 
-def forward(model, input_ids: torch.Tensor, cache: Cache, last_only: bool = False) -> torch.Tensor:
-    """Logits [B, T, V] (float32) of `input_ids` continuing `cache` ([B, 1, V] with `last_only`)."""
+def forward(model, input_ids: torch.Tensor, cache: Cache, last_only: bool = False,
+            attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, T, V] (float32) of `input_ids` [B, T] continuing `cache` ([B, 1, V] with `last_only`); a padded
+    batch passes its `attention_mask` [B, cached + T] and `position_ids` [B, T]."""
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     kwargs = {name: cache}
     if last_only:
         kwargs["logits_to_keep"] = 1
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     with torch.no_grad():
         out = model(input_ids=input_ids, use_cache=True, **kwargs)
     return out.logits.float()
