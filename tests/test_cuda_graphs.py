@@ -221,16 +221,18 @@ def test_enable_cuda_graphs_needs_fast():
 # GPU: real CUDA graphs
 # ----------------------------------------------------------------------------------------------------------------------
 @needs_gpu
+@pytest.mark.parametrize("growth, steps", [(16, 40), (64, 100)], ids=["regrow-every-flush", "flush-graphs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("c", params(*SHORT))
-def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, monkeypatch):
-    """Real graphs (capacity regrown every 16 packed tokens) fed the same tokens as the eager fast path (teacher
-    forcing, so a near-tie cannot make the two runs see different inputs): logits within float noise at every step
-    (the packed tokens are split among blocks by capacity instead of by length), the same argmax."""
-    monkeypatch.setattr(cuda_graphs, "GROWTH", 16)
+def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, growth, steps, monkeypatch):
+    """Real graphs fed the same tokens as the eager fast path (teacher forcing, so a near-tie cannot make the two runs
+    see different inputs): logits within float noise at every step (the packed tokens are split among blocks by
+    capacity instead of by length), the same argmax. With the capacity regrown every 16 packed tokens every flushing
+    step runs eagerly; with room for 64, flushing steps replay from their own graph."""
+    monkeypatch.setattr(cuda_graphs, "GROWTH", growth)
     model = build_tiny("llama", dtype).to("cuda")
     inputs = _inputs("cuda")
-    forced = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    forced = torch.randint(3, 500, (2, steps), generator=torch.Generator().manual_seed(3)).cuda()
     fast_attention.install(model)
     cuda_graphs.install(model)
     try:
@@ -243,6 +245,8 @@ def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, monkeypatch):
         cuda_graphs.uninstall(model)
         fast_attention.uninstall(model)
     assert stats["replay"] > 10 and stats["capture"] >= 2, stats
+    if growth > 16:
+        assert stats.get("replay_flush", 0) >= 2, stats
     eager, graphed = runs
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     err = (graphed.float() - eager.float()).abs().amax(-1) / eager.float().abs().amax(-1)  # [B, steps]
