@@ -34,6 +34,10 @@ from tq_transformers.registry import METHOD_NAMES, get_method
 
 LOSSLESS = 10**9  # a residual window longer than any sequence (a multiple of every group size: KIVI accepts it)
 
+#: |fast - reference| of scores and logits on the CPU, where the fast path computes attention on the packed codes
+#: (``tq_transformers.cpu_attention``; exact equality before it, when the fast path fell back to the reference)
+CPU_FAST_ATOL = 1e-4
+
 HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 #: marks of a test that needs the GPU kernels (`gpu`: skipped by conftest without CUDA; skipif: without Triton)
 GPU = (pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and Triton"))

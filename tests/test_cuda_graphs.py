@@ -19,7 +19,7 @@ from tq_transformers.fast_attention import attn_implementation_of
 from tq_transformers.generation import CACHE_KWARG
 from tq_transformers.static_layout import StaticShared
 
-from cases import FAST, SHORT, assert_valid_tokens, build_tiny, case, needs_gpu, params
+from cases import CPU_FAST_ATOL, FAST, SHORT, assert_valid_tokens, build_tiny, case, needs_gpu, params
 from cases import generate_with_scores as _generate
 from cases import padded_inputs as _inputs
 
@@ -129,6 +129,28 @@ def test_emulated_flush_steps_replay_from_their_graph(c, emulated_graphs, monkey
     assert stats.get("replay_flush", 0) >= 2 and stats["capture"] >= 2, stats
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+
+
+def test_cache_with_sink_tokens_decodes_eagerly_under_the_runner(emulated_graphs):
+    """Exact sink tokens have no place in the static layout: such a cache decodes on the eager fast path (no layout,
+    no replay) and generates exactly what the reference path does."""
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    c = case("turboquant4")
+    settings = dict(c.kwargs(model.config), sink_tokens=4)
+    ref_seq, ref_scores = _generate(model, inputs, tq_transformers.TurboQuantCache(model.config, **settings), 24)
+    tq_transformers.enable(model, "turboquant", fast=True, cuda_graphs=True, **settings)
+    try:
+        cache = tq_transformers.TurboQuantCache(model.config, **settings)
+        fast_attention.prepare_cache(cache, cuda_graphs=True)
+        seq, scores = _generate(model, inputs, cache, 24)
+        stats = dict(cuda_graphs.runner_of(model).stats)
+    finally:
+        tq_transformers.disable(model)
+    assert stats.get("layout", 0) == 0 and stats.get("replay", 0) == 0, stats
+    assert all(layer.static is None for layer in cache.layers)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=CPU_FAST_ATOL)
 
 
 def test_graph_runner_leaves_other_calls_alone(emulated_graphs):

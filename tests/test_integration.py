@@ -14,7 +14,17 @@ from tq_transformers import BonsaiCache, KIVICache, QuantizedKVLayer, TurboQuant
 from tq_transformers.generation import CACHE_KWARG
 from tq_transformers.methods.turboquant import TurboQuantCodec
 
-from cases import ARCHS, PLUMBING, VOCAB, assert_same_state, assert_valid_tokens, case, model_state, params
+from cases import (
+    ARCHS,
+    CPU_FAST_ATOL,
+    PLUMBING,
+    VOCAB,
+    assert_same_state,
+    assert_valid_tokens,
+    case,
+    model_state,
+    params,
+)
 from cases import random_ids as _ids
 
 METHODS = params(*PLUMBING)
@@ -139,11 +149,6 @@ def test_left_padded_batch_matches_each_row_alone(tiny_model, arch, c):
             assert agree == [1.0, 1.0, 1.0], f"lossless padded batch differs from single rows: {agree}"
         else:
             assert min(agree) >= floor, f"{c.id}: padded rows agree with their own runs on {agree}"
-
-
-#: |fast - reference| of scores and logits on the CPU, where the fast path computes attention on the packed codes
-#: (``tq_transformers.cpu_attention``; exact equality before it, when the fast path fell back to the reference)
-CPU_FAST_ATOL = 1e-4
 
 
 def _reference_and_fast(model, c, run):

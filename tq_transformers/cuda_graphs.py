@@ -15,8 +15,9 @@ How it fits transformers: `install(model)` wraps the model's ``forward`` on the 
 keyword arguments only, among ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``attention_mask [B, n + 1]``, the
 cache (``past_key_values`` or ``cache``), ``use_cache``, ``return_dict=True`` and ``logits_to_keep``, exactly what
 generate passes; the cache prepared by ``fast_attention.prepare_cache(cache, cuda_graphs=True)``, every one of its
-layers quantized, holding packed tokens and handled by the Triton decode kernel. Anything else runs the original
-forward, unchanged. Each cache has its own graph (kept while the cache lives), so caches can alternate.
+layers quantized, holding packed tokens, without exact sink tokens (``sink_tokens=0``) and handled by the Triton
+decode kernel. Anything else runs the original forward, unchanged (a cache with sinks decodes on the eager fast
+path). Each cache has its own graph (kept while the cache lives), so caches can alternate.
 
 For graph steps of one cache:
 
@@ -127,6 +128,7 @@ def _graph_layers(cache, verified: list | None = None) -> list[QuantizedKVLayer]
         if (
             layer.fast_path is None
             or not layer.is_initialized
+            or layer.cfg.sink_tokens > 0  # the static layout holds no exact sink tokens: such a cache runs eagerly
             or layer.keys.device != first.keys.device  # one counts tensor for all layers (no pipeline over GPUs)
             or layer.num_quantized == 0
             or layer.cumulative_length != first.cumulative_length

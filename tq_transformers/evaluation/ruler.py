@@ -170,7 +170,7 @@ def generate_batch(model, prompts: list[list[int]], specs, max_new_tokens: int, 
         if fast:
             for c in caches:
                 if isinstance(c, QuantizedKVCache):
-                    prepare_cache(c)
+                    prepare_cache(c, cuda_graphs=True)  # graphs where the model has the runner (fast_decoding)
         cache = caches[0] if n == 1 else RowSplitCache(caches, [b] * n)
         if replay:
             for c in caches:
@@ -195,17 +195,23 @@ def generate_batch(model, prompts: list[list[int]], specs, max_new_tokens: int, 
 @contextlib.contextmanager
 def fast_decoding(model, enabled: bool = True):
     """Inside, `model` attends through the fused attention of `fast_attention` (``install``; prefill and the
-    full-precision cache go through SDPA as before); its own attention implementation is restored afterwards. A no-op
-    when not `enabled`."""
+    full-precision cache go through SDPA as before) and, on CUDA, replays its decode steps from CUDA graphs
+    (``cuda_graphs.install``: eager decoding of a small model is bound by the host); both are undone afterwards. A
+    no-op when not `enabled`."""
     if not enabled:
         yield model
         return
-    from .. import fast_attention
+    from .. import cuda_graphs, fast_attention
 
     previous = fast_attention.install(model)
+    graphs = model.device.type == "cuda" and cuda_graphs.runner_of(model) is None  # ours to undo
+    if graphs:
+        cuda_graphs.install(model)
     try:
         yield model
     finally:
+        if graphs:
+            cuda_graphs.uninstall(model)
         fast_attention.uninstall(model, previous)
 
 
