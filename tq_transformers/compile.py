@@ -254,10 +254,19 @@ class FixedCapacityLayer(QuantizedKVLayer):
                           torch.zeros((), dtype=torch.int64, device=device),
                           torch.zeros((), dtype=torch.bool, device=device), window, window_v, growing, static,
                           per_flush)
-        if not torch.compiler.is_compiling():
-            for t in fx.tensors():  # fixed addresses: CUDA graphs (mode="reduce-overhead") replay on them
-                torch._dynamo.mark_static_address(t)
+        self._mark_static(fx)
         return fx
+
+    def _mark_static(self, fx: FixedBuffers) -> None:
+        """Fixed addresses for CUDA graphs (mode "reduce-overhead"): the buffers, written in place, and the codecs'
+        tensors (rotations, codebooks), which the step reads; a graph input not marked is copied at every replay."""
+        if torch.compiler.is_compiling():
+            return
+        codec_tensors = [t for codec in self.codecs.values() for value in vars(codec).values()
+                         for t in (value if isinstance(value, (tuple, list)) else (value,))
+                         if isinstance(t, torch.Tensor)]
+        for t in (*fx.tensors(), *codec_tensors):
+            torch._dynamo.mark_static_address(t)
 
     def _fits(self, fx: FixedBuffers | None) -> bool:
         return (fx is not None and fx.win_k.shape[:2] == self.keys.shape[:2] and fx.win_k.device == self.keys.device
@@ -366,9 +375,8 @@ class FixedCapacityLayer(QuantizedKVLayer):
 
     def __deepcopy__(self, memo):
         new = super().__deepcopy__(memo)
-        if new.fixed is not None and not torch.compiler.is_compiling():
-            for t in new.fixed.tensors():
-                torch._dynamo.mark_static_address(t)
+        if new.fixed is not None:
+            new._mark_static(new.fixed)
         new.sync_host()
         return new
 
