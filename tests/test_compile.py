@@ -314,6 +314,19 @@ def test_fixed_cache_copies_and_saves_after_compiled_steps(tmp_path):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
+def test_fixed_cache_beam_search_equals_fast_path():
+    """Beam search reorders the fixed-capacity cache eagerly every step (synced, reordered, back in the same
+    buffers): the beams equal the dynamic fast path's."""
+    model = _fast_model()
+    c = case("bonsai-improved")
+    ids = random_ids(1, 40)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, num_beams=2,
+                  do_sample=False)
+    want = model.generate(**kwargs, **{CACHE_KWARG: fast_attention.prepare_cache(c.cache(model.config))})
+    got = model.generate(**kwargs, **{CACHE_KWARG: c.cache(model.config, max_cache_len=CAPACITY)})
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Inductor (CPU: slow, needs a C++ compiler) and the GPU
 # ----------------------------------------------------------------------------------------------------------------------
