@@ -217,6 +217,20 @@ def test_compiled_forward_fullgraph_no_recompiles(c, inner):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("c", params("bonsai-improved", "turboquant4"))
+def test_compiled_forward_first_flush_inside_compiled_steps(c):
+    """A prompt shorter than the window: the first flush, and the centering means, happen inside compiled steps."""
+    model = _fast_model()
+    ids = random_ids(1, 10)
+    want, _ = _eager_fast(model, c, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    cache = c.cache(model.config, max_cache_len=CAPACITY)
+    backend = CountingBackend("aot_eager")
+    got = _compiled_greedy(model, cache, ids, backend)
+    assert backend.graphs == 1 and torch.equal(got, want)
+    cache.layers[0].sync_host()
+    assert not cache.layers[0].fixed.prepare_pending  # known prepared now: later compiled steps skip the means
+
+
 def test_compiled_forward_qwen2():
     model = _fast_model("qwen2")
     c = case("turboquant4")

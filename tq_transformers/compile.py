@@ -70,6 +70,8 @@ class FixedBuffers:
     growing: prefixed piece name -> buffer with ``capacity`` packed tokens on dim 2.
     static: prefixed piece name -> buffer of a piece that does not grow (the means).
     per_flush: prefixed piece name -> entries on dim 2 that F packed tokens take.
+    prepare_pending: host-side: the means may still be due (not prepared when the layer last synced). While False a
+        compiled step skips preparing them; it turns False at most once (one recompile, at an eager operation).
     """
 
     capacity: int
@@ -81,6 +83,7 @@ class FixedBuffers:
     growing: dict[str, torch.Tensor]
     static: dict[str, torch.Tensor]
     per_flush: dict[str, int]
+    prepare_pending: bool = True
 
     def tensors(self) -> list[torch.Tensor]:
         """Every buffer (for ``torch._dynamo.mark_static_address`` and the memory count)."""
@@ -162,12 +165,13 @@ class FixedCapacityLayer(QuantizedKVLayer):
     def _flush_if_due(self, fx: FixedBuffers) -> None:
         R, F = self.cfg.residual_length, self.cfg.flush_size
         due = (fx.length - fx.packed) == R + F
-        first = due & ~fx.prepared
-        for side, window in (("k", fx.win_k), ("v", fx.win_v)):  # the means, from the full window (ordinary path)
-            for name, t in self.codecs[side].prepare(window).items():
-                buf = fx.static[f"{side}_{name}"]
-                buf.copy_(torch.where(first, t.to(buf.dtype), buf))
-        fx.prepared.logical_or_(due)
+        if fx.prepare_pending:  # the means, from the full window at the first flush (as the ordinary path)
+            first = due & ~fx.prepared
+            for side, window in (("k", fx.win_k), ("v", fx.win_v)):
+                for name, t in self.codecs[side].prepare(window).items():
+                    buf = fx.static[f"{side}_{name}"]
+                    buf.copy_(torch.where(first, t.to(buf.dtype), buf))
+            fx.prepared.logical_or_(due)
         flushes = torch.clamp(fx.packed // F, max=fx.capacity // F - 1)  # clamped: never written past the buffers
         for side, window in (("k", fx.win_k), ("v", fx.win_v)):
             block = self.codecs[side].encode(window[:, :, :F], self.pieces(side, fx.static),
@@ -209,6 +213,7 @@ class FixedCapacityLayer(QuantizedKVLayer):
         self.storage, self.shared = storage, []
         self.cumulative_length, self.num_quantized = length, packed
         self.keys, self.values = fx.win_k[:, :, : length - packed], fx.win_v[:, :, : length - packed]
+        fx.prepare_pending = not prepared
 
     def _check_attention(self) -> None:
         """A ValueError unless the model decodes through "tq_fused" (plain SDPA would attend to the window alone)."""
