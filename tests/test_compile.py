@@ -346,9 +346,9 @@ def test_fixed_cache_beam_search_equals_fast_path():
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
-def test_inductor_cpu_greedy_equals_fast_path():
+@pytest.mark.parametrize("c", params("kivi2", "turboquant4", "bonsai-improved"))
+def test_inductor_cpu_greedy_equals_fast_path(c):
     model = _fast_model()
-    c = case("kivi2")
     ids = random_ids(1, 40)
     want, _ = _eager_fast(model, c, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 24)
     got = _compiled_greedy(model, c.cache(model.config, max_cache_len=CAPACITY), ids, "inductor", steps=24)
