@@ -3,8 +3,8 @@
 transformers' StaticCache + auto-compile, on the Llama-3.1-8B config with random bf16 weights.
 
     python scripts/benchmark_compile.py --quick --out results/compile_quick          # about a minute: it runs
-    python scripts/benchmark_compile.py --batches 1 --out results/compile            # one H200: see --help
-    python scripts/benchmark_compile.py --batches 8 --out results/compile
+    python scripts/benchmark_compile.py --batches 1 --out results/compile_b1         # one H200: ~6 min
+    # batch 8 in two parts (below)
 
 Configurations, each through the ``generate`` a user calls (greedy, ``min_new_tokens`` = ``max_new_tokens``):
 
@@ -21,8 +21,13 @@ round after round (docs/METHODS.md, "Measurement rules"); medians over rounds. D
 that all configurations keep their compiled graphs, and automatic dynamic shapes are off (each shape its own graph,
 as generate's static caches expect). Results are printed and written to ``--out``/compile.json after each shape.
 
-Time on one H200 (estimates from the measured StaticCache warm-ups of 66 s / 99 s): about 6 minutes for ``--batches
-1`` and 8 for ``--batches 8`` with all three methods; ``--methods`` and ``--kinds`` narrow it.
+Time on one H200 (estimated from the measured StaticCache warm-ups of 66 s / 99 s and 32K prefills of about 2 s /
+15 s; each configuration makes 3 calls): ``--batches 1`` with everything about 6 minutes; at batch 8 split it, each
+part under 9 minutes (``--out`` apart, the JSON is per run)::
+
+    python scripts/benchmark_compile.py --batches 8 --methods turboquant-4 --out results/compile_b8_tq
+    python scripts/benchmark_compile.py --batches 8 --methods kivi-2,bonsai-1 --kinds runner,compiled \
+        --out results/compile_b8_kivi_bonsai
 """
 
 from __future__ import annotations
