@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from tq_transformers import TurboQuantCache
+from tq_transformers.fast_attention import attn_implementation_of
 
 from conftest import build_tiny
 
@@ -34,3 +35,16 @@ def test_decode_interleaved_times_every_cache_each_round():
     want = [t / b for t, b in zip(rows[1]["ms_rounds"], rows[0]["ms_rounds"])]
     assert rows[1]["ratio_vs_dynamic"] == pytest.approx(sum(want) / 2)
     assert torch.is_grad_enabled()
+
+
+def test_benchmark_compile_runs_every_configuration_on_cpu():
+    """scripts/benchmark_compile.py's generate call per configuration (on the CPU nothing compiles: its bookkeeping,
+    and that each configuration generates the requested tokens and leaves the model as it found it)."""
+    benchmark_compile = pytest.importorskip("benchmark_compile")
+    model = build_tiny("llama")
+    names = benchmark_compile.configurations(["kivi-2"], list(benchmark_compile.KINDS))
+    assert names == ["runner-kivi-2", "compiled-kivi-2", "static-compile"]
+    ids = torch.randint(1, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    for name in names:
+        assert benchmark_compile.run_generate(model, name, ids, 4, 64) > 0
+        assert attn_implementation_of(model.config) == "sdpa"

@@ -7,6 +7,7 @@
 
 from .cache import QuantizedKVCache
 from .codec import Codec
+from .compile import FixedCapacityLayer
 from .fork import distinct_bytes
 from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from .generation import disable, enable
@@ -28,6 +29,7 @@ __all__ = [
     "ChannelAffinePacked",
     "Codec",
     "CodebookPacked",
+    "FixedCapacityLayer",
     "KIVICache",
     "KIVIConfig",
     "MixedCache",

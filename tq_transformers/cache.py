@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from transformers import Cache, DynamicCache, DynamicLayer, PreTrainedConfig
 
+from .compile import FixedCapacityLayer
 from .layer import QuantizedKVLayer
 from .static_layout import StaticLayout
 from .validation import check_int, check_mapping, short_repr
@@ -103,6 +104,11 @@ class QuantizedKVCache(Cache):
         edge_layers: the first and the last `edge_layers` decoder layers use `edge_settings` (a budget rule: those
             layers at a higher precision); `layer_settings` wins where both name a layer. Needs `config`.
         edge_settings: the settings of the edge layers (as in `layer_settings`).
+        max_cache_len: None (the default: storage grows with the tokens), or the most tokens the cache will hold
+            (prompt and generated): the full-attention layers are then ``compile.FixedCapacityLayer``s, preallocated,
+            with a static-shape decode step, and the cache declares ``is_compileable`` (when every layer is one), so
+            ``generate`` compiles the decode step as for a ``StaticCache``. Needs `config` and ``sink_tokens=0``;
+            decodes through "tq_fused" attention (``fast_attention.install``).
         **settings: the method's settings, the fields of ``config_class`` (e.g. ``bits=4``).
     """
 
@@ -118,13 +124,21 @@ class QuantizedKVCache(Cache):
                 raise ValueError(f"method name {name!r} is already used by {_REGISTRY[name].__name__}")
             _REGISTRY[name] = cls
 
-    def __init__(self, config=None, **settings):
+    def __init__(self, config=None, max_cache_len: int | None = None, **settings):
         if config is not None and not isinstance(config, PreTrainedConfig):
             raise TypeError(
                 f"config must be a transformers PreTrainedConfig (model.config) or None, got {type(config).__name__} "
                 f"{short_repr(config)}; method settings are keyword arguments, e.g. "
                 f"{type(self).__name__}(model.config, bits=4)"
             )
+        if max_cache_len is not None:
+            check_int("max_cache_len", max_cache_len, 1)
+            if config is None:
+                raise ValueError(f"max_cache_len={max_cache_len} (a fixed-capacity cache) needs the model config: "
+                                 f"{type(self).__name__}(model.config, max_cache_len=...)")
+        #: the most tokens the cache holds (``max_cache_len``: a fixed-capacity, compileable cache), or None (storage
+        #: grows). Not named max_cache_len: transformers 5.17's Cache has a read-only property of that name.
+        self.fixed_capacity = max_cache_len
         template = DynamicCache(config=config).layers if config is not None else None
         self.method_config, self.layer_configs = self.make_layer_configs(
             None if template is None else len(template), **settings)
@@ -139,7 +153,7 @@ class QuantizedKVCache(Cache):
                         raise ValueError(f"{type(self).__name__}: the model caches keys of head_dim {dims[1]} and "
                                          f"values of head_dim {dims[2]}{where}: {err}") from None
             layers = [
-                self.layer_class(self.config_of(i), layer_idx=i) if type(layer) is DynamicLayer else layer
+                self.make_layer(i, max_cache_len, config) if type(layer) is DynamicLayer else layer
                 for i, layer in enumerate(template)
             ]
             super().__init__(layers=layers)
@@ -236,6 +250,14 @@ class QuantizedKVCache(Cache):
                   "sink_tokens": base.sink_tokens}
         accepted = {f.name for f in dataclasses.fields(method.config_class) if f.init}
         return method.make_config(**{k: v for k, v in window.items() if k in accepted}, **rest)
+
+    def make_layer(self, layer_idx: int, max_cache_len: int | None = None, model_config=None) -> QuantizedKVLayer:
+        """The quantized layer of decoder layer `layer_idx`: a ``layer_class``, or with `max_cache_len` a
+        ``FixedCapacityLayer`` of that capacity for the model of `model_config`."""
+        if max_cache_len is None:
+            return self.layer_class(self.config_of(layer_idx), layer_idx=layer_idx)
+        return FixedCapacityLayer(self.config_of(layer_idx), layer_idx=layer_idx, max_cache_len=max_cache_len,
+                                  model_config=model_config)
 
     def config_of(self, layer_idx: int):
         """The method config of decoder layer `layer_idx` (``layer_settings``)."""

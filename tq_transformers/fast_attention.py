@@ -21,6 +21,9 @@ How it fits transformers (same mechanism on 5.17 and 5.24):
    - otherwise (CPU, an unsupported configuration): rebuilds exactly the tensors the reference path would have
      returned (``layer.dequantize``) and calls transformers' SDPA attention: identical output;
    - without a view (prefill, layers that are not quantized, any other cache): plain SDPA, as ``"sdpa"`` does.
+4. A fixed-capacity cache (``max_cache_len``, ``tq_transformers.compile``) tags its decode steps with a ``FixedView``
+   instead: attention then runs ``compile.fixed_attention`` (the kernel's custom operator, device-side counts), the
+   step ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import cpu_attention, kernels
 from .cache import QuantizedKVCache, mla_latent_dims
+from .compile import FixedView, fixed_attention
 from .layer import QuantizedKVLayer
 from .validation import check_bool
 
@@ -213,6 +217,8 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
     if view is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if isinstance(view, FixedView):  # a fixed-capacity cache's decode step (tq_transformers.compile)
+        return fixed_attention(query, view, attention_mask, scaling, **kwargs)
     total = view.num_quantized + view.window_len
     static_mask = view.key_mask is not None
     if static_mask:  # a graph step: the padding mask comes through the layout. The model's own mask was built

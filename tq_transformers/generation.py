@@ -83,7 +83,8 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
         fast: switch the model to the fused decode path (``tq_transformers.fast_attention``: Triton kernels on CUDA,
             the same output as the reference path elsewhere) for the caches that generate uses.
         cuda_graphs: replay decode steps from CUDA graphs (``tq_transformers.cuda_graphs``: the host out of the step;
-            without effect on CPU). Default: on with ``fast=True``.
+            without effect on CPU). Default: on with ``fast=True``, unless ``max_cache_len`` is given (a
+            fixed-capacity cache, which generate compiles instead: ``tq_transformers.compile``).
         **cache_kwargs: the method's settings, validated now (a bad value raises here, not at the first prompt).
     Returns:
         the model. Example::
@@ -93,11 +94,16 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
     """
     cache_cls = get_method(method)
     check_bool("fast", fast)
+    fixed = cache_kwargs.get("max_cache_len") is not None  # a fixed-capacity cache: generate compiles the step
     if cuda_graphs is None:
-        cuda_graphs = fast
+        cuda_graphs = fast and not fixed
     check_bool("cuda_graphs", cuda_graphs)
     if cuda_graphs and not fast:
         raise ValueError("cuda_graphs=True needs fast=True (graphs replay the fused decode path), got fast=False")
+    if cuda_graphs and fixed:
+        raise ValueError(f"cuda_graphs=True and max_cache_len={cache_kwargs['max_cache_len']} are two ways to the "
+                         "same end: a fixed-capacity cache is compiled by generate (tq_transformers.compile); pass "
+                         "one of them")
     cache_cls(model.config, **cache_kwargs)  # validate the arguments once, at enable time
     previous = vars(model).get(_STATE_ATTR)
     previous_attn = previous.previous_attn if previous is not None else None

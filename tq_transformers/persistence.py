@@ -37,6 +37,7 @@ import os
 import torch
 
 from .cache import QuantizedKVCache, head_dim_of, model_identity, registered_methods
+from .compile import FixedCapacityLayer
 from .layer import QuantizedKVLayer, compact
 from .methods.mixed import WINDOW_FIELDS as _WINDOW_FIELDS
 
@@ -96,7 +97,8 @@ def save_cache(cache: QuantizedKVCache, path) -> None:
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "cache": _dumps({"class": type(cache).__name__, "method": cache.method,
-                         "settings": _settings(cache.method_config), "layer_settings": _layer_overrides(cache)}),
+                         "settings": _settings(cache.method_config), "layer_settings": _layer_overrides(cache),
+                         "max_cache_len": cache.fixed_capacity}),
         "model": _dumps({"num_layers": len(cache.layers), "layers": identity,
                          "dtype": str(windows[0].dtype) if windows else None,
                          "batch_size": windows[0].shape[0] if windows else None,
@@ -215,6 +217,8 @@ def load_cache(path, config, device="cpu", dtype: torch.dtype | None = None,
     overrides = head["cache"].get("layer_settings") or {}
     if overrides:
         settings["layer_settings"] = {int(i): entry for i, entry in overrides.items()}
+    if head["cache"].get("max_cache_len") is not None:  # a fixed-capacity cache (tq_transformers.compile)
+        settings["max_cache_len"] = head["cache"]["max_cache_len"]
     if config is not None:
         cache = cache_cls(config, **settings)
         _check_model(cache, config, model, path)
@@ -226,6 +230,8 @@ def load_cache(path, config, device="cpu", dtype: torch.dtype | None = None,
             cache.layers.append(cache.layer_class(cache.method_config, layer_idx=i))
     for i, (layer, entry) in enumerate(zip(cache.layers, head["layers"])):
         _restore(layer, i, entry, tensors, device, path)
+        if isinstance(layer, FixedCapacityLayer):
+            layer.enter_fixed()  # into its buffers: the next decode step is a static-shape one
     if _TOKEN_IDS in tensors:
         cache.token_ids = tensors[_TOKEN_IDS].to(device)
     return cache

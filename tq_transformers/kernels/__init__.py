@@ -35,7 +35,7 @@ import importlib.util
 import torch
 
 from ..formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
-from . import reference
+from . import ops, reference
 
 __all__ = [
     "bonsai_compress",
@@ -45,6 +45,7 @@ __all__ = [
     "kivi_compress_keys",
     "kivi_compress_supported",
     "kivi_compress_values",
+    "ops",
     "reference",
     "triton_available",
     "turboquant_compress",
@@ -56,9 +57,10 @@ CODEBOOK_BITS = (1, 2, 4)  # widths the codebook tile decoder reads (whole codes
 AFFINE_BITS = (1, 2, 4, 8)
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """True when Triton is installed and a CUDA device is present."""
+    """True when Triton is installed and a CUDA device is present (a constant to ``torch.compile``)."""
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
@@ -176,19 +178,19 @@ def kivi_compress_supported(head_dim: int, bits: int, group_size: int) -> bool:
 
 def turboquant_compress(x, mean, rotation, levels, bits: int, norm_correction: bool = True):
     """Triton ``methods.turboquant.turboquant_encode``: x ``[B, H, T, D]`` -> (codes, norms)."""
-    return _module("triton_compress").turboquant_compress(x, mean, rotation, levels, bits, norm_correction)
+    return ops.turboquant_compress(x, mean, rotation, levels, bits, norm_correction)
 
 
 def bonsai_compress(x, mean, rotation, group_size: int, scale_mode: str = "mean_abs"):
     """Triton ``methods.bonsai.bonsai_encode``: x ``[B, H, T, D]`` -> (signs, scale)."""
-    return _module("triton_compress").bonsai_compress(x, mean, rotation, group_size, scale_mode)
+    return ops.bonsai_compress(x, mean, rotation, group_size, scale_mode)
 
 
 def kivi_compress_keys(x, bits: int, group_size: int):
     """Triton ``methods.kivi.kivi_encode_keys``: x ``[B, H, T, D]`` -> (codes, scale, zero)."""
-    return _module("triton_compress").kivi_compress_keys(x, bits, group_size)
+    return ops.kivi_compress_keys(x, bits, group_size)
 
 
 def kivi_compress_values(x, bits: int, group_size: int):
     """Triton ``methods.kivi.kivi_encode_values``: x ``[B, H, T, D]`` -> (codes, scale, zero)."""
-    return _module("triton_compress").kivi_compress_values(x, bits, group_size)
+    return ops.kivi_compress_values(x, bits, group_size)
