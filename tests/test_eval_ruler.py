@@ -209,6 +209,35 @@ def test_ruler_config_end_to_end_tiny(tiny_model_dir, tmp_path):  # noqa: F811
         assert all(s["prompt_tokens"] <= 1536 - 4 for s in items), key
     md = (out / "table.md").read_text()
     assert "RULER-style suite: string-match score" in md and "| 1536 tokens |" in md
+    assert not (out / "partial.json").exists()  # removed once the full outputs are written
+
+
+def test_a_run_cut_short_keeps_the_tasks_it_scored(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The suite writes `partial.json` after every task and length: a run stopped in its second task (a time limit)
+    leaves the first task's scores and answers on disk."""
+    from tq_transformers.evaluation import ruler
+
+    calls = []
+
+    def fake_task(model, tokenizer, fmt, task, length, items, specs, rcfg, overall):
+        calls.append(task.name)
+        if len(calls) > 1:
+            raise KeyboardInterrupt("stopped")
+        return [[s.references[0] for s in items] for _ in specs], [0] * len(items)
+
+    monkeypatch.setattr(ruler, "run_task", fake_task)
+    cfg_path = tmp_path / "tiny_ruler.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY_RULER))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--config", str(cfg_path), "--model", str(tiny_model_dir), "--dtype", "fp32",
+                  "--output-dir", str(out)])
+    partial = json.loads((out / "partial.json").read_text())
+    first = TINY_RULER["ruler"]["only"][0]
+    for spec in TINY_RULER["methods"]:
+        scores = partial["ruler_partial"][spec["name"]]["scores"]
+        assert scores[first] == {"1536": 100.0} and scores[TINY_RULER["ruler"]["only"][1]] == {}
+    assert not (out / "results.json").exists()
 
 
 def test_ruler_table_and_heatmap_model_free(tmp_path):

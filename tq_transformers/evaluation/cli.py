@@ -157,9 +157,11 @@ def main(argv=None) -> int:
     from .evaluate import run_evaluation
     from .report import report_text, write_outputs
 
-    results = run_evaluation(cfg, only)
     out_dir = Path(args.output_dir or Path("results") / cfg["name"])
+    partial = out_dir / "partial.json"  # rewritten as parts finish; removed once the full outputs are written
+    results = run_evaluation(cfg, only, partial_path=partial)
     paths = write_outputs(results, out_dir)
+    partial.unlink(missing_ok=True)
     print(report_text(results))
     print()
     print("written:", ", ".join(str(p) for p in paths))

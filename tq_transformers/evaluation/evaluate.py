@@ -3,6 +3,7 @@ the RULER-style suite."""
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -179,8 +180,15 @@ def model_label(spec) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_evaluation(cfg: dict, only: list[str] | None = None) -> dict[str, Any]:
-    """Run every enabled part of `cfg`; returns the results dict (see `report` for the table and files)."""
+def run_evaluation(cfg: dict, only: list[str] | None = None, partial_path: str | Path | None = None) -> dict[str, Any]:
+    """Run every enabled part of `cfg`; returns the results dict (see `report` for the table and files).
+
+    Args:
+        cfg: a validated config (``config.load_config``).
+        only: setting names to run (None: all).
+        partial_path: if given, a JSON file rewritten with the results of every finished part, and within the RULER
+            suite after every task and length, so that a run cut short (a time limit) keeps what it measured.
+    """
     specs = method_specs(cfg, only)
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
@@ -218,16 +226,23 @@ def run_evaluation(cfg: dict, only: list[str] | None = None) -> dict[str, Any]:
     overall = Overall(plan)
     parts = [("perplexity", run_perplexity), ("needle", run_needle), ("agreement", run_agreement),
              ("ruler", run_ruler)]
+    def save_partial(extra: dict | None = None) -> None:
+        if partial_path is not None:
+            Path(partial_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(partial_path).write_text(json.dumps({**results, "timings_s": timings, **(extra or {})}, default=str))
+
     for key, fn in parts:
         if key not in plan:
             continue
         t = time.perf_counter()
-        part = fn(model, tokenizer, specs, cfg[key], overall=overall)
+        kwargs = {"on_task": lambda part: save_partial({"ruler_partial": part})} if key == "ruler" else {}
+        part = fn(model, tokenizer, specs, cfg[key], overall=overall, **kwargs)
         timings[key] = time.perf_counter() - t
         if SUITE_KEY in part:  # what the RULER suite asked (prompt lengths, expected values)
             results["ruler"] = part.pop(SUITE_KEY)
         for name, value in part.items():
             results["methods"][name][key] = value
+        save_partial()
     if "perplexity" in plan:
         ref = results["methods"][REFERENCE]["perplexity"]
         for spec in specs:

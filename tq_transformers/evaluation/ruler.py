@@ -347,9 +347,14 @@ def run_task(model, tokenizer, fmt: PromptFormat, task: RulerTask, length: int, 
     return answers, padding
 
 
-def run_ruler(model, tokenizer, specs, rcfg: dict, overall=None) -> dict[str, Any]:
+def run_ruler(model, tokenizer, specs, rcfg: dict, overall=None, on_task=None) -> dict[str, Any]:
     """Score every setting on the suite: per task and length, RULER's string-match (percent), the mean over tasks per
-    length, and the answers; under `SUITE_KEY`, what was asked (prompt lengths, expected values)."""
+    length, and the answers; under `SUITE_KEY`, what was asked (prompt lengths, expected values).
+
+    Args:
+        on_task: called with the partial result (the same dict, scores so far) after every (task, length), e.g. to
+            write it to disk, so that a run cut short keeps what it scored.
+    """
     tasks, samples, fmt = suite_samples(tokenizer, rcfg)
     out = {s.name: {"scores": {t.name: {} for t in tasks}, "average": {}, "answers": {}} for s in specs}
     suite = {"template": "chat" if fmt.chat else "plain", "num_samples": rcfg["num_samples"],
@@ -357,12 +362,13 @@ def run_ruler(model, tokenizer, specs, rcfg: dict, overall=None) -> dict[str, An
              "side_by_side": rcfg["side_by_side"], "fast": rcfg["fast"],
              "tasks": {t.name: {"kind": t.kind, **t.args} for t in tasks}, "samples": {}}
     with fast_decoding(model, rcfg["fast"]):
-        _run_lengths(model, tokenizer, fmt, tasks, samples, specs, rcfg, overall, out, suite)
+        _run_lengths(model, tokenizer, fmt, tasks, samples, specs, rcfg, overall, out, suite,
+                     on_task or (lambda partial: None))
     out[SUITE_KEY] = suite
     return out
 
 
-def _run_lengths(model, tokenizer, fmt, tasks, samples, specs, rcfg, overall, out, suite) -> None:
+def _run_lengths(model, tokenizer, fmt, tasks, samples, specs, rcfg, overall, out, suite, on_task) -> None:
     """`run_ruler`'s loop over lengths and tasks: fills `out` (scores, averages, answers) and `suite["samples"]`."""
     for length, group in samples.items():
         for task in tasks:
@@ -375,6 +381,7 @@ def _run_lengths(model, tokenizer, fmt, tasks, samples, specs, rcfg, overall, ou
             for spec, preds in zip(specs, answers):
                 out[spec.name]["scores"][task.name][str(length)] = score(preds, refs, rcfg["use_evaluate"])
                 out[spec.name]["answers"][key] = preds
+            on_task({**out, SUITE_KEY: suite})
         for res in out.values():
             values = [res["scores"][t.name][str(length)] for t in tasks]
             res["average"][str(length)] = sum(values) / len(values)
