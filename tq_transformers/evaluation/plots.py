@@ -199,9 +199,9 @@ def frontier_figure(results: dict[str, Any], plt):
         return None
     proj = results["config"]["projection"]
     xs = [r["memory_mib"] for r in recs]
-    xlabel = (f"KV cache MiB, projected to {PUBLISHED_MODEL} at {proj['seq_len']} tokens, batch {proj['batch_size']}"
-              f" (analytic, not measured)")
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5))
+    xlabel = (f"{PUBLISHED_MODEL} KV cache, MiB, projected to {proj['seq_len']} tokens, batch {proj['batch_size']}\n"
+              f"(analytic, not measured; log scale)")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.5), sharex=True)
     for x, r, colour in zip(xs, recs, CYCLE * len(recs)):
         mean, worst = 100 * r["fidelity_mean"], 100 * r["fidelity_worst_layer_mean"]
         ax1.plot([x, x], [worst, mean], color=colour, lw=1, alpha=0.5)
@@ -218,17 +218,21 @@ def frontier_figure(results: dict[str, Any], plt):
     if published:
         ax1.scatter([], [], marker="D", facecolors="none", edgecolors=PUBLISHED_COLOUR,
                     label=f"published ({PUBLISHED_MODEL}, {PUBLISHED_SEQ_LEN} tokens; not measured here)")
-    ax1.legend(fontsize=7, loc="lower right")
+    fig.legend(*ax1.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=3)
     ax1.set_ylabel("attention fidelity, %\n(attention output cosine vs exact cache)")
     ppl = [(x, r) for x, r in zip(xs, recs) if r["perplexity_change_pct"] is not None]
     _perplexity_panel(ax2, [r for _, r in ppl], [x for x, _ in ppl])
     _kl_panel(ax3, recs, xs)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     for ax in (ax1, ax2, ax3):
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel, fontsize=8)
     fig.suptitle(_title(results, "quality-memory frontier (quality measured on the model above; memory projected)"),
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     return fig
 
 
