@@ -97,8 +97,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a tq-eval config (its methods and perplexity keys)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--methods", default=None, help="comma-separated setting names of the config (default: all)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    if args.methods:
+        names = args.methods.split(",")
+        known = [m.get("name", m["method"]) for m in cfg["methods"]]
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"--methods must name settings of the config {known}, got unknown {unknown}")
+        cfg["methods"] = [m for m in cfg["methods"] if m["method"] == "full" or m.get("name", m["method"]) in names]
     pre_rope = set()
     for entry in cfg["methods"]:
         if entry.pop(PRE_ROPE_KEY, False):
