@@ -7,13 +7,14 @@ the scored continuation, then replays the recorded calls into ``runner.FidelityP
 probe, prefill, chunks and numbers as ``tq-eval``'s "attn fidelity" column (the same config keys), in seconds a
 setting. Perplexity, top-1 and KL still need tq-eval.
 
-A setting may carry ``pre_rope: true`` (this script only, a diagnostic): its cache then receives keys with the
-rotary embedding undone (positions 0, 1, ... of the sequence) and the keys it returns get it applied again, i.e. the
-cache quantizes pre-RoPE keys. transformers hands caches post-RoPE keys; this measures what quantizing before RoPE
-would change without building it into a cache.
+``--pre-rope a,b`` adds, for each named setting, a diagnostic setting "<name>-prerope": the same cache, receiving
+keys with the rotary embedding undone (positions 0, 1, ... of the sequence) and returning keys with it applied again,
+i.e. the cache quantizes pre-RoPE keys. transformers hands caches post-RoPE keys; this measures what quantizing before
+RoPE would change without building it into a cache.
 
 Run:
     python scripts/fidelity_sweep.py --config configs/kivi_fidelity_cpu.yaml --out results/kivi_fidelity.json
+    (on a shared CPU, OMP_NUM_THREADS=1: two threads among other jobs' ran 7x slower here)
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from tq_transformers.evaluation.runner import (  # noqa: E402
     replay_prefill,
 )
 
-#: the key a setting carries to have its keys quantized before RoPE (popped before the cache is made)
-PRE_ROPE_KEY = "pre_rope"
+#: the name suffix of a setting whose keys are quantized before RoPE (``--pre-rope``)
+PRE_ROPE_SUFFIX = "-prerope"
 
 
 class Recorder:
@@ -98,19 +99,24 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="a tq-eval config (its methods and perplexity keys)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--methods", default=None, help="comma-separated setting names of the config (default: all)")
+    parser.add_argument("--pre-rope", default=None,
+                        help="comma-separated setting names of the config to add with pre-RoPE keys (a diagnostic)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    known = [m.get("name", m["method"]) for m in cfg["methods"]]
+    for flag, value in (("--methods", args.methods), ("--pre-rope", args.pre_rope)):
+        unknown = sorted(set(value.split(",")) - set(known)) if value else []
+        if unknown:
+            raise ValueError(f"{flag} must name settings of the config {known}, got unknown {unknown}")
     if args.methods:
         names = args.methods.split(",")
-        known = [m.get("name", m["method"]) for m in cfg["methods"]]
-        unknown = sorted(set(names) - set(known))
-        if unknown:
-            raise ValueError(f"--methods must name settings of the config {known}, got unknown {unknown}")
         cfg["methods"] = [m for m in cfg["methods"] if m["method"] == "full" or m.get("name", m["method"]) in names]
     pre_rope = set()
-    for entry in cfg["methods"]:
-        if entry.pop(PRE_ROPE_KEY, False):
-            pre_rope.add(entry.get("name", entry["method"]))
+    for name in args.pre_rope.split(",") if args.pre_rope else []:
+        entry = next(m for m in load_config(args.config)["methods"] if m.get("name", m["method"]) == name)
+        entry["name"] = name + PRE_ROPE_SUFFIX
+        cfg["methods"].append(entry)
+        pre_rope.add(entry["name"])
     specs = method_specs(cfg)
     pcfg = cfg["perplexity"]
     if pcfg["segments"] != 1:

@@ -37,9 +37,7 @@ def sweep_config(tmp_path_factory):
     save_tiny_llama(folder, config)
     cfg = {
         "name": "sweep-test", "model": str(folder), "dtype": "fp32",
-        "methods": [{"name": "full", "method": "full"}, LOSSY, LOSSLESS,
-                    {**LOSSY, "name": "kivi-2-prerope", "pre_rope": True},
-                    {**LOSSLESS, "name": "kivi-lossless-prerope", "pre_rope": True}],
+        "methods": [{"name": "full", "method": "full"}, LOSSY, LOSSLESS],
         "perplexity": {"data": "wikitext2-valid", "context_length": 160, "continuation_length": 48, "chunk_size": 8},
         "needle": {"enabled": False}, "agreement": {"enabled": False},
     }
@@ -50,17 +48,21 @@ def sweep_config(tmp_path_factory):
 
 def test_sweep_matches_tq_eval_and_is_exact_where_lossless(sweep_config, tmp_path):
     out = tmp_path / "sweep.json"
-    assert _script().main(["--config", str(sweep_config), "--out", str(out)]) == 0
+    args = ["--config", str(sweep_config), "--out", str(out), "--pre-rope", "kivi-2,kivi-lossless"]
+    assert _script().main(args) == 0
     got = json.loads(out.read_text())["settings"]
     assert got["kivi-lossless"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert got["kivi-lossless-prerope"]["mean"] == pytest.approx(1.0, abs=1e-5)  # RoPE undone, then redone
     assert got["kivi-2"]["mean"] < 0.999
     assert got["kivi-2-prerope"]["mean"] != got["kivi-2"]["mean"]  # the keys were quantized before RoPE
 
-    cfg = load_config(str(sweep_config))
-    cfg["methods"] = [m for m in cfg["methods"] if not m.get("pre_rope")]
-    results = run_evaluation(cfg)
+    results = run_evaluation(load_config(str(sweep_config)))
     for name in ("kivi-2", "kivi-lossless"):
         fid = results["methods"][name]["perplexity"]["fidelity"]
         assert got[name]["mean"] == pytest.approx(fid["mean"], abs=1e-5), name
         assert got[name]["worst_layer"] == fid["worst_layer"]
+
+
+def test_sweep_refuses_unknown_settings(sweep_config):
+    with pytest.raises(ValueError, match=r"--pre-rope must name settings of the config .*got unknown \['nope'\]"):
+        _script().main(["--config", str(sweep_config), "--pre-rope", "nope"])

@@ -141,3 +141,4 @@ def test_cache_with_refit_reconstructs_closer():
 def test_fit_iterations_is_validated(value, error, message):
     with pytest.raises(error, match=message):
         KIVICache(fit_iterations=value)
+
