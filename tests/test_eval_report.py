@@ -3,7 +3,7 @@
 import pytest
 from eval_helpers import fake_results
 
-from tq_transformers.evaluation import report
+from tq_transformers.evaluation import plots, report
 
 
 def _row(table: str, label: str) -> list[str]:
@@ -70,8 +70,8 @@ def test_table_md_holds_the_whole_report_and_plots_are_written(tmp_path):
     res = fake_results()
     paths = report.write_outputs(res, tmp_path)
     names = sorted(p.name for p in paths)
-    assert names == ["memory_fidelity.png", "memory_quality.png", "needle_heatmap.png", "results.csv",
-                     "results.json", "table.md"]
+    assert names == ["frontier.png", "memory_fidelity.png", "memory_quality.png", "needle_heatmap.png",
+                     "results.csv", "results.json", "table.md"]
     md = (tmp_path / "table.md").read_text()
     for part in ("Model: ", "| method |", "Key:", "Needle found (1) or not (0)", "| phase | seconds |"):
         assert part in md
@@ -90,3 +90,48 @@ def test_key_warns_when_few_tokens_are_scored():
     for m in res["methods"].values():
         m["perplexity"]["scored_tokens"] = 32
     assert "Only 32 scored tokens: perplexity changes (either sign) and their intervals are rough" in report.key(res)
+
+
+def _offsets(ax, gid: str) -> list[tuple[float, float]]:
+    return [tuple(float(v) for v in xy) for c in ax.collections if c.get_gid() == gid for xy in c.get_offsets()]
+
+
+def test_frontier_plots_the_measured_points_and_the_seeds_published_ones():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    res = fake_results()
+    res["methods"]["kivi-b"]["perplexity"]["fidelity"] = {"mean": 0.95, "worst_layer": 1, "worst_layer_mean": 0.8}
+    fig = plots.frontier_figure(res, plt)
+    try:
+        fid, ppl, kl = fig.axes
+        # x: the projected Llama-3.1-8B MiB; the reference is not a point
+        assert _offsets(fid, "measured") == [(781.0, pytest.approx(97.0)), (500.0, pytest.approx(95.0))]
+        assert _offsets(fid, "worst layer") == [(781.0, pytest.approx(90.0)), (500.0, pytest.approx(80.0))]
+        assert _offsets(fid, "published") == [(1056.0, 99.4), (1024.0, 98.0), (288.0, 90.0)]
+        assert "Llama-3.1-8B KV cache, MiB, projected to 32768 tokens" in fid.get_xlabel()
+        assert "(analytic, not measured" in fid.get_xlabel()
+        changes = [tuple(c.lines[0].get_xydata()[0]) for c in ppl.containers]
+        assert changes == [(781.0, 1.0), (500.0, 2.0)]
+        spans = [c.lines[2][0].get_segments()[0][:, 1].tolist() for c in ppl.containers]
+        assert spans == [[-1.0, 2.0], [0.5, 3.0]]  # the 95% intervals
+        assert [tuple(xy) for c in kl.collections for xy in c.get_offsets()] == [(781.0, 0.01), (500.0, 0.05)]
+        assert fid.get_xscale() == "log"
+    finally:
+        plt.close(fig)
+
+
+def test_frontier_leaves_the_published_points_out_at_another_projection():
+    res = fake_results()
+    res["config"]["projection"]["seq_len"] = 4096
+    points = plots.frontier_points(res)
+    assert points["published"] == [] and [r["method"] for r in points["measured"]] == ["kivi-a", "kivi-b"]
+    res["config"]["projection"]["seq_len"] = plots.PUBLISHED_SEQ_LEN
+    assert [p.mib for p in plots.frontier_points(res)["published"]] == [1056.0, 1024.0, 288.0]
+
+
+def test_frontier_needs_a_measurement():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    res = fake_results()
+    for m in res["methods"].values():
+        m["perplexity"] = None
+    assert plots.frontier_figure(res, plt) is None
+    assert plots.plot_frontier(res, None, plt) == []

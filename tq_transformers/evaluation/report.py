@@ -1,5 +1,5 @@
-"""Results: the printed report (what was run, the table, its key, needle cells, timings), results.json, results.csv,
-table.md and PNG plots."""
+"""Results: the printed report (what was run, the table, its key, needle cells, timings), results.json, results.csv
+and table.md; the PNG plots are drawn by ``plots``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import csv
 import json
 from pathlib import Path
 from typing import Any
+
+# the plots live in .plots (one home); these names stay importable from here
+from .plots import FOUND_COLOUR, MISSED_COLOUR, plot, plot_ruler  # noqa: F401
 
 COLUMNS = [
     ("method", "method"),
@@ -27,11 +30,6 @@ COLUMNS = [
 #: Below this many scored tokens the key warns that perplexity changes and their intervals are rough (the default
 #: run scores 256 tokens; --quick scores 32).
 FEW_SCORED_TOKENS = 256
-
-#: Okabe-Ito colours (distinguishable with the common colour-vision deficiencies): found, not found, then a cycle.
-FOUND_COLOUR, MISSED_COLOUR = "#0072B2", "#E69F00"
-CYCLE = ["#000000", "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#F0E442"]
-
 
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat record per setting (numbers, None where a part did not run)."""
@@ -302,175 +300,3 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     paths[2].write_text(report_text(results) + "\n")
     paths += plot(results, out_dir)
     return paths
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------------------------------------
-def _measured_x(results: dict[str, Any]) -> tuple[list[dict], str]:
-    """Records with a measured cache size, and the x-axis label naming the model and the length."""
-    recs = [r for r in rows(results) if r["held_bytes"] is not None]
-    model = (results.get("model") or {}).get("name", results["config"]["model"])
-    held = recs[0]["held_tokens"] if recs else "?"
-    return recs, f"KV cache held, MiB (measured on {model}, {held} tokens)"
-
-
-def _title(results: dict[str, Any], what: str) -> str:
-    scored = rows(results)[0]["scored_tokens"]
-    ctx = results["config"]["perplexity"]["context_length"]
-    return f"{what}\n{model_line(results)}; {ctx}-token context, {scored} scored tokens"
-
-
-def _annotate(ax, recs, ys) -> None:
-    for r, y, colour in zip(recs, ys, CYCLE * len(recs)):
-        ax.annotate(r["label"], (r["held_bytes"] / 2**20, y), fontsize=7, xytext=(4, 3), textcoords="offset points",
-                    color=colour)
-
-
-def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """memory_fidelity.png (measured cache size against mean and worst-layer attention fidelity), memory_quality.png
-    (against the perplexity change with its interval, and KL) and needle_heatmap.png (found / missed per cell)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return []
-    written = []
-    recs, xlabel = _measured_x(results)
-    recs = [r for r in recs if r["fidelity_mean"] is not None]
-    if recs:
-        xs = [r["held_bytes"] / 2**20 for r in recs]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for x, r, colour in zip(xs, recs, CYCLE * len(recs)):
-            mean, worst = 100 * r["fidelity_mean"], 100 * r["fidelity_worst_layer_mean"]
-            ax.plot([x, x], [worst, mean], color=colour, lw=1, alpha=0.6)
-            ax.scatter([x], [mean], color=colour, marker="o", zorder=3)
-            ax.scatter([x], [worst], facecolors="none", edgecolors=colour, marker="s", zorder=3)
-        _annotate(ax, recs, [100 * r["fidelity_mean"] for r in recs])
-        ax.scatter([], [], color="grey", marker="o", label="mean over layers and heads")
-        ax.scatter([], [], facecolors="none", edgecolors="grey", marker="s", label="worst layer")
-        ax.legend(fontsize=8, loc="lower right")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("attention output cosine vs exact cache, %")
-        ax.set_title(_title(results, "memory vs attention fidelity"), fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(out_dir / "memory_fidelity.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-        for x, r, colour in zip(xs, recs, CYCLE * len(recs)):
-            change = r["perplexity_change_pct"]
-            lo, hi = r["perplexity_change_ci_low_pct"], r["perplexity_change_ci_high_pct"]
-            if lo is not None:
-                ax1.errorbar([x], [change], yerr=[[change - lo], [hi - change]], fmt="o", color=colour, capsize=3)
-            else:
-                ax1.scatter([x], [change], color=colour)
-        _annotate(ax1, recs, [r["perplexity_change_pct"] for r in recs])
-        ax1.axhline(0.0, color="grey", lw=0.8)
-        ax1.set_xlabel(xlabel)
-        ax1.set_ylabel("perplexity change vs reference, %\n(bars: 95% bootstrap interval)")
-        ax1.grid(alpha=0.3)
-        quant = [(x, r, c) for x, r, c in zip(xs, recs, CYCLE * len(recs))
-                 if r["kl_divergence"] and r["kl_divergence"] > 0]
-        for x, r, colour in quant:
-            ax2.scatter([x], [r["kl_divergence"]], color=colour)
-            ax2.annotate(r["label"], (x, r["kl_divergence"]), fontsize=7, xytext=(4, 3), textcoords="offset points",
-                         color=colour)
-        if quant:
-            ax2.set_yscale("log")
-        ax2.set_xlabel(xlabel)
-        ax2.set_ylabel("KL(P_ref || P_method), nats per scored token (log)")
-        ax2.grid(alpha=0.3, which="both")
-        fig.suptitle(_title(results, "memory vs output quality"), fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / "memory_quality.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-
-    names = [n for n in results["methods"] if results["methods"][n].get("needle")]
-    if names:
-        from matplotlib.colors import ListedColormap
-
-        keys = list(results["methods"][names[0]]["needle"]["found"])
-        grid = [[float(results["methods"][n]["needle"]["found"][k]) for k in keys] for n in names]
-        labels = [results["methods"][n].get("label", n) for n in names]
-        fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.8 * len(keys)), 1.8 + 0.45 * len(names)))
-        ax.imshow(grid, cmap=ListedColormap([MISSED_COLOUR, FOUND_COLOUR]), vmin=0, vmax=1, aspect="auto")
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                ax.text(j, i, "found" if value else "MISS", ha="center", va="center", fontsize=7,
-                        color="white" if value else "black", fontweight="normal" if value else "bold")
-        ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(names)), labels, fontsize=8)
-        cell_borders(ax, len(keys), len(names), width=2)
-        model = results.get("model") or {"name": results["config"]["model"], "dtype": results["config"]["dtype"]}
-        ax.set_xlabel("prompt length (tokens) @ needle depth\n(fraction of the text before the needle)", fontsize=8)
-        ax.set_title(f"needle retrieval, {model['name']} ({model['dtype']})\nblue: found, orange: missed", fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / "needle_heatmap.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    written += plot_ruler(results, out_dir, plt)
-    return written
-
-
-def cell_borders(ax, columns: int, rows: int, width: float) -> None:
-    """White borders of `width` points between the cells of a heatmap of `columns` x `rows` cells."""
-    ax.set_xticks([j - 0.5 for j in range(1, columns)], minor=True)
-    ax.set_yticks([i - 0.5 for i in range(1, rows)], minor=True)
-    ax.grid(which="minor", color="white", lw=width)
-    ax.tick_params(which="minor", length=0)
-
-
-#: RULER heatmap: a cell this many points or more below the reference's score is marked (the issue's target for
-#: KIVI-2; TurboQuant-4's is 2 points, also visible from the printed differences).
-RULER_DROP_MARK = 5.0
-#: Colour map of RULER scores: cividis is perceptually uniform and readable with the common colour-vision
-#: deficiencies; every cell also carries its number, so no information rests on colour alone.
-RULER_CMAP = "cividis"
-
-
-def plot_ruler(results: dict[str, Any], out_dir: Path, plt) -> list[Path]:
-    """ruler_heatmap.png: settings x (task, length) scores; each cell shows its score and, below the reference's
-    row, the difference to the reference, marked (v) where it is `RULER_DROP_MARK` points or more lower."""
-    names = [n for n in results["methods"] if results["methods"][n].get("ruler")]
-    if not names:
-        return []
-    first = results["methods"][names[0]]["ruler"]
-    tasks, lengths = list(first["scores"]), list(first["average"])
-    cols = [(t, n) for n in lengths for t in tasks] + [("avg", n) for n in lengths]
-
-    def value(name: str, task: str, length: str) -> float:
-        res = results["methods"][name]["ruler"]
-        return res["average"][length] if task == "avg" else res["scores"][task][length]
-
-    grid = [[value(n, t, length) for t, length in cols] for n in names]
-    labels = [results["methods"][n].get("label", n) for n in names]
-    fig, ax = plt.subplots(figsize=(max(7.0, 2.5 + 0.55 * len(cols)), 2.0 + 0.5 * len(names)))
-    ax.imshow(grid, cmap=RULER_CMAP, vmin=0, vmax=100, aspect="auto")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            text = f"{v:.0f}"
-            drop = grid[0][j] - v
-            if i > 0 and abs(drop) >= 0.5:
-                text += f"\n{-drop:+.0f}" + (" v" if drop >= RULER_DROP_MARK else "")
-            ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if v < 60 else "black",
-                    fontweight="bold" if i > 0 and drop >= RULER_DROP_MARK else "normal")
-    ax.set_xticks(range(len(cols)), [f"{t}@{n}" for t, n in cols], rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(names)), labels, fontsize=8)
-    cell_borders(ax, len(cols), len(names), width=1)
-    model = results.get("model") or {"name": results["config"]["model"], "dtype": results["config"]["dtype"]}
-    samples = (results.get("ruler") or {}).get("num_samples", "?")
-    ax.set_xlabel("task @ length (tokens)", fontsize=8)
-    ax.set_title(f"RULER-style suite, {model['name']} ({model['dtype']}), {samples} sample(s) a cell: string-match "
-                 f"score, %\nsecond line: difference to the reference; v: {RULER_DROP_MARK:g}+ points below it",
-                 fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "ruler_heatmap.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
