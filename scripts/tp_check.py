@@ -92,7 +92,7 @@ def run_variant(model, variant: dict, ids: torch.Tensor, new_tokens: int, out_di
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              output_scores=True, return_dict_in_generate=True, **{CACHE_KWARG: cache})
     seq = out.sequences
-    tp = model.tp_size or 1
+    tp = getattr(model, "tp_size", None) or 1  # a public property of PreTrainedModel (None without TP)
     result = {"sequences": seq.tolist(), "scores": torch.stack(out.scores).float().tolist(), "layer_heads": [],
               "load": None,
               "estimate": estimate_cache_bytes(model.config, cache.get_seq_length(), ids.shape[0], method=method,
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast_installed = False
-    report = {"rank": rank, "world_size": world, "tp_size": model.tp_size,
+    report = {"rank": rank, "world_size": world, "tp_size": getattr(model, "tp_size", None),
               "config_kv_heads": model.config.num_key_value_heads, "variants": {}}
     for variant in json.loads(Path(args.spec).read_text()) if args.spec else DEFAULT_SPEC:
         if variant.get("fast") and not fast_installed:
