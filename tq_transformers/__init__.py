@@ -12,7 +12,7 @@ from .fork import distinct_bytes
 from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from .generation import disable, enable
 from .layer import QuantizedKVLayer, WindowConfig
-from .memory import estimate_cache_bytes
+from .memory import estimate_cache_bytes, kv_heads_per_rank
 from .methods.bonsai import BonsaiCache, BonsaiConfig
 from .methods.kivi import KIVICache, KIVIConfig
 from .methods.mixed import MixedCache, MixedConfig
@@ -46,6 +46,7 @@ __all__ = [
     "enable",
     "estimate_cache_bytes",
     "get_method",
+    "kv_heads_per_rank",
     "load_cache",
     "make_cache",
     "save_cache",

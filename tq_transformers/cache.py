@@ -64,6 +64,9 @@ def cache_dims(config) -> tuple[int, int, int] | None:
     head: the compressed key-value latent (``kv_lora_rank`` wide) as "keys" and the shared rotary key
     (``qk_rope_head_dim``) as "values"; attention expands them after the cache. Layers always check the dims their
     states really have at the first update; this is what a config lets us check (and count) before.
+
+    kv_heads is the model's: under tensor parallelism (``tp_plan``) the config is not changed, and a rank's layers
+    receive ``kv_heads / tp_size`` of them (``memory.kv_heads_per_rank``; the layers take the count they receive).
     """
     latents = mla_latent_dims(config)
     if latents is not None:

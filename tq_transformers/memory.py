@@ -15,10 +15,26 @@ from .cache import cache_dims
 from .registry import METHOD_NAMES, get_method
 from .validation import check_int
 
-__all__ = ["FULL", "MIB", "estimate_cache_bytes"]
+__all__ = ["FULL", "MIB", "estimate_cache_bytes", "kv_heads_per_rank"]
 
 FULL = "full"  # the unquantized baseline: a DynamicCache in the model's dtype
 MIB = 2**20
+
+
+def kv_heads_per_rank(kv_heads: int, tp_size: int) -> int:
+    """The KV heads of one tensor-parallel rank: transformers shards k_proj / v_proj column-wise, head by head.
+
+    Args:
+        kv_heads: the model's KV heads (``cache_dims(config)[0]``).
+        tp_size: tensor-parallel ranks, at least 1, dividing `kv_heads`.
+    Returns:
+        ``kv_heads // tp_size``.
+    """
+    check_int("tp_size", tp_size, 1, "a positive integer (tensor-parallel ranks)")
+    if kv_heads % tp_size:
+        raise ValueError(f"tp_size must divide the model's {kv_heads} KV heads (each rank caches whole heads), "
+                         f"got tp_size={tp_size}")
+    return kv_heads // tp_size
 
 
 def estimate_cache_bytes(
@@ -27,6 +43,7 @@ def estimate_cache_bytes(
     batch_size: int = 1,
     method: str = FULL,
     dtype: torch.dtype = torch.float16,
+    tp_size: int = 1,
     **settings,
 ) -> dict[str, int]:
     """Bytes held by a cache after `seq_len` tokens.
@@ -39,8 +56,11 @@ def estimate_cache_bytes(
             ("turboquant", "kivi", "bonsai", "mixed") with that cache's keyword arguments (its settings, and
             ``layer_settings`` / ``edge_layers`` / ``edge_settings``).
         dtype: the model's dtype (the window's and the full cache's).
+        tp_size: tensor-parallel ranks (transformers' ``tp_plan``, ``model.tp_size``): the bytes of one rank's cache,
+            which holds ``num_key_value_heads / tp_size`` of the KV heads (the ranks' caches sum to the
+            single-process one). The KV heads must divide evenly.
     Returns:
-        {"codes", "metadata", "window", "unquantized_layers", "total"}, bytes.
+        {"codes", "metadata", "window", "unquantized_layers", "total"}, bytes (of one rank with `tp_size` > 1).
     """
     check_int("seq_len", seq_len, 0, "a non-negative integer")
     check_int("batch_size", batch_size, 1, "a positive integer")
@@ -55,6 +75,7 @@ def estimate_cache_bytes(
         raise ValueError(f"config must declare its attention head dims (head_dim, or hidden_size and "
                          f"num_attention_heads), got {type(config).__name__}")
     heads, key_dim, value_dim = dims
+    heads = kv_heads_per_rank(heads, tp_size)
     item = torch.empty((), dtype=dtype).element_size()
     per_token_fp = heads * (key_dim + value_dim) * item  # K and V of one token, all heads, one row
     template = DynamicCache(config=config).layers

@@ -39,6 +39,7 @@ import torch
 from .cache import QuantizedKVCache, head_dim_of, model_identity, registered_methods
 from .compile import FixedCapacityLayer
 from .layer import QuantizedKVLayer, compact
+from .memory import kv_heads_per_rank
 from .methods.mixed import WINDOW_FIELDS as _WINDOW_FIELDS
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_cache", "save_cache"]
@@ -200,8 +201,10 @@ def load_cache(path, config, device="cpu", dtype: torch.dtype | None = None,
     """
     from transformers import PreTrainedConfig, PreTrainedModel
 
+    tp_size = 1
     if isinstance(config, PreTrainedModel):
         dtype = config.dtype if dtype is None else dtype
+        tp_size = getattr(config, "tp_size", None) or 1  # a tensor-parallel rank caches kv_heads / tp_size heads
         config = config.config
     if config is not None and not isinstance(config, PreTrainedConfig):
         raise TypeError(f"config must be a transformers PreTrainedConfig, a model or None, got {type(config).__name__}")
@@ -221,7 +224,7 @@ def load_cache(path, config, device="cpu", dtype: torch.dtype | None = None,
         settings["max_cache_len"] = head["cache"]["max_cache_len"]
     if config is not None:
         cache = cache_cls(config, **settings)
-        _check_model(cache, config, model, path)
+        _check_model(cache, config, model, path, tp_size)
     else:
         cache = cache_cls(**settings)
         for i, entry in enumerate(head["layers"]):
@@ -293,8 +296,9 @@ def _expected_dims(config) -> tuple[int | None, int | None, int | None]:
     return heads, head_dim, head_dim
 
 
-def _check_model(cache, config, model: dict, path) -> None:
-    """A ValueError naming the first difference between the file's model and `config` (``cache`` built from it)."""
+def _check_model(cache, config, model: dict, path, tp_size: int = 1) -> None:
+    """A ValueError naming the first difference between the file's model and `config` (``cache`` built from it), on a
+    rank of `tp_size` tensor-parallel ranks (``model.tp_size``: each caches its share of the KV heads)."""
     if model["num_layers"] != len(cache.layers):
         raise ValueError(f"{path}: the cache was saved from a model of {model['num_layers']} layers, the config has "
                          f"{len(cache.layers)}")
@@ -304,13 +308,22 @@ def _check_model(cache, config, model: dict, path) -> None:
             raise ValueError(f"{path}: the cache was saved from a model with {name}={value!r}, the config has "
                              f"{given[name]!r}")
     heads, key_dim, value_dim = _expected_dims(config)
+    total_heads = heads
+    if heads is not None:
+        heads = kv_heads_per_rank(heads, tp_size)
     for i, (layer, saved) in enumerate(zip(cache.layers, model["layers"])):
         if saved["type"] != type(layer).__name__:
             raise ValueError(f"{path}: layer {i} is a {saved['type']} in the file, a {type(layer).__name__} for "
                              "this config (the layer types differ)")
         for name, want in (("kv_heads", heads), ("key_dim", key_dim), ("value_dim", value_dim)):
             if name in saved and want is not None and saved[name] != want:
-                raise ValueError(f"{path}: layer {i} was saved with {name}={saved[name]}, the config gives {want}")
+                hint = ""
+                if name == "kv_heads" and total_heads and saved[name] and total_heads % saved[name] == 0:
+                    hint = (f" (tp_size={tp_size}); a cache saved by one of {total_heads // saved[name]} "
+                            "tensor-parallel ranks holds that rank's heads only: load it on a rank of the same "
+                            "tp_size, passing the model (QuantizedKVCache.load(path, model)), not its config")
+                raise ValueError(f"{path}: layer {i} was saved with {name}={saved[name]}, the config gives "
+                                 f"{want}{hint}")
 
 
 def _restore(layer, i: int, entry: dict, tensors: dict, device, path) -> None:
