@@ -192,3 +192,15 @@ def test_fast_path_gives_the_reference_paths_answers(model):
     bad = eval_config.merge(eval_config.DEFAULTS, {"ruler": {"fast": True}})
     with pytest.raises(ValueError, match="ruler.side_by_side must be false with ruler.fast: true"):
         eval_config.validate(bad)
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], {"batch_size": 4, "fast": False, "side_by_side": True}),
+    (["--ruler-batch-size", "1"], {"batch_size": 1, "fast": False, "side_by_side": True}),
+    (["--ruler-fast"], {"batch_size": 4, "fast": True, "side_by_side": False}),
+], ids=["defaults", "batch-size", "fast"])
+def test_cli_batch_flags(argv, want):
+    from tq_transformers.evaluation import cli
+
+    rcfg = cli.build_config(cli.parse_args(["--config", "default", "--device", "cpu", *argv]))["ruler"]
+    assert {k: rcfg[k] for k in want} == want
