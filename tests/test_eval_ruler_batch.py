@@ -17,10 +17,10 @@ from cases import build_tiny
 # Prompt lengths of the padded batches: the shorter two are left-padded by 128 and 256 tokens, multiples of every
 # flush and group size below (so a quantized row's window and groups line up as when it runs alone). The settings
 # below keep no sink tokens and no centering mean (a mean of the first quantized tokens would include the padding).
-ALIGNED_LENGTHS = (400, 272, 144)
+ALIGNED_LENGTHS = (304, 176, 48)
 # Lengths whose padding (7, 61 tokens) lines up with nothing.
-RAGGED_LENGTHS = (300, 293, 239)
-NEW_TOKENS = 40  # crosses several 32-token flushes of the windows below
+RAGGED_LENGTHS = (200, 193, 139)
+NEW_TOKENS = 24  # crosses a 32-token flush of the windows below
 
 FULL = MethodSpec("full", "full")
 QUANTIZED = [
@@ -113,7 +113,7 @@ def test_quantized_ragged_padding_keeps_rows_apart(model):
     prompts = prompts_of(RAGGED_LENGTHS)
     specs = [FULL, *QUANTIZED]
     batched = ruler.generate_batch(model, prompts, specs, NEW_TOKENS, 64)
-    filler = prompts_of((300,), seed=9)  # another longest row: the others keep their padding
+    filler = prompts_of((200,), seed=9)  # another longest row: the others keep their padding
     other = ruler.generate_batch(model, [filler[0], prompts[1], prompts[2]], specs, NEW_TOKENS, 64)
     for s in range(len(specs)):
         assert other[s][1:] == batched[s][1:], specs[s].name
@@ -192,3 +192,15 @@ def test_fast_path_gives_the_reference_paths_answers(model):
     bad = eval_config.merge(eval_config.DEFAULTS, {"ruler": {"fast": True}})
     with pytest.raises(ValueError, match="ruler.side_by_side must be false with ruler.fast: true"):
         eval_config.validate(bad)
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], {"batch_size": 4, "fast": False, "side_by_side": True}),
+    (["--ruler-batch-size", "1"], {"batch_size": 1, "fast": False, "side_by_side": True}),
+    (["--ruler-fast"], {"batch_size": 4, "fast": True, "side_by_side": False}),
+], ids=["defaults", "batch-size", "fast"])
+def test_cli_batch_flags(argv, want):
+    from tq_transformers.evaluation import cli
+
+    rcfg = cli.build_config(cli.parse_args(["--config", "default", "--device", "cpu", *argv]))["ruler"]
+    assert {k: rcfg[k] for k in want} == want
