@@ -346,7 +346,7 @@ def test_enable_validates_arguments_up_front(tiny_model):
     with pytest.raises(ValueError, match=RATES + r"7"):
         tq_transformers.enable(model, "turboquant", bits=7)
     accepted = (r"\['residual_length', 'sink_tokens', 'bits', 'key_bits', 'value_bits', 'group_size', "
-                r"'layer_settings', ")
+                r"'fit_iterations', 'layer_settings', ")
     with pytest.raises(TypeError, match=r"KIVICache got unknown settings \['flush_size'\]; accepted: " + accepted):
         tq_transformers.enable(model, "kivi", flush_size=16)  # KIVI's flush is its group
     with pytest.raises(ValueError, match=METHODS_RE + r" 'gptq'"):

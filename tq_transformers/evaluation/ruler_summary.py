@@ -5,7 +5,7 @@ and the issue's targets (TurboQuant-4 within 2 points of the reference on every 
     python -m tq_transformers.evaluation.ruler_summary results/a/results.json results/b/results.json --out results/m
 
 writes ``results.json`` (merged), ``summary.md`` (the RULER table of `report.ruler_table` and the summary below) and
-``ruler_heatmap.png`` (`report.plot_ruler`) into ``--out``.
+``ruler_heatmap.png`` (`plots.plot_ruler`) into ``--out``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
             ``ruler`` (the suite: samples, lengths, tasks).
     Returns:
         The first part with every part's RULER scores, answers, averages and samples merged in (lengths in ascending
-        order), so that `report.ruler_table` and `report.plot_ruler` read it as one run.
+        order), so that `report.ruler_table` and `plots.plot_ruler` read it as one run.
     """
     if not parts:
         raise ValueError("parts must hold at least one results dict, got none")
@@ -124,12 +124,12 @@ def summary_markdown(results: dict[str, Any], margin: float, targets: dict[str, 
 
 def main(argv=None) -> int:
     """Command line: merge results.json files, write the merged results, summary.md and ruler_heatmap.png."""
-    from . import report
+    from . import plots, report
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json files of RULER runs of the same settings")
     p.add_argument("--out", required=True, help="folder for the merged results.json, summary.md and heatmap")
-    p.add_argument("--margin", type=float, default=report.RULER_DROP_MARK,
+    p.add_argument("--margin", type=float, default=plots.RULER_DROP_MARK,
                    help="points below the reference that count as a break (default: the heatmap's mark)")
     args = p.parse_args(argv)
     merged = merge_results([json.loads(Path(f).read_text()) for f in args.results])
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     except ImportError:  # pragma: no cover - matplotlib is an "eval" extra
         plt = None
     if plt is not None:
-        report.plot_ruler(merged, out, plt)
+        plots.plot_ruler(merged, out, plt)
     print((out / "summary.md").read_text())
     return 0
 
