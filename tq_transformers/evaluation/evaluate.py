@@ -224,18 +224,19 @@ def run_evaluation(cfg: dict, only: list[str] | None = None, partial_path: str |
     logger.info("Settings, run side by side in one batch: %s", labels)
     plan = work_plan(cfg, len(specs))
     overall = Overall(plan)
-    parts = [("perplexity", run_perplexity), ("needle", run_needle), ("agreement", run_agreement),
-             ("ruler", run_ruler)]
+
     def save_partial(extra: dict | None = None) -> None:
         if partial_path is not None:
             Path(partial_path).parent.mkdir(parents=True, exist_ok=True)
             Path(partial_path).write_text(json.dumps({**results, "timings_s": timings, **(extra or {})}, default=str))
 
-    for key, fn in parts:
+    # each part with the extra keyword arguments it takes (the RULER suite reports after every task)
+    parts = [("perplexity", run_perplexity, {}), ("needle", run_needle, {}), ("agreement", run_agreement, {}),
+             ("ruler", run_ruler, {"on_task": lambda part: save_partial({"ruler_partial": part})})]
+    for key, fn, kwargs in parts:
         if key not in plan:
             continue
         t = time.perf_counter()
-        kwargs = {"on_task": lambda part: save_partial({"ruler_partial": part})} if key == "ruler" else {}
         part = fn(model, tokenizer, specs, cfg[key], overall=overall, **kwargs)
         timings[key] = time.perf_counter() - t
         if SUITE_KEY in part:  # what the RULER suite asked (prompt lengths, expected values)
