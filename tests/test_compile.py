@@ -135,6 +135,20 @@ def test_decode_operator_fake_and_schema():
 # ----------------------------------------------------------------------------------------------------------------------
 # Fixed-capacity caches: construction and eager decoding
 # ----------------------------------------------------------------------------------------------------------------------
+def test_kernel_availability_check_traces_without_graph_break():
+    """The encoders ask ``kernels.triton_available()`` inside the compiled cache update; on a GPU it used to call
+    importlib's ``find_spec``, which dynamo refuses (a graph break under generate's auto-compile). It must fold to a
+    constant: this compiles with ``fullgraph=True`` on any device."""
+    from tq_transformers import kernels
+
+    def step(x):
+        return x + 1 if kernels.triton_available() else x - 1
+
+    x = torch.zeros(2)
+    got = torch.compile(step, fullgraph=True, backend="eager")(x)
+    assert torch.equal(got, step(x))
+
+
 def test_fixed_capacity_validation():
     model = build_tiny("llama")
     c = case("turboquant4")
@@ -356,14 +370,21 @@ def test_inductor_cpu_greedy_equals_fast_path(c):
 
 
 @needs_gpu
+@pytest.mark.parametrize("prompt", ["padded-40", "short-10"])
 @pytest.mark.parametrize("c", params("turboquant4", "kivi2", "bonsai-improved-l2"))
-def test_gpu_generate_auto_compile_equals_fast_path(c):
+def test_gpu_generate_auto_compile_equals_fast_path(c, prompt):
     """On CUDA generate compiles by itself (inductor, mode "reduce-overhead": CUDA graphs; fullgraph=True so that a
     graph break fails): the greedy tokens equal the dynamic fast path's (Triton kernels, eager). In float32, where
-    inductor's fused elementwise kernels round like eager ones to ~1e-6 (in bfloat16 they may differ by an ulp)."""
+    inductor's fused elementwise kernels round like eager ones to ~1e-6 (in bfloat16 they may differ by an ulp).
+    "short-10": a prompt shorter than the window, so the first flush and the centering means (written in place)
+    happen inside captured steps; a rotated key mean kept from before them would answer wrongly."""
     model = build_tiny("llama").cuda()
     fast_attention.install(model)
-    inputs = padded_inputs("cuda")
+    if prompt == "padded-40":
+        inputs = padded_inputs("cuda")
+    else:
+        ids = random_ids(1, 10).cuda()
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     want, _ = generate_with_scores(model, inputs, fast_attention.prepare_cache(c.cache(model.config)), NEW_TOKENS)
     model.generation_config.compile_config = CompileConfig(fullgraph=True)
     torch._dynamo.utils.counters.clear()

@@ -240,6 +240,7 @@ class FixedCapacityLayer(QuantizedKVLayer):
             raise ValueError(f"layer {self.layer_idx}: the GPU decode kernels do not cover {described} (bits "
                              f"{[getattr(v, 'bits', None) for v in views]}, model dtype {self.keys.dtype}), which a "
                              "fixed-capacity cache needs on CUDA")
+        kernels.keep_decode_constants(*views, self.keys.dtype)  # outside any graph: the operator keeps nothing
 
     def _allocate(self) -> FixedBuffers:
         R, F = self.cfg.residual_length, self.cfg.flush_size

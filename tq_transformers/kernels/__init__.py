@@ -28,7 +28,6 @@ and their sources, compiled at first use with NVRTC), ``constants`` (eps values 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 
@@ -42,6 +41,7 @@ __all__ = [
     "compress_supported",
     "decode_attention",
     "decode_supported",
+    "keep_decode_constants",
     "kivi_compress_keys",
     "kivi_compress_supported",
     "kivi_compress_values",
@@ -57,11 +57,14 @@ CODEBOOK_BITS = (1, 2, 4)  # widths the codebook tile decoder reads (whole codes
 AFFINE_BITS = (1, 2, 4, 8)
 
 
-@torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=1)
+# Read once at import: torch.compile cannot trace importlib's find_spec (a graph break inside the cache update
+# under transformers' auto-compile, measured on the H200), but it folds a module-level bool into the graph.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
 def triton_available() -> bool:
-    """True when Triton is installed and a CUDA device is present (a constant to ``torch.compile``)."""
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+    """True when Triton is installed and a CUDA device is present (read at import; a constant to ``torch.compile``)."""
+    return _TRITON_AVAILABLE
 
 
 def _module(name: str):
@@ -149,6 +152,23 @@ def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: 
     return _module("triton_decode").decode_attention(q=q, keys=keys, values=values, window_k=window_k,
                                                      window_v=window_v, key_mask=key_mask, scaling=scaling,
                                                      lengths=lengths, cuda_split=use_cuda)
+
+
+def keep_decode_constants(keys, values, dtype: torch.dtype) -> None:
+    """Compute and keep, outside any graph, what the decode kernels derive from the views' constant tensors (byte
+    tables, rotations). The custom operator (``ops.decode_attention``) keeps nothing new while it runs (it may run in
+    CUDA-graph warm-up or capture): a fixed-capacity cache calls this when it enters its buffers.
+
+    Args:
+        keys, values: packed views that ``decode_supported(keys, values, dtype)`` accepts; dtype: the model dtype.
+    """
+    if not (triton_available() and keys.codes.is_cuda):
+        return
+    split = _module("triton_split")
+    split.keep_constants(keys, dtype, keys=True)
+    split.keep_constants(values, dtype, keys=False)
+    if dtype != torch.float32:
+        _module("cuda_split").keep_constants(keys, values, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -144,6 +144,12 @@ def _word_table(view, dtype) -> torch.Tensor:
                    .contiguous().view(torch.int32).contiguous())
 
 
+def keep_constants(keys, values, dtype) -> None:
+    """Compute and keep both sides' word tables (``triton_split.keep_constants``, for this kernel)."""
+    _word_table(keys, dtype)
+    _word_table(values, dtype)
+
+
 def _launch(kernel, grid, block, shared, args):
     """cuLaunchKernel with pointer (tensor or None), int and float arguments, on the current stream."""
     from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library

@@ -82,7 +82,10 @@ def _decode_attention_op(
     args = dict(q=q, keys=keys, values=values, window_k=window_k, window_v=window_v, key_mask=key_mask,
                 scaling=scaling, lengths=lengths)
     if q.is_cuda and kernels.triton_available() and kernels.decode_supported(keys, values, q.dtype):
-        return kernels.decode_attention(**args)
+        from .triton_common import fresh_derived
+
+        with fresh_derived():  # may run in CUDA-graph warm-up or capture: keep no tensor (triton_common)
+            return kernels.decode_attention(**args)
     if not q.is_cuda and cpu_attention.supported(keys, values):
         return cpu_attention.decode_attention(**args)
     return kernels.reference.decode_attention(**args)

@@ -19,6 +19,7 @@ the reduce kernel (``triton_reduce``) merges them with the window.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -30,7 +31,7 @@ from .constants import KIVI_SCALE_EPS, LOG2E, NORM_EPS, SM_COUNT_INTERPRETER
 EPS = tl.constexpr(NORM_EPS)
 SCALE_EPS = tl.constexpr(KIVI_SCALE_EPS)
 
-__all__ = ["LOG2E", "cdiv", "derived", "num_splits", "partials", "pow2", "sm_count"]
+__all__ = ["LOG2E", "cdiv", "derived", "fresh_derived", "num_splits", "partials", "pow2", "sm_count"]
 
 
 # Host-side integer helpers in plain Python: `triton.cdiv` / `triton.next_power_of_2` cost microseconds a call on the
@@ -87,20 +88,44 @@ def partials(bh: int, splits: int, g: int, bd: int, device):
 
 
 _DERIVED: dict = {}  # id(source) -> (weak reference to source, {tag: tensor})
+_FRESH = [0]  # depth of fresh_derived() contexts
 
 
-def derived(source: torch.Tensor, tag, make):
+@contextlib.contextmanager
+def fresh_derived():
+    """Inside: :func:`derived` keeps nothing new (values already kept are still read), and values of mutable
+    sources are computed afresh. The custom operators (``kernels.ops``) run inside it: under ``torch.compile`` they
+    run in CUDA-graph warm-up and capture, where a kept tensor would live in the graph's private memory pool
+    (inductor refuses the step: "tensors in the cudagraph pool not tracked as outputs", seen on the H200), and a
+    fixed-capacity cache writes its means in place at its first flush. What the decode needs of constant sources is
+    kept beforehand, outside any graph (``kernels.keep_decode_constants``)."""
+    _FRESH[0] += 1
+    try:
+        yield
+    finally:
+        _FRESH[0] -= 1
+
+
+def derived(source: torch.Tensor, tag, make, mutable: bool = False):
     """``make()``, a value derived from `source` only (a decode table, a rotated mean, the query rotation), computed
-    once and kept while `source` lives. The caches replace their tensors rather than write into them, so a live
-    source never changes value."""
+    once and kept while `source` lives. The dynamic caches replace their tensors rather than write into them, so a
+    live source never changes value; `mutable` marks a source that a fixed-capacity cache writes in place (its
+    means), computed afresh inside :func:`fresh_derived`."""
+    fresh = _FRESH[0] > 0
+    if fresh and mutable:
+        return make()
     key = id(source)
     entry = _DERIVED.get(key)
+    if entry is not None and entry[0]() is source and tag in entry[1]:
+        return entry[1][tag]
+    value = make()
+    if fresh:
+        return value
     if entry is None or entry[0]() is not source:
         entry = (weakref.ref(source, lambda _, key=key, table=_DERIVED: table.pop(key, None)), {})
         _DERIVED[key] = entry
-    if tag not in entry[1]:
-        entry[1][tag] = make()
-    return entry[1][tag]
+    entry[1][tag] = value
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------------

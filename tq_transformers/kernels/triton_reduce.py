@@ -92,7 +92,12 @@ def value_mean(values) -> torch.Tensor | None:
     mean = getattr(values, "mean", None)
     if mean is None:
         return None
-    return derived(mean, "mean_flat", lambda: mean.float().reshape(-1, mean.shape[-1]).contiguous())
+    return derived(mean, "mean_flat", lambda: mean.float().reshape(-1, mean.shape[-1]).contiguous(), mutable=True)
+
+
+def value_rotation(rot: torch.Tensor) -> torch.Tensor:
+    """The value rotation P as contiguous float32, cached."""
+    return derived(rot, "f32", lambda: rot.float().contiguous())
 
 
 def reduce_window(q, values, window_k, window_v, m, l_, acc, n_q: int, key_mask, scale_log2: float, lengths=None):
@@ -102,7 +107,7 @@ def reduce_window(q, values, window_k, window_v, m, l_, acc, n_q: int, key_mask,
     g = hq // hkv
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     rot = getattr(values, "rotation", None)
-    pv = None if rot is None else derived(rot, "f32", lambda: rot.float().contiguous())
+    pv = None if rot is None else value_rotation(rot)
     muv = value_mean(values)
     reduce_kernel[(b * hq,)](
         M=m, L=l_, ACC=acc, Q=q, WK=window_k, WV=window_v, PV=pv, MUV=muv, MASK=key_mask, OUT=out, LENS=lengths,

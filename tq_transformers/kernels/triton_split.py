@@ -191,7 +191,23 @@ def key_mean(keys, width: int):
         m = m if rot is None else m @ rot.float().T
         return torch.nn.functional.pad(m, (0, width - m.shape[-1])).contiguous()
 
-    return derived(mean, ("mean", None if rot is None else id(rot), width), make)
+    return derived(mean, ("mean", None if rot is None else id(rot), width), make, mutable=True)
+
+
+def keep_constants(view, dtype: torch.dtype, keys: bool) -> None:
+    """Compute and keep what the decode kernels derive from one side's constant tensors (its codebook's tables and
+    sign test, the query or value rotation), so that a step inside ``fresh_derived()`` (a graph) finds them."""
+    _tables(view, dtype)
+    if isinstance(view, CodebookPacked):
+        if view.bits == 1:
+            _is_sign(view.levels)
+        if view.rotation is not None:
+            if keys:
+                query_rotation(view.rotation, dtype)
+            else:
+                from .triton_reduce import value_rotation
+
+                value_rotation(view.rotation)
 
 
 def _side_args(view, prefix: str) -> dict:
