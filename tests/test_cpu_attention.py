@@ -54,8 +54,11 @@ def _err(got, want) -> float:
 
 @pytest.mark.parametrize("c", params("turboquant4", "turboquant2", "kivi2", "kivi4", "bonsai", "bonsai-improved",
                                      "bonsai-improved-l2"))
-@pytest.mark.parametrize("tokens", [200, 1100])  # 1100: more than one chunk of cpu_attention.CHUNK_TOKENS
-def test_step_matches_reference(c, tokens):
+@pytest.mark.parametrize("tokens", [200, 1100])
+def test_step_matches_reference(c, tokens, monkeypatch):
+    # chunks of 512 tokens (a KIVI key group is 32 or 128): 1100 packed tokens are read in three chunks, 200 in one
+    monkeypatch.setattr(cpu_attention, "CHUNK_VALUES", B * HKV * D * 512)
+    assert cpu_attention._chunk_tokens(_layer_after(c, 200).packed()[0]) == 512
     layer = _layer_after(c, tokens)
     assert layer.num_quantized > 0 and layer.keys.shape[2] > 0  # packed tokens and a window
     got, want = _step(layer)
