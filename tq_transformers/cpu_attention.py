@@ -51,9 +51,9 @@ __all__ = ["BYTE_TABLE_BITS", "CHUNK_VALUES", "decode_attention", "supported"]
 
 #: code widths read through one byte table (whole codes in a byte)
 BYTE_TABLE_BITS = (1, 2, 4, 8)
-#: float32 code values decoded per chunk (8 MiB): on the 2-core Intel Xeon (AVX-512) of 2026-12-02, one layer of Qwen2.5-1.5B at 8K
-#: packed tokens (2 KV heads, head_dim 128) took 4.3 ms (TurboQuant-4) / 4.0 ms (KIVI-2) a step in one chunk of
-#: 8,192 tokens against 7.0 / 9.3 ms in chunks of 1,024 and 7.9 / 12.9 in chunks of 256 (ad-hoc timing, 2026-12-02):
+#: float32 code values decoded per chunk (8 MiB): on the 2-core Intel Xeon (AVX-512) of 2026-12-02, one layer of
+#: Qwen2.5-1.5B at 8K packed tokens (2 KV heads, head_dim 128) took 4.3 ms (TurboQuant-4) / 4.0 ms (KIVI-2) a step in
+#: one chunk of 8,192 tokens against 7.0 / 9.3 ms in chunks of 1,024 and 7.9 / 12.9 in chunks of 256 (ad-hoc timing):
 #: fewer, larger products beat keeping a chunk in the L2 cache.
 CHUNK_VALUES = 1 << 21
 

@@ -158,7 +158,8 @@ def header(results: dict[str, Any]) -> str:
         lines.append(
             f"RULER-style suite: {len(suite.get('tasks', {}))} tasks x lengths {', '.join(map(str, r['lengths']))} x "
             f"{r['num_samples']} sample(s), {suite.get('template', '?')} prompts; haystack {r['haystack']}, words "
-            f"{r['words']}, seed {r['seed']}; greedy generate through a fresh cache of every setting per sample.")
+            f"{r['words']}, seed {r['seed']}; greedy generate through a fresh cache of every setting, in left-padded "
+            f"batches of up to {r.get('batch_size', 1)} samples.")
     return "\n".join(lines)
 
 
