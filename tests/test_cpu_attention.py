@@ -58,8 +58,8 @@ def _err(got, want) -> float:
 def test_step_matches_reference(c, tokens, monkeypatch):
     # chunks of 512 tokens (a KIVI key group is 32 or 128): 1100 packed tokens are read in three chunks, 200 in one
     monkeypatch.setattr(cpu_attention, "CHUNK_VALUES", B * HKV * D * 512)
-    assert cpu_attention._chunk_tokens(_layer_after(c, 200).packed()[0]) == 512
     layer = _layer_after(c, tokens)
+    assert cpu_attention._chunk_tokens(layer.packed()[0]) == 512
     assert layer.num_quantized > 0 and layer.keys.shape[2] > 0  # packed tokens and a window
     got, want = _step(layer)
     assert got.shape == want.shape == (B, HKV * G, D) and got.dtype == want.dtype
