@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tq_transformers import kernels  # noqa: E402
 from tq_transformers.codebooks import codebook  # noqa: E402
-from tq_transformers.formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked  # noqa: E402
+from tq_transformers.formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked  # noqa: E402,E501
 from tq_transformers.kernels import cuda_split, triton_reduce  # noqa: E402
 from tq_transformers.rotation import random_rotation  # noqa: E402
 
@@ -39,6 +39,9 @@ HQ, HKV, D, WINDOW = 32, 8, 128, 64
 # 128-255; KIVI-2 128-159 at 128, so that the packed part stays whole key groups): what the reduce kernel attends at a
 # typical step. WINDOW (64) is the --fixed-window.
 METHOD_WINDOWS = {"turboquant4": 64, "kivi2": 128, "bonsai1": 192}
+# TurboQuant at other rates (issue 14): 3 bits and the two-rate splits, decoded a coordinate at a time
+OTHER_RATES = {"turboquant3": 3, "turboquant3.5": 3.5, "turboquant2.5": 2.5}
+METHOD_WINDOWS.update({name: METHOD_WINDOWS["turboquant4"] for name in OTHER_RATES})
 METHODS = ("turboquant4", "kivi2", "bonsai1")
 META = torch.float16  # stored metadata dtype
 
@@ -82,6 +85,19 @@ def pack(method: str, k: torch.Tensor, v: torch.Tensor):
             codes, norms = kernels.turboquant_compress(x, mean, rot, levels, 4)
             out.append(CodebookPacked(codes, norms, levels, 4, rot, mean))
         return out[0], out[1], nbytes(out[0].codes, out[0].scale, out[1].codes, out[1].scale)
+    if method in OTHER_RATES:
+        from tq_transformers.methods.turboquant import rate_split, turboquant_encode_split
+
+        out, split = [], rate_split(OTHER_RATES[method], D)
+        for i, x in enumerate((k, v)):
+            mean = x.float().mean(2, keepdim=True).to(META)
+            rot = random_rotation(D, 7 + i, dev)
+            levels = tuple(codebook(b, D, dev) for b, _ in split)
+            codes, norms = turboquant_encode_split(x, mean, rot, levels, split)
+            parts = tuple(CodebookPacked(c, norms, lv, b) for c, lv, (b, _) in zip(codes, levels, split))
+            out.append(SplitCodebookPacked(parts, rot, mean) if len(parts) > 1 else
+                       CodebookPacked(codes[0], norms, levels[0], split[0][0], rot, mean))
+        return out[0], out[1], nbytes(*codes, norms) * 2
     if method == "kivi2":
         keys = ChannelAffinePacked(*kernels.kivi_compress_keys(k, 2, 32), 2, 32)
         values = TokenAffinePacked(*kernels.kivi_compress_values(v, 2, 32), 2, 32)

@@ -89,17 +89,17 @@ def test_unsupported_views():
     assert not cpu_attention.supported(None, None)
 
 
-def _generate_both(c, arch: str = "llama", monkeypatch=None):
+def _generate_both(c, arch: str = "llama", monkeypatch=None, **overrides):
     """Greedy generation on the reference path, then through enable(fast=True) on the CPU; counts CPU steps."""
     model = build_tiny(arch)
     inputs = padded_inputs("cpu")
-    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config))
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config, **overrides))
     calls = []
     original = cpu_attention.decode_attention
     monkeypatch.setattr(cpu_attention, "decode_attention", lambda **kw: calls.append(1) or original(**kw))
-    tq_transformers.enable(model, c.method, fast=True, **c.kwargs(model.config))
+    tq_transformers.enable(model, c.method, fast=True, **c.kwargs(model.config, **overrides))
     try:
-        cache = fast_attention.prepare_cache(c.cache(model.config))
+        cache = fast_attention.prepare_cache(c.cache(model.config, **overrides))
         fast_seq, fast_scores = _generate(model, inputs, cache)
     finally:
         tq_transformers.disable(model)
@@ -112,6 +112,27 @@ def test_greedy_tokens_equal_reference_path(c, monkeypatch):
     assert calls > 0  # the CPU attention ran (3 layers x the steps with packed tokens)
     assert torch.equal(fast_seq, ref_seq)
     torch.testing.assert_close(fast_scores, ref_scores, rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("c", params("turboquant4", "kivi2", "bonsai"))
+def test_sink_tokens_attended_with_the_window(c, monkeypatch):
+    """Exact sink tokens (the first 4, padding included) join the full-precision run the CPU attention reads, with
+    the mask's columns moved with them: the same tokens as the reference path, logits within float rounding."""
+    ref_seq, ref_scores, fast_seq, fast_scores, calls = _generate_both(c, monkeypatch=monkeypatch, sink_tokens=4)
+    assert calls > 0 and torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_sinks_into_window_moves_the_mask_columns():
+    """The window gets [sinks, window] and the mask [packed, sinks, window]: checked on named columns."""
+    layer = _layer_after(case("turboquant4"), 300, sink_tokens=4)
+    s, n, w = layer.num_sinks, layer.num_quantized, layer.keys.shape[-2]
+    view = fast_attention.FastView(layer, n, layer.keys, layer.values, w)
+    mask = torch.arange(s + n + w).expand(B, -1) % 3 != 0  # a pattern that tells the columns apart
+    wk, wv, moved = fast_attention._sinks_into_window(view, mask, torch.float32)
+    assert torch.equal(wk[:, :, :s], layer.sink_keys) and torch.equal(wv[:, :, s:], layer.values)
+    assert torch.equal(moved[:, :n], mask[:, s:s + n]) and torch.equal(moved[:, n:n + s], mask[:, :s])
+    assert torch.equal(moved[:, n + s:], mask[:, s + n:])
 
 
 def test_sliding_window_model(monkeypatch):

@@ -29,11 +29,11 @@ import torch
 
 from tq_transformers import kernels
 from tq_transformers.codebooks import codebook
-from tq_transformers.formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
+from tq_transformers.formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from tq_transformers.kernels import reference
 from tq_transformers.methods.bonsai import bonsai_encode, sign_levels
 from tq_transformers.methods.kivi import kivi_encode_keys, kivi_encode_values
-from tq_transformers.methods.turboquant import turboquant_encode
+from tq_transformers.methods.turboquant import rate_split, turboquant_encode, turboquant_encode_split
 from tq_transformers.packing import unpack_bits
 from tq_transformers.rotation import random_rotation
 
@@ -54,7 +54,7 @@ class Side:
 
     id: str
     kind: str  # "turboquant", "bonsai", "kivi"
-    bits: int = 4
+    bits: float = 4  # a fractional TurboQuant rate packs a two-rate split (formats.SplitCodebookPacked)
     center: bool = True
     rotate: bool = True
     group_size: int = 128
@@ -64,6 +64,12 @@ class Side:
         """x ``[B, H, T, D]`` (model dtype) -> the packed view of this side."""
         d = x.shape[-1]
         mean = x.float().mean(2, keepdim=True).to(META) if self.center else None
+        if self.kind == "turboquant" and self.bits != int(self.bits):
+            rot, split = random_rotation(d, seed, x.device), rate_split(self.bits, d)
+            levels = tuple(codebook(b, d, x.device) for b, _ in split)
+            codes, norms = turboquant_encode_split(x, mean, rot, levels, split)
+            parts = tuple(CodebookPacked(c, norms, lv, b) for c, lv, (b, _) in zip(codes, levels, split))
+            return SplitCodebookPacked(parts, rot, mean)
         if self.kind == "turboquant":
             rot, levels = random_rotation(d, seed, x.device), codebook(self.bits, d, x.device)
             codes, norms = turboquant_encode(x, mean, rot, levels, self.bits)
@@ -81,6 +87,9 @@ class Side:
 TQ4 = Side("tq4", "turboquant", 4)
 TQ2 = Side("tq2", "turboquant", 2)
 TQ1 = Side("tq1", "turboquant", 1)
+TQ3 = Side("tq3", "turboquant", 3)  # decoded a coordinate at a time (codes across bytes)
+TQ25 = Side("tq2.5", "turboquant", 2.5)  # two-rate splits: 3 + 2 bits, 4 + 3 bits
+TQ35 = Side("tq3.5", "turboquant", 3.5)
 TQ4_PLAIN = Side("tq4plain", "turboquant", 4, center=False)
 BONSAI = Side("bonsai", "bonsai", 1, center=False, rotate=False)
 BONSAI_IMPROVED = Side("bonsaiimp", "bonsai", 1, scale_mode="l2")
@@ -131,6 +140,15 @@ DECODE_CASES = [
     DecodeCase(KIVI2, KIVI2, batch=1, gqa=1, head_dim=256, packed=160),
     DecodeCase(KIVI2, TQ4, packed=320),
     DecodeCase(TQ4, KIVI2),
+    DecodeCase(TQ4, TQ3),
+    DecodeCase(TQ3, TQ3, dtype=torch.float32, head_dim=64),
+    DecodeCase(TQ3, TQ3, batch=8, kv_heads=1, gqa=8, packed=1000, dtype=torch.float16),
+    DecodeCase(TQ3, TQ3, batch=1, gqa=1, head_dim=256, packed=333),
+    DecodeCase(TQ35, TQ35),
+    DecodeCase(TQ35, TQ25, dtype=torch.float32),
+    DecodeCase(TQ25, TQ25, batch=8, gqa=8, head_dim=64, packed=777, dtype=torch.float16),
+    DecodeCase(KIVI2, TQ35, packed=320),
+    DecodeCase(TQ35, BONSAI_IMPROVED),
 ]
 INTERPRET_CASES = {c.id for c in DECODE_CASES if c.dtype != torch.bfloat16 and c.batch * c.packed <= 2000}
 
@@ -224,7 +242,13 @@ def test_decode_supported_covers_the_defaults_and_refuses_the_rest():
     assert kernels.decode_supported(keys, values, torch.bfloat16)
     assert not kernels.decode_supported(keys, values, torch.float64)
     three_bit = dataclasses.replace(keys, codes=torch.zeros(2, 2, 4, 48, dtype=torch.uint8), bits=3)
-    assert not kernels.decode_supported(three_bit, values, torch.bfloat16)
+    assert kernels.decode_supported(three_bit, values, torch.bfloat16)  # decoded a coordinate at a time
+    strided = dataclasses.replace(keys, codes=torch.zeros(2, 2, 4, 128, dtype=torch.uint8)[..., ::2])
+    assert not kernels.decode_supported(strided, values, torch.bfloat16)
+    _, split_k, split_v, *_ = build(DecodeCase(TQ35, TQ25), False, "cpu")
+    assert kernels.decode_supported(split_k, split_v, torch.bfloat16)
+    three_parts = dataclasses.replace(split_v, parts=(*split_v.parts, split_v.parts[1]))
+    assert not kernels.decode_supported(split_k, three_parts, torch.bfloat16)  # two parts at most
     _, kk, kv, *_ = build(DecodeCase(KIVI2, KIVI2, packed=64), False, "cpu")
     assert kernels.decode_supported(kk, kv, torch.float16)
     assert not kernels.decode_supported(kv, kk, torch.float16)  # value format as keys and the other way round

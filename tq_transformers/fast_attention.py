@@ -182,6 +182,22 @@ def _reference_tensors(view: FastView, dtype: torch.dtype):
     return keys, values
 
 
+def _sinks_into_window(view: FastView, key_mask: torch.Tensor | None, dtype: torch.dtype):
+    """(window_k, window_v, key_mask) with the layer's exact sink tokens attended as part of the window: the kernels
+    read packed tokens then one full-precision run, and softmax attention does not depend on the order of the keys,
+    so the sinks go first in that run and the mask's columns follow them::
+
+        cache order   [sinks S | packed n | window W]     mask columns 0..S-1, S..S+n-1, S+n..
+        kernel order  [packed n | sinks S, window W]      mask[:, S:S+n], then mask[:, :S], mask[:, S+n:]
+    """
+    layer, s, n = view.layer, view.layer.num_sinks, view.num_quantized
+    window_k = torch.cat([layer.sink_keys.to(dtype), view.keys.to(dtype)], dim=-2)
+    window_v = torch.cat([layer.sink_values.to(dtype), view.values.to(dtype)], dim=-2)
+    if key_mask is not None:
+        key_mask = torch.cat([key_mask[:, s:s + n], key_mask[:, :s], key_mask[:, s + n:]], dim=-1)
+    return window_k, window_v, key_mask
+
+
 _WARNED: set[str] = set()
 
 
@@ -219,13 +235,17 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
                                       **kwargs)
     if isinstance(view, FixedView):  # a fixed-capacity cache's decode step (tq_transformers.compile)
         return fixed_attention(query, view, attention_mask, scaling, **kwargs)
-    total = view.num_quantized + view.window_len
+    sinks = view.layer.num_sinks  # exact tokens before the packed ones (never in a static layout)
+    total = sinks + view.num_quantized + view.window_len
     static_mask = view.key_mask is not None
     if static_mask:  # a graph step: the padding mask comes through the layout. The model's own mask was built
         usable, key_mask = True, view.key_mask  # without it (and, capturing, to the capture step's length): unused
     else:
         usable, key_mask = _key_mask(attention_mask, total)
     packed_k, packed_v = view.packed()
+    window_k, window_v = view.keys, view.values
+    if sinks and usable:
+        window_k, window_v, key_mask = _sinks_into_window(view, key_mask, query.dtype)
     plain = (  # what every fused path needs: one plain softmax decode step over packed views
         usable
         and query.shape[2] == 1
@@ -245,8 +265,8 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
               and cpu_attention.supported(packed_k, packed_v))
     score_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if on_cpu:
-        out = cpu_attention.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=view.keys,
-                                             window_v=view.values, key_mask=key_mask, scaling=score_scale)
+        out = cpu_attention.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=window_k,
+                                             window_v=window_v, key_mask=key_mask, scaling=score_scale)
         return out.unsqueeze(1), None
     if not fused:
         if query.is_cuda and kernels.triton_available():
@@ -257,7 +277,7 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
             attention_mask = None if bool(used.all()) else used[:, None, None, :]
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = kernels.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=view.keys,
-                                   window_v=view.values, key_mask=key_mask, scaling=score_scale,
+    out = kernels.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=window_k,
+                                   window_v=window_v, key_mask=key_mask, scaling=score_scale,
                                    lengths=view.lengths)  # [B, Hq, D]
     return out.unsqueeze(1), None

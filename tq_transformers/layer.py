@@ -231,9 +231,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Format views (``formats``) of the first `n` packed keys and values (all held when None; in the static
         layout, ``n = static.capacity`` gives the whole preallocated buffers). None for a side without a format.
         The kernels read one tensor per piece: a fork's shared segments are joined into its own storage first."""
-        if self.num_sinks:  # the exact sink tokens come before the packed ones: no kernel format holds them
-            return None, None
-        self.consolidate()
+        self.consolidate()  # exact sink tokens are not in the views: `sink_keys` / `sink_values` hold them
         storage = self.storage if n is None else self._prefix_or_reserved(n)
         return tuple(self.codecs[side].packed(self.pieces(side, storage)) for side in SIDES)
 

@@ -33,7 +33,8 @@ import importlib.util
 
 import torch
 
-from ..formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
+from .. import packing
+from ..formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from . import ops, reference
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 
 IMPLS = ("triton", "triton_only", "cuda", "reference")
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CODEBOOK_BITS = (1, 2, 4)  # widths the codebook tile decoder reads (whole codes per byte)
+CODEBOOK_BITS = packing.SUPPORTED_WIDTHS  # 1, 2, 4 decoded a byte at a time, the others a coordinate at a time
 AFFINE_BITS = (1, 2, 4, 8)
 
 
@@ -71,11 +72,19 @@ def _module(name: str):
     return importlib.import_module(f".{name}", __name__)
 
 
+def _codes(view) -> torch.Tensor:
+    """The (first part's) codes tensor of a view: [B, H, ...]."""
+    return view.parts[0].codes if isinstance(view, SplitCodebookPacked) else view.codes
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
 def _side_supported(view, head_dim: int, keys: bool) -> bool:
+    if isinstance(view, SplitCodebookPacked):  # a fractional rate: two parts, one per-token scale
+        return (len(view.parts) == 2 and view.parts[0].scale.dim() == 3
+                and all(_side_supported(part, part.head_dim, keys) for part in view.parts))
     if view.codes.stride(-1) != 1:
         return False
     if isinstance(view, CodebookPacked):
@@ -93,9 +102,10 @@ def _side_supported(view, head_dim: int, keys: bool) -> bool:
 
 def decode_supported(keys, values, dtype: torch.dtype) -> bool:
     """Whether the GPU decode kernels cover keys / values (``formats`` views) in a model of `dtype`."""
-    if dtype not in MODEL_DTYPES or not isinstance(keys, (CodebookPacked, ChannelAffinePacked)):
+    codebooks = (CodebookPacked, SplitCodebookPacked)
+    if dtype not in MODEL_DTYPES or not isinstance(keys, (*codebooks, ChannelAffinePacked)):
         return False
-    if not isinstance(values, (CodebookPacked, TokenAffinePacked)) or keys.head_dim != values.head_dim:
+    if not isinstance(values, (*codebooks, TokenAffinePacked)) or keys.head_dim != values.head_dim:
         return False
     return _side_supported(keys, keys.head_dim, True) and _side_supported(values, values.head_dim, False)
 
@@ -104,10 +114,10 @@ def _check_decode_args(q, keys, values, window_k, window_v, key_mask):
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a [B, Hq, D] tensor, got {getattr(q, 'shape', type(q))}")
     for name, view in (("keys", keys), ("values", values)):
-        if not isinstance(view, (CodebookPacked, ChannelAffinePacked, TokenAffinePacked)):
+        if not isinstance(view, (CodebookPacked, SplitCodebookPacked, ChannelAffinePacked, TokenAffinePacked)):
             raise TypeError(f"{name} must be a tq_transformers.formats view, got {type(view).__name__}")
     b, hq, d = q.shape
-    hkv = keys.codes.shape[1]
+    hkv = _codes(keys).shape[1]
     if hq % hkv or keys.head_dim != d or values.head_dim != d:
         raise ValueError(f"q [B, Hq, D] = {tuple(q.shape)} does not fit keys / values of {hkv} heads, "
                          f"head_dim {keys.head_dim} / {values.head_dim}")
@@ -162,13 +172,12 @@ def keep_decode_constants(keys, values, dtype: torch.dtype) -> None:
     Args:
         keys, values: packed views that ``decode_supported(keys, values, dtype)`` accepts; dtype: the model dtype.
     """
-    if not (triton_available() and keys.codes.is_cuda):
+    if not (triton_available() and _codes(keys).is_cuda):
         return
     split = _module("triton_split")
     split.keep_constants(keys, dtype, keys=True)
     split.keep_constants(values, dtype, keys=False)
-    if dtype != torch.float32:
-        _module("cuda_split").keep_constants(keys, values, dtype)
+    _module("cuda_split").keep_constants(keys, values, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ TILE = 16  # tokens per mma step
 MAX_GROUP = 8  # query heads per KV head: the mma's N
 HEAD_DIMS = (64, 128, 256)
 BITS = (1, 2, 4)
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' mma operand types
 TABLE_BYTES = 32 * 1024
 VECTOR_BYTES = 16  # the widest load of a lane
 # Below this many packed tokens (the grid's bound) the Triton split kernel runs instead, by key format. Codebook: at
@@ -98,15 +99,21 @@ def _pair_fits(d: int, keys, values) -> bool:
     return False
 
 
+def _formats_fit(keys, values, dtype: torch.dtype) -> bool:
+    """The formats, widths, head dim and model dtype fit a kernel of this module (what ``supported`` asks before the
+    launch-time conditions: group size, token count, alignment, a build)."""
+    d = keys.head_dim
+    return (dtype in HALF_DTYPES and d in HEAD_DIMS and values.head_dim == d and _pair_fits(d, keys, values)
+            and keys.bits in BITS and values.bits in BITS)
+
+
 def supported(q, keys, values, min_tokens: int | None = None) -> bool:
     """Whether a kernel of this module covers the pair (and compiles here): codebook keys and values with a
     per-token scale, or KIVI's affine keys and values (``_pair_fits``), of 1, 2 or 4 bits, head_dim 64 / 128 / 256,
     at most 8 query heads per KV head, a 16-bit model, and at least `min_tokens` (default: the pair's entry of
     MIN_TOKENS) packed tokens (views' num_tokens: the capacity under device lengths)."""
     d = q.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16) or d not in HEAD_DIMS or not _pair_fits(d, keys, values):
-        return False
-    if keys.bits not in BITS or values.bits not in BITS:
+    if not _formats_fit(keys, values, q.dtype):
         return False
     if q.shape[1] // keys.codes.shape[1] > MAX_GROUP or not hasattr(torch.cuda, "_compile_kernel"):
         return False
@@ -145,7 +152,10 @@ def _word_table(view, dtype) -> torch.Tensor:
 
 
 def keep_constants(keys, values, dtype) -> None:
-    """Compute and keep both sides' word tables (``triton_split.keep_constants``, for this kernel)."""
+    """Compute and keep both sides' word tables (``triton_split.keep_constants``, for this kernel), where its
+    kernels take the pair."""
+    if not _formats_fit(keys, values, dtype):
+        return
     _word_table(keys, dtype)
     _word_table(values, dtype)
 

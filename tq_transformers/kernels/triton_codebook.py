@@ -6,6 +6,15 @@ decoder with any value decoder (constexpr-selected), so keys and values may use 
 
 Codebook tile: codes ``[N, D*b/8]`` uint8 -> ``levels[code]`` (TurboQuant's Lloyd-Max levels, Bonsai's +-1), times
 the per-token scale (applied to the scores / probabilities) or the per-group scale (applied to the tile).
+
+Two decoders of the codes: whole codes per byte (b = 1, 2, 4; BYTEWISE) decode a byte at a time (`codebook_tile`);
+any other width, and the two-rate channel split of a fractional TurboQuant rate (``formats.SplitCodebookPacked``),
+decode a coordinate at a time (`coordinate_tile`): coordinate c of part 1 reads the two bytes that hold bits
+[c*b1, c*b1 + b1) of its row, coordinates D1.. of part 2 likewise in their own row, and each looks up one float32
+table (part 2's levels after part 1's)::
+
+    b1 = 3, c = 3: bits 9..11 -> bytes 1, 2 of the row: ((byte1 | byte2 << 8) >> 1) & 0b111 -> LUT[code]
+    part 2, c = D1 + 5, b2 = 2: bits 10..11 of part 2's row -> LUT[2**b1 + code]
 """
 
 from __future__ import annotations
@@ -36,20 +45,60 @@ def codebook_tile(LUT, TABLE, bytes_i32, BITS: tl.constexpr, R: tl.constexpr, J:
 
 
 @triton.jit
-def codebook_key_scores(q, KC, KS, n, n_ok, stride_kcn, stride_ksn, LUT, TABLE,
-                        D: tl.constexpr, BITS: tl.constexpr, BJ: tl.constexpr, NGS: tl.constexpr,
+def _part_codes(C, n, n_ok, stride_cn, c, in_part, BITS: tl.constexpr, ROW: tl.constexpr):
+    """Integer codes [N, BD] of coordinates `c` [BD] of one part (0 where not `in_part`), ROW bytes a row."""
+    bit = c * BITS
+    byte = bit // 8
+    row = C + n[:, None] * stride_cn + byte[None, :]
+    ok = n_ok[:, None] & in_part[None, :]
+    lo = tl.load(row, mask=ok, other=0).to(tl.int32)
+    hi = tl.load(row + 1, mask=ok & (byte + 1 < ROW)[None, :], other=0).to(tl.int32)  # codes across two bytes
+    return ((lo | (hi << 8)) >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def coordinate_tile(C, C2, n, n_ok, stride_cn, stride_c2n, LUT, D: tl.constexpr, D1: tl.constexpr,
+                    BITS: tl.constexpr, BITS2: tl.constexpr, BD: tl.constexpr, ASM: tl.constexpr):
+    """[N, BD] float32 levels of codes of any width 1..8, coordinate by coordinate (module docstring): coordinates
+    0..D1-1 from C (BITS a code), D1..D-1 from C2 (BITS2; LUT holds its levels after C's 2**BITS), 0 past D."""
+    c = tl.arange(0, BD)
+    in1 = c < D1
+    code = _part_codes(C, n, n_ok, stride_cn, c, in1, BITS, D1 * BITS // 8)
+    if D1 < D:
+        in2 = (c >= D1) & (c < D)
+        code2 = _part_codes(C2, n, n_ok, stride_c2n, tl.where(in2, c - D1, 0), in2, BITS2, (D - D1) * BITS2 // 8)
+        code = tl.where(in1, code, code2 + (1 << BITS))
+    return tl.where((c < D)[None, :], lut(LUT + code, ASM), 0.0)
+
+
+@triton.jit
+def _decode(C, C2, n, n_ok, stride_cn, stride_c2n, LUT, TABLE, D: tl.constexpr, D1: tl.constexpr,
+            BITS: tl.constexpr, BITS2: tl.constexpr, BD: tl.constexpr, BYTEWISE: tl.constexpr,
+            SIGN1: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, dtype):
+    """The unscaled tile [BLOCK_N, BD] of the packed tokens `n`: in TABLE's dtype (BYTEWISE), else in `dtype`."""
+    if BYTEWISE:
+        BJ: tl.constexpr = BD * BITS // 8
+        j = tl.arange(0, BJ)
+        tile_ok = n_ok[:, None] & (j < D * BITS // 8)[None, :]
+        cb = tl.load(C + n[:, None] * stride_cn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
+        return codebook_tile(LUT, TABLE, cb, BITS, BLOCK_N, BJ, SIGN1, F32, ASM)
+    out = coordinate_tile(C, C2, n, n_ok, stride_cn, stride_c2n, LUT, D, D1, BITS, BITS2, BD, ASM)
+    return out if F32 else out.to(dtype)
+
+
+@triton.jit
+def codebook_key_scores(q, KC, KC2, KS, n, n_ok, stride_kcn, stride_kc2n, stride_ksn, LUT, TABLE,
+                        D: tl.constexpr, D1: tl.constexpr, BITS: tl.constexpr, BITS2: tl.constexpr,
+                        BD: tl.constexpr, NGS: tl.constexpr, BYTEWISE: tl.constexpr,
                         SIGN1: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores ``q . k_hat`` [GP, BLOCK_N] (float32) of the packed keys `n` [BLOCK_N] in the rotated domain.
 
-    q [GP, BJ * 8/BITS] (model dtype, or float32 with F32); KC / KS point at this (batch, head)'s codes
-    ``[N, D*BITS/8]`` and scales ``[N]`` (NGS = 1) or ``[N, NGS]`` (per-group)."""
-    PER: tl.constexpr = 8 // BITS
-    BD: tl.constexpr = BJ * PER
-    j = tl.arange(0, BJ)
+    q [GP, BD] (model dtype, or float32 with F32); KC / KS point at this (batch, head)'s codes
+    ``[N, D*BITS/8]`` and scales ``[N]`` (NGS = 1) or ``[N, NGS]`` (per-group); KC2 at the second part's codes
+    ``[N, (D - D1)*BITS2/8]`` of a split (D1 < D; unused when D1 = D)."""
     d = tl.arange(0, BD)
-    tile_ok = n_ok[:, None] & (j < D * BITS // 8)[None, :]
-    kb = tl.load(KC + n[:, None] * stride_kcn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
-    kf = codebook_tile(LUT, TABLE, kb, BITS, BLOCK_N, BJ, SIGN1, F32, ASM)  # [BLOCK_N, BD]
+    kf = _decode(KC, KC2, n, n_ok, stride_kcn, stride_kc2n, LUT, TABLE, D, D1, BITS, BITS2, BD, BYTEWISE, SIGN1,
+                 F32, ASM, BLOCK_N, q.dtype)  # [BLOCK_N, BD]
     if NGS > 1:
         ks2 = tl.load(KS + n[:, None] * stride_ksn + d[None, :] // (D // NGS), mask=n_ok[:, None] & (d < D)[None, :],
                       other=0.0)
@@ -65,17 +114,15 @@ def codebook_key_scores(q, KC, KS, n, n_ok, stride_kcn, stride_ksn, LUT, TABLE,
 
 
 @triton.jit
-def codebook_value_update(p, VC, VS, n, n_ok, stride_vcn, stride_vsn, LUT, TABLE,
-                          D: tl.constexpr, BITS: tl.constexpr, BJ: tl.constexpr, NGS: tl.constexpr,
-                          SIGN1: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``p @ v_hat`` [GP, BJ * 8/BITS] (float32, rotated domain) of the packed values `n`, p [GP, BLOCK_N] float32."""
-    PER: tl.constexpr = 8 // BITS
-    BD: tl.constexpr = BJ * PER
-    j = tl.arange(0, BJ)
+def codebook_value_update(p, VC, VC2, VS, n, n_ok, stride_vcn, stride_vc2n, stride_vsn, LUT, TABLE,
+                          D: tl.constexpr, D1: tl.constexpr, BITS: tl.constexpr, BITS2: tl.constexpr,
+                          BD: tl.constexpr, NGS: tl.constexpr, BYTEWISE: tl.constexpr,
+                          SIGN1: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, dtype):
+    """``p @ v_hat`` [GP, BD] (float32, rotated domain) of the packed values `n`, p [GP, BLOCK_N] float32; the
+    arguments as for `codebook_key_scores`, `dtype` the model's."""
     d = tl.arange(0, BD)
-    tile_ok = n_ok[:, None] & (j < D * BITS // 8)[None, :]
-    vb = tl.load(VC + n[:, None] * stride_vcn + j[None, :], mask=tile_ok, other=0).to(tl.int32)
-    vf = codebook_tile(LUT, TABLE, vb, BITS, BLOCK_N, BJ, SIGN1, F32, ASM)
+    vf = _decode(VC, VC2, n, n_ok, stride_vcn, stride_vc2n, LUT, TABLE, D, D1, BITS, BITS2, BD, BYTEWISE, SIGN1,
+                 F32, ASM, BLOCK_N, dtype)
     if NGS > 1:
         vs2 = tl.load(VS + n[:, None] * stride_vsn + d[None, :] // (D // NGS), mask=n_ok[:, None] & (d < D)[None, :],
                       other=0.0)

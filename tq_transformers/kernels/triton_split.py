@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import packing
-from ..formats import ChannelAffinePacked, CodebookPacked
+from ..formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked
 from .triton_affine import affine_key_scores, affine_value_update
 from .triton_codebook import codebook_key_scores, codebook_value_update
 from .triton_common import derived, num_splits, partials, pow2, sm_count, softmax_step, store_partials
@@ -43,23 +43,25 @@ _PER_STEP = ["n_q", "tokens_per_split", "num_splits", "stride_mb"]
 
 @triton.jit(do_not_specialize=_PER_STEP)
 def split_kernel(
-    Q, MU, KC, KS, KZ, VC, VS, VZ, LUT_K, TABLE_K, LUT_V, TABLE_V, MASK, LENS, M_OUT, L_OUT, ACC_OUT,
+    Q, MU, KC, KC2, KS, KZ, VC, VC2, VS, VZ, LUT_K, TABLE_K, LUT_V, TABLE_V, MASK, LENS, M_OUT, L_OUT, ACC_OUT,
     n_q, tokens_per_split, num_splits, num_heads,
-    stride_kcb, stride_kch, stride_kcn, stride_ksb, stride_ksh, stride_ksn,
-    stride_vcb, stride_vch, stride_vcn, stride_vsb, stride_vsh, stride_vsn, stride_mb, stride_mn,
+    stride_kcb, stride_kch, stride_kcn, stride_kc2b, stride_kc2h, stride_kc2n, stride_ksb, stride_ksh, stride_ksn,
+    stride_vcb, stride_vch, stride_vcn, stride_vc2b, stride_vc2h, stride_vc2n, stride_vsb, stride_vsh, stride_vsn,
+    stride_mb, stride_mn,
     sm_scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     KEY_AFFINE: tl.constexpr, KEY_BITS: tl.constexpr, KEY_NGS: tl.constexpr, KEY_SIGN1: tl.constexpr,
-    KEY_GS: tl.constexpr,
+    KEY_GS: tl.constexpr, KEY_D1: tl.constexpr, KEY_BITS2: tl.constexpr, KEY_BYTEWISE: tl.constexpr,
     VAL_AFFINE: tl.constexpr, VAL_BITS: tl.constexpr, VAL_NGS: tl.constexpr, VAL_SIGN1: tl.constexpr,
-    VAL_GS: tl.constexpr,
+    VAL_GS: tl.constexpr, VAL_D1: tl.constexpr, VAL_BITS2: tl.constexpr, VAL_BYTEWISE: tl.constexpr,
     HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, DEV_LEN: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
     ASM: tl.constexpr,
 ):
     """Q [B*Hkv, G, D] (in the keys' domain), MU [B*Hkv, BDK] float32 (the key mean in that domain); stride_kcn is
     the stride of the key codes' token axis (of their group axis for affine keys); the scales' likewise. Partials
-    M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BDV]. With DEV_LEN the packed tokens attended are LENS[0], read on the
-    device (`n_q` is then only the bound the splits were sized for)."""
+    M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BDV]. KC2 / VC2: the second part's codes of a split codebook side (its
+    first KEY_D1 / VAL_D1 coordinates are in KC / VC; D1 = D for one part). With DEV_LEN the packed tokens attended
+    are LENS[0], read on the device (`n_q` is then only the bound the splits were sized for)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -86,6 +88,8 @@ def split_kernel(
     ks = KS + b * stride_ksb + h * stride_ksh
     vc = VC + b * stride_vcb + h * stride_vch
     vs = VS + b * stride_vsb + h * stride_vsh
+    kc2 = KC2 + b * stride_kc2b + h * stride_kc2h
+    vc2 = VC2 + b * stride_vc2b + h * stride_vc2h
     nn = tl.arange(0, BLOCK_N)
     for it in range(0, end - start, BLOCK_N):  # the tail is masked by `end`; none past the packed tokens
         n0 = start + it
@@ -95,8 +99,9 @@ def split_kernel(
             s = affine_key_scores(q, kc, ks, KZ + b * stride_ksb + h * stride_ksh, n0, end, stride_kcn, stride_ksn,
                                   TABLE_K, D, KEY_BITS, KEY_GS, F32, ASM, BLOCK_N)
         else:
-            s = codebook_key_scores(q, kc, ks, n, n_ok, stride_kcn, stride_ksn, LUT_K, TABLE_K, D, KEY_BITS,
-                                    BDK * KEY_BITS // 8, KEY_NGS, KEY_SIGN1, F32, ASM, BLOCK_N)
+            s = codebook_key_scores(q, kc, kc2, ks, n, n_ok, stride_kcn, stride_kc2n, stride_ksn, LUT_K, TABLE_K, D,
+                                    KEY_D1, KEY_BITS, KEY_BITS2, BDK, KEY_NGS, KEY_BYTEWISE, KEY_SIGN1, F32, ASM,
+                                    BLOCK_N)
         s = (s + qmu[:, None]) * sm_scale_log2
         p, alpha, l_i, m_new = softmax_step(s, n_ok, MASK, b * stride_mb, n, stride_mn, HAS_MASK, m_i, l_i)
         if VAL_AFFINE:
@@ -104,8 +109,9 @@ def split_kernel(
                                       stride_vsn, TABLE_V, D, VAL_BITS, VAL_GS, F32, ASM, BLOCK_N,
                                       Q.dtype.element_ty)
         else:
-            upd = codebook_value_update(p, vc, vs, n, n_ok, stride_vcn, stride_vsn, LUT_V, TABLE_V, D, VAL_BITS,
-                                        BDV * VAL_BITS // 8, VAL_NGS, VAL_SIGN1, F32, ASM, BLOCK_N)
+            upd = codebook_value_update(p, vc, vc2, vs, n, n_ok, stride_vcn, stride_vc2n, stride_vsn, LUT_V, TABLE_V,
+                                        D, VAL_D1, VAL_BITS, VAL_BITS2, BDV, VAL_NGS, VAL_BYTEWISE, VAL_SIGN1, F32,
+                                        ASM, BLOCK_N, Q.dtype.element_ty)
         acc = acc * alpha[:, None] + upd
         m_i = m_new
     store_partials(M_OUT, L_OUT, ACC_OUT, pid_bh * num_splits + pid_s, m_i, l_i, acc, G, GP, BDV)
@@ -114,13 +120,30 @@ def split_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------------------
+BYTEWISE_BITS = (1, 2, 4)  # codebook widths decoded a byte at a time; others (and splits) a coordinate at a time
+
+
+def bytewise(view) -> bool:
+    """Whether a codebook side is decoded a byte at a time (``triton_codebook``: one part of 1, 2 or 4 bits)."""
+    return isinstance(view, CodebookPacked) and view.bits in BYTEWISE_BITS
+
+
 def codebook_width(head_dim: int, bits: int) -> int:
-    """Tile width of a codebook side: whole bytes of codes padded to 16 (a power of two), in coordinates."""
+    """Tile width of a byte-decoded codebook side: whole bytes of codes padded to 16 (a power of two), in
+    coordinates."""
     return pow2(head_dim * bits // 8, 16) * (8 // bits)
 
 
 def side_width(view, head_dim: int) -> int:
-    return codebook_width(head_dim, view.bits) if isinstance(view, CodebookPacked) else head_dim
+    """Tile width (coordinates) of one side: a power of two at least head_dim (16 at least for a codebook side)."""
+    if bytewise(view):
+        return codebook_width(head_dim, view.bits)
+    return pow2(head_dim, 16) if isinstance(view, (CodebookPacked, SplitCodebookPacked)) else head_dim
+
+
+def parts(view) -> tuple:
+    """The codebook parts of a side: (view,) or a split's parts."""
+    return view.parts if isinstance(view, SplitCodebookPacked) else (view,)
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -134,10 +157,14 @@ def _is_sign(levels: torch.Tensor) -> bool:
 
 
 def _tables(view, dtype):
-    """(LUT float32, byte TABLE in `dtype`) of one side; None where the kernel reads neither."""
+    """(LUT float32, byte TABLE in `dtype`) of one side; None where the kernel reads neither. A side decoded a
+    coordinate at a time reads only the LUT: a split's levels one part after the other."""
+    if isinstance(view, SplitCodebookPacked):
+        first, second = (f32(part.levels) for part in view.parts)
+        return derived(first, ("split_lut", id(second)), lambda: torch.cat([first, second])), None
     if isinstance(view, CodebookPacked):
         levels = f32(view.levels)
-        if dtype == torch.float32:
+        if dtype == torch.float32 or not bytewise(view):
             return levels, None
         return levels, derived(levels, ("table", view.bits, dtype), lambda: packing.byte_table(levels, view.bits,
                                                                                                 dtype))
@@ -182,7 +209,7 @@ def rotate_query(q: torch.Tensor, rotation: torch.Tensor | None):
 
 def key_mean(keys, width: int):
     """The key mean in the keys' domain (mean @ P^T), float32 [B*H, width] zero-padded; None when not centered."""
-    if not isinstance(keys, CodebookPacked) or keys.mean is None:
+    if not isinstance(keys, (CodebookPacked, SplitCodebookPacked)) or keys.mean is None:
         return None
     mean, rot = keys.mean, keys.rotation
 
@@ -198,7 +225,7 @@ def keep_constants(view, dtype: torch.dtype, keys: bool) -> None:
     """Compute and keep what the decode kernels derive from one side's constant tensors (its codebook's tables and
     sign test, the query or value rotation), so that a step inside ``fresh_derived()`` (a graph) finds them."""
     _tables(view, dtype)
-    if isinstance(view, CodebookPacked):
+    if isinstance(view, (CodebookPacked, SplitCodebookPacked)):
         if view.bits == 1:
             _is_sign(view.levels)
         if view.rotation is not None:
@@ -212,16 +239,20 @@ def keep_constants(view, dtype: torch.dtype, keys: bool) -> None:
 
 def _side_args(view, prefix: str) -> dict:
     """Pointer, stride and constexpr arguments of one side of the split kernel."""
-    codes, scale = view.codes, view.scale
-    out = {f"{prefix}C": codes, f"{prefix}S": scale, f"{prefix}Z": getattr(view, "zero", None),
-           f"stride_{prefix.lower()}cb": codes.stride(0), f"stride_{prefix.lower()}ch": codes.stride(1),
-           f"stride_{prefix.lower()}cn": codes.stride(2), f"stride_{prefix.lower()}sb": scale.stride(0),
-           f"stride_{prefix.lower()}sh": scale.stride(1), f"stride_{prefix.lower()}sn": scale.stride(2)}
+    first = parts(view)
+    codes, scale, second = first[0].codes, first[0].scale, first[-1].codes
+    low = prefix.lower()
+    out = {f"{prefix}C": codes, f"{prefix}C2": second, f"{prefix}S": scale, f"{prefix}Z": getattr(view, "zero", None),
+           f"stride_{low}cb": codes.stride(0), f"stride_{low}ch": codes.stride(1), f"stride_{low}cn": codes.stride(2),
+           f"stride_{low}c2b": second.stride(0), f"stride_{low}c2h": second.stride(1),
+           f"stride_{low}c2n": second.stride(2), f"stride_{low}sb": scale.stride(0),
+           f"stride_{low}sh": scale.stride(1), f"stride_{low}sn": scale.stride(2)}
     side = "KEY" if prefix == "K" else "VAL"
-    codebook = isinstance(view, CodebookPacked)
-    out.update({f"{side}_AFFINE": not codebook, f"{side}_BITS": view.bits,
+    codebook = isinstance(view, (CodebookPacked, SplitCodebookPacked))
+    out.update({f"{side}_AFFINE": not codebook, f"{side}_BITS": first[0].bits, f"{side}_BITS2": first[-1].bits,
+                f"{side}_D1": first[0].head_dim if codebook else view.head_dim, f"{side}_BYTEWISE": bytewise(view),
                 f"{side}_NGS": (scale.shape[3] if scale.dim() == 4 else 1) if codebook else 1,
-                f"{side}_SIGN1": codebook and view.bits == 1 and _is_sign(view.levels),
+                f"{side}_SIGN1": bytewise(view) and view.bits == 1 and _is_sign(view.levels),
                 f"{side}_GS": 1 if codebook else view.group_size})
     return out
 
@@ -229,7 +260,7 @@ def _side_args(view, prefix: str) -> dict:
 def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, bound: int | None = None):
     """Launch the split kernel: q [B, Hq, D] already in the keys' domain (model dtype). Returns (m, l, acc, n_q)."""
     b, hq, d = q.shape
-    hkv = keys.codes.shape[1]
+    hkv = parts(keys)[0].codes.shape[1]
     g = hq // hkv
     bdk, bdv = side_width(keys, d), side_width(values, d)
     key_affine = isinstance(keys, ChannelAffinePacked)
