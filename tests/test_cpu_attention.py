@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,12 +83,25 @@ def test_bonsai_groups_and_bf16_query():
     torch.testing.assert_close(got, kernels.decode_attention(**args, impl="reference"))
 
 
+@pytest.mark.parametrize("c", params("turboquant3", "turboquant2.5", "turboquant3.5", "mixed-kivi2-tq3.5"))
+@pytest.mark.parametrize("tokens", [200, 1100])
+def test_other_widths_and_splits_match_reference(c, tokens, monkeypatch):
+    """3-bit codes (across byte boundaries: unpacked, then looked up) and two-rate splits (part by part), in chunks."""
+    monkeypatch.setattr(cpu_attention, "CHUNK_VALUES", B * HKV * D * 256)
+    layer = _layer_after(c, tokens)
+    assert layer.num_quantized > 0 and layer.keys.shape[2] > 0
+    got, want = _step(layer)
+    assert got.shape == want.shape == (B, HKV * G, D) and got.dtype == want.dtype
+    assert _err(got, want) < FLOOR, _err(got, want)
+
+
 def test_unsupported_views():
-    """3-bit codes (no whole code per byte) and the QJL variant (no format) are left to the reference path."""
-    layer = _layer_after(case("turboquant3"), 200)
-    assert not cpu_attention.supported(*layer.packed())
+    """The QJL variant (no format) and affine codes across byte boundaries are left to the reference path."""
     assert not cpu_attention.supported(*_layer_after(case("turboquant3-qjl"), 200).packed())
     assert not cpu_attention.supported(None, None)
+    kk, kv = _layer_after(case("kivi2"), 200).packed()
+    assert cpu_attention.supported(kk, kv)
+    assert not cpu_attention.supported(kk, dataclasses.replace(kv, bits=3))
 
 
 def _generate_both(c, arch: str = "llama", monkeypatch=None, **overrides):
@@ -106,7 +121,7 @@ def _generate_both(c, arch: str = "llama", monkeypatch=None, **overrides):
     return ref_seq, ref_scores, fast_seq, fast_scores, len(calls)
 
 
-@pytest.mark.parametrize("c", params(*SHORT))
+@pytest.mark.parametrize("c", params(*SHORT, "turboquant3", "turboquant2.5"))
 def test_greedy_tokens_equal_reference_path(c, monkeypatch):
     ref_seq, ref_scores, fast_seq, fast_scores, calls = _generate_both(c, monkeypatch=monkeypatch)
     assert calls > 0  # the CPU attention ran (3 layers x the steps with packed tokens)
@@ -143,8 +158,9 @@ def test_sliding_window_model(monkeypatch):
 
 
 def test_unsupported_format_falls_back_exactly(monkeypatch):
-    """TurboQuant-3: the fast path rebuilds the reference path's tensors, so the output is the same bit for bit."""
-    ref_seq, ref_scores, fast_seq, fast_scores, calls = _generate_both(case("turboquant3"), monkeypatch=monkeypatch)
+    """TurboQuant-3 QJL (no format view): the fast path rebuilds the reference path's tensors, bit for bit."""
+    ref_seq, ref_scores, fast_seq, fast_scores, calls = _generate_both(case("turboquant3-qjl"),
+                                                                       monkeypatch=monkeypatch)
     assert calls == 0
     assert torch.equal(fast_seq, ref_seq) and torch.equal(fast_scores, ref_scores)
 

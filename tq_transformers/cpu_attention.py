@@ -32,8 +32,13 @@ so that one chunk is a few large BLAS products, not many small ones); the
 scores of all tokens are kept (``[B, Hq, N]`` float32, small), so the softmax is exact, not online. Nothing is stored
 between steps: the cache holds only its packed tokens.
 
-``supported(keys, values)`` says which views this covers (code widths 1, 2, 4 and 8, a scale per token or per
-group); callers fall back to the reference path for anything else.
+``SplitCodebookPacked`` (a fractional TurboQuant rate) is read part by part: each part is a slice of the rotated
+coordinates with its own codes and levels and the shared per-token scale, so its scores add up and its weighted sums
+fill its slice of the rotated accumulator.
+
+``supported(keys, values)`` says which views this covers (codebook codes of any width and two-rate splits, affine
+codes of 1, 2, 4 and 8 bits; a scale per token or per group); callers fall back to the reference path for anything
+else.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .formats import ChannelAffinePacked, CodebookPacked, TokenAffinePacked
+from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from .kernels.reference import resolve_lengths
-from .packing import byte_table
+from .packing import SUPPORTED_WIDTHS, byte_table, unpack_bits
 
 __all__ = ["BYTE_TABLE_BITS", "CHUNK_VALUES", "decode_attention", "supported"]
 
-#: code widths read through one byte table (whole codes in a byte)
+#: code widths read through one byte table (whole codes in a byte); codebook codes of other widths (3, 5, 6, 7 bits)
+#: are unpacked (``packing.unpack_bits``) and looked up
 BYTE_TABLE_BITS = (1, 2, 4, 8)
 #: float32 code values decoded per chunk (8 MiB): on the 2-core Intel Xeon (AVX-512) of 2026-12-02, one layer of
 #: Qwen2.5-1.5B at 8K packed tokens (2 KV heads, head_dim 128) took 4.3 ms (TurboQuant-4) / 4.0 ms (KIVI-2) a step in
@@ -58,13 +64,20 @@ BYTE_TABLE_BITS = (1, 2, 4, 8)
 CHUNK_VALUES = 1 << 21
 
 
+def _parts(view) -> tuple:
+    """The codebook parts of a codebook view: (view,) or a split's parts."""
+    return view.parts if isinstance(view, SplitCodebookPacked) else (view,)
+
+
+def _side_supported(view, affine) -> bool:
+    if isinstance(view, (CodebookPacked, SplitCodebookPacked)):
+        return all(part.bits in SUPPORTED_WIDTHS and part.head_dim % part.group_size == 0 for part in _parts(view))
+    return isinstance(view, affine) and view.bits in BYTE_TABLE_BITS
+
+
 def supported(keys, values) -> bool:
     """Whether ``decode_attention`` covers keys / values (``formats`` views; None for a side without a format)."""
-    key_ok = isinstance(keys, (CodebookPacked, ChannelAffinePacked))
-    value_ok = isinstance(values, (CodebookPacked, TokenAffinePacked))
-    if not (key_ok and value_ok) or keys.bits not in BYTE_TABLE_BITS or values.bits not in BYTE_TABLE_BITS:
-        return False
-    return all(not isinstance(v, CodebookPacked) or v.head_dim % v.group_size == 0 for v in (keys, values))
+    return _side_supported(keys, ChannelAffinePacked) and _side_supported(values, TokenAffinePacked)
 
 
 @functools.lru_cache(maxsize=64)
@@ -76,6 +89,8 @@ def _table(levels: tuple[float, ...], bits: int) -> torch.Tensor:
 def _code_values(codes: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
     """``levels[code]`` (or the code itself when `levels` is None) of every code packed in uint8 `codes`
     ``[..., m]`` (``packing``'s layout: lowest bits first), float32 ``[..., m * 8 // bits]``."""
+    if bits not in BYTE_TABLE_BITS:  # codes across byte boundaries: unpacked, then looked up
+        return levels.float()[unpack_bits(codes, bits).long()]
     if levels is None:  # the codes themselves: shifts and masks on the bytes (no lookup)
         mask = (1 << bits) - 1
         out = torch.stack([(codes >> shift) & mask for shift in range(0, 8, bits)], dim=-1).to(torch.float32)
@@ -97,23 +112,28 @@ def _chunk_tokens(view) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Keys: scores of the packed tokens
 # ----------------------------------------------------------------------------------------------------------------------
-def _codebook_scores(qg: torch.Tensor, view: CodebookPacked) -> torch.Tensor:
-    """qg ``[B, Hkv, G, D]`` float32 -> ``q . x_hat`` ``[B, Hkv, G, N]`` float32 (module docstring)."""
+def _codebook_scores(qg: torch.Tensor, view) -> torch.Tensor:
+    """qg ``[B, Hkv, G, D]`` float32 -> ``q . x_hat`` ``[B, Hkv, G, N]`` float32 (module docstring); `view` a
+    ``CodebookPacked`` or a ``SplitCodebookPacked`` (its parts' scores add up)."""
     b, h, g, d = qg.shape
     qr = qg @ view.rotation.float().T if view.rotation is not None else qg  # q @ P.T, rotated once
-    groups = 1 if view.scale.dim() == 3 else view.scale.shape[-1]
-    out = qg.new_empty(b, h, g, view.num_tokens)
-    for start, end in _chunks(view.num_tokens, _chunk_tokens(view)):
-        y = _code_values(view.codes[:, :, start:end], view.bits, view.levels)  # [B, H, n, D] levels[codes]
-        if groups == 1:
-            s = qr @ y.transpose(-1, -2)  # [B, H, G, n]
-            scale = view.scale[:, :, start:end] if view.scale.dim() == 3 else view.scale[:, :, start:end, 0]
-            out[..., start:end] = s * scale.float().unsqueeze(2)
-        else:  # a score per group of coordinates, scaled, summed
-            gs = d // groups
-            s = torch.einsum("bhqjs,bhnjs->bhqnj", qr.reshape(b, h, g, groups, gs),
-                             y.reshape(b, h, end - start, groups, gs))
-            out[..., start:end] = (s * view.scale[:, :, None, start:end].float()).sum(-1)
+    out = qg.new_zeros(b, h, g, view.num_tokens)
+    offset = 0
+    for part in _parts(view):
+        qp = qr[..., offset:offset + part.head_dim]
+        offset += part.head_dim
+        groups = 1 if part.scale.dim() == 3 else part.scale.shape[-1]
+        for start, end in _chunks(part.num_tokens, _chunk_tokens(part)):
+            y = _code_values(part.codes[:, :, start:end], part.bits, part.levels)  # [B, H, n, Dp] levels[codes]
+            if groups == 1:
+                s = qp @ y.transpose(-1, -2)  # [B, H, G, n]
+                scale = part.scale[:, :, start:end] if part.scale.dim() == 3 else part.scale[:, :, start:end, 0]
+                out[..., start:end] += s * scale.float().unsqueeze(2)
+            else:  # a score per group of coordinates, scaled, summed
+                gs = part.head_dim // groups
+                s = torch.einsum("bhqjs,bhnjs->bhqnj", qp.reshape(b, h, g, groups, gs),
+                                 y.reshape(b, h, end - start, groups, gs))
+                out[..., start:end] += (s * part.scale[:, :, None, start:end].float()).sum(-1)
     if view.mean is not None:
         out += qg @ view.mean.float().transpose(-1, -2)  # [B, H, G, 1]: q . mean
     return out
@@ -135,7 +155,7 @@ def _channel_affine_scores(qg: torch.Tensor, view: ChannelAffinePacked) -> torch
 
 
 def _key_scores(qg: torch.Tensor, view) -> torch.Tensor:
-    if isinstance(view, CodebookPacked):
+    if isinstance(view, (CodebookPacked, SplitCodebookPacked)):
         return _codebook_scores(qg, view)
     return _channel_affine_scores(qg, view)
 
@@ -143,21 +163,26 @@ def _key_scores(qg: torch.Tensor, view) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Values: the weighted sum of the packed tokens
 # ----------------------------------------------------------------------------------------------------------------------
-def _codebook_values(p: torch.Tensor, view: CodebookPacked) -> torch.Tensor:
-    """p ``[B, Hkv, G, N]`` float32 -> ``p @ x_hat`` ``[B, Hkv, G, D]`` float32, accumulated rotated."""
+def _codebook_values(p: torch.Tensor, view) -> torch.Tensor:
+    """p ``[B, Hkv, G, N]`` float32 -> ``p @ x_hat`` ``[B, Hkv, G, D]`` float32, accumulated rotated (a split's
+    parts each fill their slice of the coordinates)."""
     b, h, g, _ = p.shape
-    d = view.head_dim
-    groups = 1 if view.scale.dim() == 3 else view.scale.shape[-1]
-    acc = p.new_zeros(b, h, g, d)
-    for start, end in _chunks(view.num_tokens, _chunk_tokens(view)):
-        y = _code_values(view.codes[:, :, start:end], view.bits, view.levels)  # [B, H, n, D]
-        if groups == 1:
-            scale = view.scale[:, :, start:end] if view.scale.dim() == 3 else view.scale[:, :, start:end, 0]
-            acc += (p[..., start:end] * scale.float().unsqueeze(2)) @ y
-        else:
-            ps = p[..., start:end, None] * view.scale[:, :, None, start:end].float()  # [B, H, G, n, J]
-            acc += torch.einsum("bhqnj,bhnjs->bhqjs", ps, y.reshape(b, h, end - start, groups, d // groups)
-                                ).reshape(b, h, g, d)
+    acc = p.new_zeros(b, h, g, view.head_dim)
+    offset = 0
+    for part in _parts(view):
+        d = part.head_dim
+        out = acc[..., offset:offset + d]
+        offset += d
+        groups = 1 if part.scale.dim() == 3 else part.scale.shape[-1]
+        for start, end in _chunks(part.num_tokens, _chunk_tokens(part)):
+            y = _code_values(part.codes[:, :, start:end], part.bits, part.levels)  # [B, H, n, Dp]
+            if groups == 1:
+                scale = part.scale[:, :, start:end] if part.scale.dim() == 3 else part.scale[:, :, start:end, 0]
+                out += (p[..., start:end] * scale.float().unsqueeze(2)) @ y
+            else:
+                ps = p[..., start:end, None] * part.scale[:, :, None, start:end].float()  # [B, H, G, n, J]
+                out += torch.einsum("bhqnj,bhnjs->bhqjs", ps, y.reshape(b, h, end - start, groups, d // groups)
+                                    ).reshape(b, h, g, d)
     if view.rotation is not None:
         acc = acc @ view.rotation.float()  # rotated back once
     if view.mean is not None:
@@ -181,7 +206,7 @@ def _token_affine_values(p: torch.Tensor, view: TokenAffinePacked) -> torch.Tens
 
 
 def _weighted_values(p: torch.Tensor, view) -> torch.Tensor:
-    if isinstance(view, CodebookPacked):
+    if isinstance(view, (CodebookPacked, SplitCodebookPacked)):
         return _codebook_values(p, view)
     return _token_affine_values(p, view)
 
