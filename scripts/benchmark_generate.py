@@ -51,7 +51,13 @@ OURS = {  # name -> (method, settings)
     "turboquant-4": ("turboquant", {"bits": 4}),
     "kivi-2": ("kivi", {"bits": 2}),
     "bonsai-1": ("bonsai", {}),
+    # the presets of the README's budgets (configs/frontier_gpu.yaml): 3-bit and fractional codes, sinks
+    "tq-k4v3": ("turboquant", {"key_bits": 4, "value_bits": 3}),
+    "tq-k3.5v2.375": ("turboquant", {"key_bits": 3.5, "value_bits": 2.375}),
+    "tq-k2v1-s4": ("turboquant", {"key_bits": 2, "value_bits": 1, "sink_tokens": 4}),
 }
+DEFAULT_CACHES = ("turboquant-4", "kivi-2", "bonsai-1")
+REFERENCE = "@reference"  # a cache name with this suffix decodes on the reference path (enable(..., fast=False))
 # generated tokens of the short and long call, per batch size (REFERENCE anchors of 2026-12-01 used the same)
 LENGTHS = {1: (8, 136), 8: (8, 72)}
 COPY_BYTES = 2 << 30  # the copy-bandwidth probe's buffer
@@ -103,8 +109,8 @@ def run_generate(model, name: str, ids: torch.Tensor, new_tokens: int, max_len: 
     elif name == "static-compile":
         kwargs[CACHE_KWARG] = StaticCache(config=model.config, max_cache_len=max_len)
     else:
-        method, settings = OURS[name]
-        tq_transformers.enable(model, method, fast=True, **settings)
+        method, settings = OURS[name.removesuffix(REFERENCE)]
+        tq_transformers.enable(model, method, fast=not name.endswith(REFERENCE), **settings)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -113,7 +119,7 @@ def run_generate(model, name: str, ids: torch.Tensor, new_tokens: int, max_len: 
             out = model.generate(ids, **kwargs)
         torch.cuda.synchronize()
     finally:
-        if name in OURS:
+        if name.removesuffix(REFERENCE) in OURS:
             tq_transformers.disable(model)
     seconds = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens
@@ -130,7 +136,14 @@ def main():
     ap.add_argument("--no-static", action="store_true", help="skip StaticCache + auto-compile")
     ap.add_argument("--static-batches", default="1,8", help="batch sizes at which StaticCache + compile runs")
     ap.add_argument("--budget-s", type=float, default=540.0, help="start no new batch size after this")
+    ap.add_argument("--caches", default=",".join(DEFAULT_CACHES),
+                    help=f"comma-separated, of {list(OURS)}; a name ending in {REFERENCE!r} decodes on the reference "
+                         "path")
     args = ap.parse_args()
+    caches = args.caches.split(",")
+    unknown = [c for c in caches if c.removesuffix(REFERENCE) not in OURS]
+    if unknown:
+        ap.error(f"--caches: unknown {unknown}; choose from {list(OURS)} (optionally with {REFERENCE!r})")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the figures are GPU timings)")
     os.makedirs(args.out, exist_ok=True)
@@ -149,7 +162,7 @@ def main():
                 print(f"budget reached: {ctx} x {batch} not run")
                 continue
             short, long = LENGTHS.get(batch, (8, 72))
-            names = ["dynamic", *OURS]
+            names = ["dynamic", *caches]
             if not args.no_static and str(batch) in args.static_batches.split(","):
                 names.insert(1, "static-compile")
             ids = torch.randint(0, LLAMA31_8B["vocab_size"], (batch, ctx), device="cuda",
@@ -170,7 +183,7 @@ def main():
                 per_round = [(b - a) / (long - short) for a, b in zip(timings[name]["short"], timings[name]["long"])]
                 per_token = statistics.median(per_round)
                 prefill = statistics.median(timings[name]["short"]) - short * per_token
-                method, settings = OURS.get(name, ("full", {}))
+                method, settings = OURS.get(name.removesuffix(REFERENCE), ("full", {}))
                 held = tq_transformers.estimate_cache_bytes(model.config, ctx + long, batch, method,
                                                             dtype=torch.bfloat16, **settings)["total"]
                 floor = (weights + held) / bandwidth
