@@ -88,16 +88,17 @@ def pack(method: str, k: torch.Tensor, v: torch.Tensor):
     if method in OTHER_RATES:
         from tq_transformers.methods.turboquant import rate_split, turboquant_encode_split
 
-        out, split = [], rate_split(OTHER_RATES[method], D)
+        out, split, total = [], rate_split(OTHER_RATES[method], D), 0
         for i, x in enumerate((k, v)):
             mean = x.float().mean(2, keepdim=True).to(META)
             rot = random_rotation(D, 7 + i, dev)
             levels = tuple(codebook(b, D, dev) for b, _ in split)
             codes, norms = turboquant_encode_split(x, mean, rot, levels, split)
+            total += nbytes(*codes, norms)
             parts = tuple(CodebookPacked(c, norms, lv, b) for c, lv, (b, _) in zip(codes, levels, split))
             out.append(SplitCodebookPacked(parts, rot, mean) if len(parts) > 1 else
                        CodebookPacked(codes[0], norms, levels[0], split[0][0], rot, mean))
-        return out[0], out[1], nbytes(*codes, norms) * 2
+        return out[0], out[1], total
     if method == "kivi2":
         keys = ChannelAffinePacked(*kernels.kivi_compress_keys(k, 2, 32), 2, 32)
         values = TokenAffinePacked(*kernels.kivi_compress_values(v, 2, 32), 2, 32)

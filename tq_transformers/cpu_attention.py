@@ -48,7 +48,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
+from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked, format_parts
 from .kernels.reference import resolve_lengths
 from .packing import SUPPORTED_WIDTHS, byte_table, unpack_bits
 
@@ -64,14 +64,10 @@ BYTE_TABLE_BITS = (1, 2, 4, 8)
 CHUNK_VALUES = 1 << 21
 
 
-def _parts(view) -> tuple:
-    """The codebook parts of a codebook view: (view,) or a split's parts."""
-    return view.parts if isinstance(view, SplitCodebookPacked) else (view,)
-
-
 def _side_supported(view, affine) -> bool:
     if isinstance(view, (CodebookPacked, SplitCodebookPacked)):
-        return all(part.bits in SUPPORTED_WIDTHS and part.head_dim % part.group_size == 0 for part in _parts(view))
+        return all(part.bits in SUPPORTED_WIDTHS and part.head_dim % part.group_size == 0
+                   for part in format_parts(view))
     return isinstance(view, affine) and view.bits in BYTE_TABLE_BITS
 
 
@@ -119,7 +115,7 @@ def _codebook_scores(qg: torch.Tensor, view) -> torch.Tensor:
     qr = qg @ view.rotation.float().T if view.rotation is not None else qg  # q @ P.T, rotated once
     out = qg.new_zeros(b, h, g, view.num_tokens)
     offset = 0
-    for part in _parts(view):
+    for part in format_parts(view):
         qp = qr[..., offset:offset + part.head_dim]
         offset += part.head_dim
         groups = 1 if part.scale.dim() == 3 else part.scale.shape[-1]
@@ -169,7 +165,7 @@ def _codebook_values(p: torch.Tensor, view) -> torch.Tensor:
     b, h, g, _ = p.shape
     acc = p.new_zeros(b, h, g, view.head_dim)
     offset = 0
-    for part in _parts(view):
+    for part in format_parts(view):
         d = part.head_dim
         out = acc[..., offset:offset + d]
         offset += d

@@ -49,7 +49,8 @@ import torch
 
 from .packing import unpack_bits
 
-__all__ = ["ChannelAffinePacked", "CodebookPacked", "PackedFormat", "SplitCodebookPacked", "TokenAffinePacked"]
+__all__ = ["ChannelAffinePacked", "CodebookPacked", "PackedFormat", "SplitCodebookPacked", "TokenAffinePacked",
+           "format_parts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,3 +196,8 @@ class TokenAffinePacked(_AffinePacked):
 
 
 PackedFormat = CodebookPacked | SplitCodebookPacked | ChannelAffinePacked | TokenAffinePacked
+
+
+def format_parts(view: PackedFormat) -> tuple:
+    """The single-width views a view is made of: a ``SplitCodebookPacked``'s parts, else ``(view,)``."""
+    return view.parts if isinstance(view, SplitCodebookPacked) else (view,)

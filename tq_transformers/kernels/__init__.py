@@ -34,7 +34,7 @@ import importlib.util
 import torch
 
 from .. import packing
-from ..formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
+from ..formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked, format_parts
 from . import ops, reference
 
 __all__ = [
@@ -70,11 +70,6 @@ def triton_available() -> bool:
 
 def _module(name: str):
     return importlib.import_module(f".{name}", __name__)
-
-
-def _codes(view) -> torch.Tensor:
-    """The (first part's) codes tensor of a view: [B, H, ...]."""
-    return view.parts[0].codes if isinstance(view, SplitCodebookPacked) else view.codes
 
 
 def _pow2(n: int) -> bool:
@@ -117,7 +112,7 @@ def _check_decode_args(q, keys, values, window_k, window_v, key_mask):
         if not isinstance(view, (CodebookPacked, SplitCodebookPacked, ChannelAffinePacked, TokenAffinePacked)):
             raise TypeError(f"{name} must be a tq_transformers.formats view, got {type(view).__name__}")
     b, hq, d = q.shape
-    hkv = _codes(keys).shape[1]
+    hkv = format_parts(keys)[0].codes.shape[1]
     if hq % hkv or keys.head_dim != d or values.head_dim != d:
         raise ValueError(f"q [B, Hq, D] = {tuple(q.shape)} does not fit keys / values of {hkv} heads, "
                          f"head_dim {keys.head_dim} / {values.head_dim}")
@@ -172,7 +167,7 @@ def keep_decode_constants(keys, values, dtype: torch.dtype) -> None:
     Args:
         keys, values: packed views that ``decode_supported(keys, values, dtype)`` accepts; dtype: the model dtype.
     """
-    if not (triton_available() and _codes(keys).is_cuda):
+    if not (triton_available() and format_parts(keys)[0].codes.is_cuda):
         return
     split = _module("triton_split")
     split.keep_constants(keys, dtype, keys=True)

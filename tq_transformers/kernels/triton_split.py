@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import packing
-from ..formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked
+from ..formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, format_parts
 from .triton_affine import affine_key_scores, affine_value_update
 from .triton_codebook import codebook_key_scores, codebook_value_update
 from .triton_common import derived, num_splits, partials, pow2, sm_count, softmax_step, store_partials
@@ -141,11 +141,6 @@ def side_width(view, head_dim: int) -> int:
     return pow2(head_dim, 16) if isinstance(view, (CodebookPacked, SplitCodebookPacked)) else head_dim
 
 
-def parts(view) -> tuple:
-    """The codebook parts of a side: (view,) or a split's parts."""
-    return view.parts if isinstance(view, SplitCodebookPacked) else (view,)
-
-
 def f32(t: torch.Tensor) -> torch.Tensor:
     """`t` as contiguous float32 (itself when it already is: the derived-tensor cache keys on the object)."""
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
@@ -239,7 +234,7 @@ def keep_constants(view, dtype: torch.dtype, keys: bool) -> None:
 
 def _side_args(view, prefix: str) -> dict:
     """Pointer, stride and constexpr arguments of one side of the split kernel."""
-    first = parts(view)
+    first = format_parts(view)
     codes, scale, second = first[0].codes, first[0].scale, first[-1].codes
     low = prefix.lower()
     out = {f"{prefix}C": codes, f"{prefix}C2": second, f"{prefix}S": scale, f"{prefix}Z": getattr(view, "zero", None),
@@ -260,7 +255,7 @@ def _side_args(view, prefix: str) -> dict:
 def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, bound: int | None = None):
     """Launch the split kernel: q [B, Hq, D] already in the keys' domain (model dtype). Returns (m, l, acc, n_q)."""
     b, hq, d = q.shape
-    hkv = parts(keys)[0].codes.shape[1]
+    hkv = format_parts(keys)[0].codes.shape[1]
     g = hq // hkv
     bdk, bdv = side_width(keys, d), side_width(values, d)
     key_affine = isinstance(keys, ChannelAffinePacked)
