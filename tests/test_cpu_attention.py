@@ -27,12 +27,14 @@ LOGIT_ATOL = 1e-3  # logits of a tiny float32 model after 24 steps (measured bel
 B, HKV, G, D = 2, 2, 3, 64
 
 
-def _layer_after(c, tokens: int, head_dim: int = D, **overrides):
-    """A quantized layer of case `c` holding `tokens` random tokens (keys offset, like real keys)."""
-    cache = c.cache(None, head_dim=head_dim, **overrides)
+def _layer_after(c, tokens: int, head_dim: int = D, value_dim: int | None = None, fit: int | None = None,
+                 **overrides):
+    """A quantized layer of case `c` holding `tokens` random tokens (keys offset, like real keys): keys of
+    `head_dim`, values of `value_dim` (default: the same); group sizes fitted to `fit` (default: head_dim)."""
+    cache = c.cache(None, head_dim=head_dim if fit is None else fit, **overrides)
     gen = torch.Generator().manual_seed(tokens)
     k = torch.randn(B, HKV, tokens, head_dim, generator=gen) + 0.5
-    v = torch.randn(B, HKV, tokens, head_dim, generator=gen)
+    v = torch.randn(B, HKV, tokens, head_dim if value_dim is None else value_dim, generator=gen)
     cache.update(k, v, 0)
     return cache.layers[0]
 
@@ -92,6 +94,22 @@ def test_other_widths_and_splits_match_reference(c, tokens, monkeypatch):
     assert layer.num_quantized > 0 and layer.keys.shape[2] > 0
     got, want = _step(layer)
     assert got.shape == want.shape == (B, HKV * G, D) and got.dtype == want.dtype
+    assert _err(got, want) < FLOOR, _err(got, want)
+
+
+@pytest.mark.parametrize("c", params("turboquant4", "turboquant2.5", "kivi2", "bonsai-improved", "mixed-tq4-bonsai",
+                                     "mixed-kivi2-tq3.5"))
+@pytest.mark.parametrize("dims", [(192, 128), (128, 64)], ids=["dk192dv128", "dk128dv64"])
+def test_keys_and_values_of_different_head_dims(c, dims, monkeypatch):
+    """MLA-style heads (DeepSeek-V3's 192-dim keys, 128-dim values; and 128 / 64): each side at its own dim, in
+    chunks (600 packed tokens read 256 at a time), the output of the values' dim."""
+    dk, dv = dims
+    monkeypatch.setattr(cpu_attention, "CHUNK_VALUES", B * HKV * dk * 256)
+    layer = _layer_after(c, 600, head_dim=dk, value_dim=dv, fit=64)  # group sizes of 64 or less divide both
+    pk, pv = layer.packed()
+    assert (pk.head_dim, pv.head_dim) == dims and layer.keys.shape[2] > 0
+    got, want = _step(layer)
+    assert got.shape == want.shape == (B, HKV * G, dv) and got.dtype == want.dtype
     assert _err(got, want) < FLOOR, _err(got, want)
 
 

@@ -94,6 +94,7 @@ TQ4_PLAIN = Side("tq4plain", "turboquant", 4, center=False)
 BONSAI = Side("bonsai", "bonsai", 1, center=False, rotate=False)
 BONSAI_IMPROVED = Side("bonsaiimp", "bonsai", 1, scale_mode="l2")
 BONSAI_G32 = Side("bonsaig32", "bonsai", 1, group_size=32)
+BONSAI_G64 = Side("bonsaig64", "bonsai", 1, group_size=64)  # divides 192 and 128 (3 and 2 groups)
 KIVI2 = Side("kivi2", "kivi", 2, center=False, group_size=32)
 KIVI4 = Side("kivi4", "kivi", 4, center=False, group_size=32)
 
@@ -105,16 +106,21 @@ class DecodeCase:
     batch: int = 2
     kv_heads: int = 2
     gqa: int = 4
-    head_dim: int = 128
+    head_dim: int = 128  # of the keys (and the query)
     packed: int = 300  # packed tokens (a multiple of the KIVI key group when keys are KIVI)
     window: int = 5
     dtype: torch.dtype = torch.bfloat16
+    value_dim: int | None = None  # the values' head dim when it differs (MLA-style: keys 192, values 128)
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim if self.value_dim is None else self.value_dim
 
     @property
     def id(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        return (f"{self.keys.id}-{self.values.id}-b{self.batch}h{self.kv_heads}g{self.gqa}d{self.head_dim}"
-                f"n{self.packed}-{dt}")
+        dims = f"d{self.head_dim}" if self.value_dim is None else f"dk{self.head_dim}dv{self.value_dim}"
+        return f"{self.keys.id}-{self.values.id}-b{self.batch}h{self.kv_heads}g{self.gqa}{dims}n{self.packed}-{dt}"
 
 
 DECODE_CASES = [
@@ -149,6 +155,19 @@ DECODE_CASES = [
     DecodeCase(TQ25, TQ25, batch=8, gqa=8, head_dim=64, packed=777, dtype=torch.float16),
     DecodeCase(KIVI2, TQ35, packed=320),
     DecodeCase(TQ35, BONSAI_IMPROVED),
+    # keys and values of different head dims (DeepSeek-V3-style 192 / 128; 128 / 64): 192 is padded to 256-wide tiles
+    DecodeCase(TQ4, TQ4, head_dim=192, value_dim=128),
+    DecodeCase(TQ4, TQ4, head_dim=192, value_dim=128, batch=1, packed=333, dtype=torch.float32),
+    DecodeCase(TQ4, TQ4, head_dim=128, value_dim=64, packed=1000, dtype=torch.float16),
+    DecodeCase(KIVI2, KIVI2, head_dim=192, value_dim=128, packed=320),
+    DecodeCase(KIVI2, KIVI2, head_dim=192, value_dim=128, batch=1, packed=224, dtype=torch.float32),
+    DecodeCase(KIVI2, KIVI2, head_dim=128, value_dim=64, packed=992, dtype=torch.float16),
+    DecodeCase(BONSAI_G64, BONSAI_G64, head_dim=192, value_dim=128),
+    DecodeCase(BONSAI_G64, BONSAI_G64, head_dim=192, value_dim=128, batch=1, packed=333, dtype=torch.float32),
+    DecodeCase(BONSAI_IMPROVED, BONSAI_IMPROVED, head_dim=128, value_dim=64, packed=777, dtype=torch.float16),
+    DecodeCase(TQ4, BONSAI_G64, head_dim=192, value_dim=128),
+    DecodeCase(KIVI2, TQ35, head_dim=192, value_dim=128, batch=1, packed=160, dtype=torch.float32),
+    DecodeCase(TQ35, KIVI4, head_dim=128, value_dim=192, packed=333, dtype=torch.float16),
 ]
 INTERPRET_CASES = {c.id for c in DECODE_CASES if c.dtype != torch.bfloat16 and c.batch * c.packed <= 2000}
 
@@ -173,10 +192,10 @@ def build(case: DecodeCase, outliers: bool, device, seed: int = 0):
     """(q, keys, values, window_k, window_v) of one decode step of `case`."""
     b, h, d, n, w = case.batch, case.kv_heads, case.head_dim, case.packed, case.window
     k = make_inputs((b, h, n, d), outliers, case.dtype, device, seed)
-    v = make_inputs((b, h, n, d), outliers, case.dtype, device, seed + 1)
+    v = make_inputs((b, h, n, case.dv), outliers, case.dtype, device, seed + 1)
     keys, values = case.keys.pack(k, True, seed + 10), case.values.pack(v, False, seed + 11)
     wk = make_inputs((b, h, w, d), outliers, case.dtype, device, seed + 2)
-    wv = make_inputs((b, h, w, d), outliers, case.dtype, device, seed + 3)
+    wv = make_inputs((b, h, w, case.dv), outliers, case.dtype, device, seed + 3)
     q = make_inputs((b, h * case.gqa, 1, d), False, case.dtype, device, seed + 4)[:, :, 0]
     return q, keys, values, wk, wv
 
@@ -235,6 +254,34 @@ def test_decode_attention_checks_its_arguments():
         kernels.decode_attention(**{**args, "window_k": wk[:, :1]}, impl="reference")
     with pytest.raises(ValueError, match="impl"):
         kernels.decode_attention(**args, impl="cuda-magic")
+
+
+def test_decode_checks_key_and_value_dims_apart():
+    """Keys of Dk = 192 and values of Dv = 128: each window against its side, the query against the keys; the CUDA
+    C++ split kernel (one head dim) refuses them by name, the Triton path takes them."""
+    case = DecodeCase(TQ4, KIVI2, head_dim=192, value_dim=128, dtype=torch.float32, packed=64)
+    q, keys, values, wk, wv = build(case, False, "cpu")
+    assert kernels.decode_supported(keys, values, torch.bfloat16) and kernels.decode_supported(keys, values, q.dtype)
+    args = {"q": q, "keys": keys, "values": values, "window_k": wk, "window_v": wv, "key_mask": None, "scaling": 0.1}
+    assert kernels.decode_attention(**args, impl="reference").shape == (2, 8, 128)
+    with pytest.raises(ValueError, match=r"window_v must be \[B, Hkv, W, Dv\] = \[2, 2, W, 128\], "
+                                         r"got \(2, 2, 5, 192\)"):
+        kernels.decode_attention(**{**args, "window_v": wk}, impl="reference")
+    with pytest.raises(ValueError, match=r"window_k must be \[B, Hkv, W, Dk\] = \[2, 2, W, 192\], "
+                                         r"got \(2, 2, 5, 128\)"):
+        kernels.decode_attention(**{**args, "window_k": wv}, impl="reference")
+    with pytest.raises(ValueError, match=r"q \[B, Hq, Dk\] = \(2, 8, 128\) does not fit keys of 2 heads and "
+                                         r"head_dim 192"):
+        kernels.decode_attention(**{**args, "q": q[..., :128]}, impl="reference")
+    with pytest.raises(ValueError, match="window_k and window_v must hold the same W tokens, got 5 and 4"):
+        kernels.decode_attention(**{**args, "window_v": wv[:, :, :4]}, impl="reference")
+    with pytest.raises(ValueError, match=r"the CUDA split kernel needs keys and values of one head dim, got Dk=192 "
+                                         r"and Dv=128; use impl='triton'"):
+        kernels.decode_attention(**args, impl="cuda")
+    one_head = dataclasses.replace(values, codes=values.codes[:, :1])
+    assert not kernels.decode_supported(keys, one_head, q.dtype)
+    with pytest.raises(ValueError, match="values have 1 KV heads, keys 2"):
+        kernels.decode_attention(**{**args, "values": one_head}, impl="reference")
 
 
 def test_decode_supported_covers_the_defaults_and_refuses_the_rest():
@@ -337,7 +384,7 @@ def test_decode_matches_reference(case, outliers, padded, impl):
             "scaling": case.head_dim**-0.5}
     want = kernels.decode_attention(**args, impl="reference")
     got = kernels.decode_attention(**args, impl=impl)
-    assert got.dtype == q.dtype and got.shape == q.shape
+    assert got.dtype == q.dtype and got.shape == (*q.shape[:2], case.dv)
     err = rel_err(got, want)
     assert err < (F32_FLOOR if case.dtype == torch.float32 else HALF_FLOOR), f"error {err:.3g}"
 
@@ -370,7 +417,9 @@ def _capacity(view, extra: int):
 
 @needs_kernels
 @pytest.mark.parametrize("case", [DecodeCase(TQ4, TQ4, dtype=torch.float16), DecodeCase(KIVI2, KIVI2, packed=320),
-                                  DecodeCase(BONSAI_IMPROVED, BONSAI_IMPROVED, dtype=torch.float32)],
+                                  DecodeCase(BONSAI_IMPROVED, BONSAI_IMPROVED, dtype=torch.float32),
+                                  DecodeCase(TQ4, KIVI2, head_dim=192, value_dim=128, batch=1, dtype=torch.float32),
+                                  DecodeCase(KIVI2, BONSAI_G64, head_dim=192, value_dim=128, packed=320)],
                          ids=lambda c: c.id)
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
 @pytest.mark.parametrize("impl", ["triton", "triton_only", "cuda"])
@@ -388,8 +437,9 @@ def test_decode_with_device_lengths(case, padded, impl):
                                     impl="reference")
     extra = 256
     big_k, big_v = _capacity(keys, extra), _capacity(values, extra)
-    nan = torch.full((case.batch, case.kv_heads, 7, case.head_dim), float("nan"), dtype=q.dtype, device=DEVICE)
-    wk_buf, wv_buf = torch.cat([wk, nan], 2), torch.cat([wv, nan], 2)
+    nan_k, nan_v = (torch.full((case.batch, case.kv_heads, 7, d), float("nan"), dtype=q.dtype, device=DEVICE)
+                    for d in (case.head_dim, case.dv))
+    wk_buf, wv_buf = torch.cat([wk, nan_k], 2), torch.cat([wv, nan_v], 2)
     key_mask = torch.zeros(case.batch, n + extra + 300, dtype=torch.bool, device=DEVICE)
     key_mask[:, : n + w] = True if mask is None else mask
     lengths = torch.tensor([n, w, w], device=DEVICE)

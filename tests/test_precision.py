@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
@@ -66,6 +67,29 @@ def tiny_deepseek_config(**overrides) -> DeepseekV3Config:
                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
                   n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=4096)
     return DeepseekV3Config(**{**kwargs, **overrides})
+
+
+#: transformers' MiMo-V2-Flash (absent from older releases): attention that caches keys and values as they are, of
+#: different head dims (head_dim 192, v_head_dim 128: DeepSeek-V3's qk_nope + qk_rope and v_head_dim)
+MIMO = getattr(transformers, "MiMoV2FlashConfig", None)
+needs_mimo = pytest.mark.skipif(MIMO is None, reason="this transformers has no MiMo-V2-Flash")
+
+
+def tiny_different_dims_model(device: str = "cpu"):
+    """A tiny random MiMo-V2-Flash whose cache gets keys of 192 and values of 128 dims (2 KV heads, 8 query heads),
+    every layer full attention (its sliding-window layers would stay unquantized). transformers' own DeepSeek-V3
+    caches its MLA latents and expands them after the cache (``tiny_deepseek_config``): the fused kernel cannot
+    read those, so this is the model on which keys and values of DeepSeek-V3's head dims reach the kernel. The
+    output head is scaled (``cases.build_tiny``): greedy comparisons then mean something."""
+    config = MIMO(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=512, head_dim=192, v_head_dim=128,
+                  layer_types=["full_attention"] * 3, mlp_layer_types=["dense"] * 3, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.MiMoV2FlashForCausalLM(config)
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model.eval().to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,7 +339,8 @@ def test_keys_and_values_of_different_head_dims(case_id):
     views = layer.packed()
     if views != (None, None):
         assert views[0].head_dim == 192 and views[1].head_dim == 128
-        assert not tq_transformers.kernels.decode_supported(*views, torch.float16)  # reference path (kernels: 1 D)
+        assert tq_transformers.kernels.decode_supported(*views, torch.float16)  # the fused kernels take them
+        assert tq_transformers.cpu_attention.supported(*views)
 
 
 @pytest.mark.parametrize("factory,dims,message", [
@@ -514,3 +539,90 @@ def test_new_formats_fast_path_on_gpu_kernel_or_warned_fallback(case_id, extra, 
         assert warned == []
     else:
         assert warned and warned[0].startswith("tq_fused: the GPU decode kernels do not cover layer "), warned
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Keys and values of different head dims through the fast path (192 / 128, DeepSeek-V3's shapes)
+# ----------------------------------------------------------------------------------------------------------------------
+#: one case per kernel family, a mixed pair and a split rate
+DIMS_FAST = ["turboquant4", "kivi2", "bonsai-improved", "mixed-kivi2-tq3.5", "turboquant2.5"]
+
+
+def _dims_fast_and_reference(c, device: str, attention, monkeypatch):
+    """(reference tokens, scores, fast tokens, scores, fast attention calls) of the tiny 192 / 128 model: the
+    reference path, then ``enable(..., fast=True, cuda_graphs=False)``; `attention` names the fast path's function
+    that is counted (``kernels.decode_attention`` or ``cpu_attention.decode_attention``).
+
+    The reference path runs under "tq_fused" with an unprepared cache, i.e. SDPA over the cache's dequantized
+    tensors: MiMo's own attention is eager (it has no SDPA), whose prefill of the left-padded row differs from
+    SDPA's in the padded positions, and with them the cache's centering means; "tq_fused" runs SDPA wherever it
+    does not run a fused decode step."""
+    model = tiny_different_dims_model(device)
+    inputs = padded_inputs(device)
+    kwargs = c.settings_for(head_dim=64)  # group sizes of 64 or less: they divide 192 and 128
+    previous = tq_transformers.fast_attention.install(model)
+    try:
+        ref_seq, ref_scores = generate_with_scores(model, inputs, make_cache(c.method, model.config, **kwargs))
+    finally:
+        tq_transformers.fast_attention.uninstall(model, previous)
+    module, name = attention
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda **kw: calls.append(kw["values"].head_dim) or original(**kw))
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=False, **kwargs)
+    try:
+        cache = tq_transformers.fast_attention.prepare_cache(make_cache(c.method, model.config, **kwargs))
+        fast_seq, fast_scores = generate_with_scores(model, inputs, cache)
+    finally:
+        tq_transformers.disable(model)
+    layer = cache.quantized_layers[0]
+    assert (layer.head_dim, layer.value_head_dim) == (192, 128) and layer.num_quantized >= 32
+    return ref_seq, ref_scores, fast_seq, fast_scores, calls
+
+
+@needs_mimo
+@pytest.mark.parametrize("case_id", DIMS_FAST)
+def test_different_head_dims_decode_on_the_cpu_fast_path(case_id, monkeypatch):
+    """Keys of 192 and values of 128 dims on the CPU fast path (``cpu_attention``): the reference path's greedy
+    tokens, logits within float32 rounding (tests/test_cpu_attention.py's LOGIT_ATOL)."""
+    ref_seq, ref_scores, fast_seq, fast_scores, calls = _dims_fast_and_reference(
+        CASES[case_id], "cpu", (tq_transformers.cpu_attention, "decode_attention"), monkeypatch)
+    assert calls and set(calls) == {128}  # every quantized layer's decode steps, values of 128 dims
+    assert torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=0, atol=1e-3)
+
+
+@needs_gpu
+@needs_mimo
+@pytest.mark.parametrize("case_id", DIMS_FAST)
+def test_different_head_dims_decode_on_the_gpu_kernel(case_id, monkeypatch, recwarn):
+    """Keys of 192 and values of 128 dims on CUDA: the fused kernel runs (no "do not cover" fallback warning), with
+    the reference path's greedy tokens and logits within float32 noise (as
+    ``test_new_formats_fast_path_on_gpu_kernel_or_warned_fallback``)."""
+    tq_transformers.fast_attention._WARNED.clear()
+    ref_seq, ref_scores, fast_seq, fast_scores, calls = _dims_fast_and_reference(
+        CASES[case_id], "cuda", (tq_transformers.kernels, "decode_attention"), monkeypatch)
+    assert calls and set(calls) == {128}
+    assert [str(w.message) for w in recwarn if "do not cover" in str(w.message)] == []
+    assert torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_deepseek_v3_latents_stay_on_the_reference_path():
+    """transformers' DeepSeek-V3 caches its MLA latents (keys 64, values 16, one head) and expands them after the
+    cache: the fast path stays off with a warning that says so (not a kernel fallback: the kernels cannot read what
+    attention sees), and generation is the reference path's."""
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(tiny_deepseek_config()).eval()
+    model.generation_config.pad_token_id = 0
+    ids = {"input_ids": random_ids(1, 40)}
+    c = CASES["turboquant4"]
+    kwargs = c.kwargs(model.config)
+    ref, _ = generate_with_scores(model, ids, make_cache(c.method, model.config, **kwargs), new_tokens=6)
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=False, **kwargs)
+    try:
+        with pytest.warns(UserWarning, match="fast path off for TurboQuantCache: the model caches MLA latents"):
+            cache = tq_transformers.fast_attention.prepare_cache(make_cache(c.method, model.config, **kwargs))
+        out, _ = generate_with_scores(model, ids, cache, new_tokens=6)
+    finally:
+        tq_transformers.disable(model)
+    assert torch.equal(out, ref)

@@ -66,8 +66,8 @@ class FastView:
 
     layer: QuantizedKVLayer
     num_quantized: int
-    keys: torch.Tensor  # [B, Hkv, W, D] full-precision window, this step's token last
-    values: torch.Tensor
+    keys: torch.Tensor  # [B, Hkv, W, Dk] full-precision window, this step's token last
+    values: torch.Tensor  # [B, Hkv, W, Dv] (Dv may differ from Dk: MLA-style heads, e.g. 192 / 128)
     window_len: int
     lengths: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
@@ -170,9 +170,9 @@ def _key_mask(attention_mask: torch.Tensor | None, total: int) -> tuple[bool, to
 
 
 def _reference_tensors(view: FastView, dtype: torch.dtype):
-    """Exactly the keys and values ``QuantizedKVLayer.update`` returns on the reference path for this step. In the
-    static layout the counts are read from the device (a sync: inside a CUDA-graph capture this raises rather than
-    bake the capture's counts into every replay)."""
+    """Exactly the keys ``[B, Hkv, T, Dk]`` and values ``[B, Hkv, T, Dv]`` that ``QuantizedKVLayer.update`` returns on
+    the reference path for this step. In the static layout the counts are read from the device (a sync: inside a
+    CUDA-graph capture this raises rather than bake the capture's counts into every replay)."""
     n, w = view.num_quantized, view.window_len
     if view.lengths is not None:
         n, w = (int(x) for x in view.lengths[:2].tolist())
@@ -183,7 +183,8 @@ def _reference_tensors(view: FastView, dtype: torch.dtype):
 
 
 def _sinks_into_window(view: FastView, key_mask: torch.Tensor | None, dtype: torch.dtype):
-    """(window_k, window_v, key_mask) with the layer's exact sink tokens attended as part of the window: the kernels
+    """(window_k ``[B, Hkv, S + W, Dk]``, window_v ``[B, Hkv, S + W, Dv]``, key_mask) with the layer's exact sink
+    tokens attended as part of the window (each side at its own head dim): the kernels
     read packed tokens then one full-precision run, and softmax attention does not depend on the order of the keys,
     so the sinks go first in that run and the mask's columns follow them::
 
@@ -225,9 +226,13 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
     """transformers attention function: fused decode attention on the packed cache, SDPA otherwise.
 
     Args:
-        query: ``[B, Hq, q_len, D]``; key / value: what the cache returned.
+        module: the attention module (its ``training`` flag).
+        query: ``[B, Hq, q_len, Dk]``; key ``[B, Hkv, T, Dk]`` / value ``[B, Hkv, T, Dv]``: what the cache returned
+            (on a fast decode step the window, tagged with a ``FastView`` / ``FixedView``). Keys and values may have
+            different head dims (MLA-style heads that the model expands before the cache, e.g. 192 / 128).
+        attention_mask: transformers' 4-D mask or None; dropout, scaling: as for SDPA (scaling None: Dk ** -0.5).
     Returns:
-        (``[B, q_len, Hq, D]``, None), like ``sdpa_attention_forward``.
+        (``[B, q_len, Hq, Dv]``, None), like ``sdpa_attention_forward``.
     """
     view = getattr(key, "tq_fast_view", None)
     if view is None:
@@ -279,5 +284,5 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
                                       **kwargs)
     out = kernels.decode_attention(q=query[:, :, 0], keys=packed_k, values=packed_v, window_k=window_k,
                                    window_v=window_v, key_mask=key_mask, scaling=score_scale,
-                                   lengths=view.lengths)  # [B, Hq, D]
+                                   lengths=view.lengths)  # [B, Hq, Dv]
     return out.unsqueeze(1), None

@@ -77,68 +77,99 @@ def _pow2(n: int) -> bool:
 
 
 def _side_supported(view, head_dim: int, keys: bool) -> bool:
+    """One side's view fits the Triton split kernel. Head dims need not be powers of two (192 keys of DeepSeek-V3's
+    qk_nope + qk_rope): the kernel's tiles are padded to the next power of two and masked (``triton_split``)."""
     if isinstance(view, SplitCodebookPacked):  # a fractional rate: two parts, one per-token scale
         return (len(view.parts) == 2 and view.parts[0].scale.dim() == 3
                 and all(_side_supported(part, part.head_dim, keys) for part in view.parts))
-    if view.codes.stride(-1) != 1:
+    if view.codes.stride(-1) != 1 or head_dim % 8:
         return False
     if isinstance(view, CodebookPacked):
         groups = 1 if view.scale.dim() == 3 else view.scale.shape[-1]
-        return (view.bits in CODEBOOK_BITS and head_dim % 8 == 0 and head_dim % groups == 0
+        return (view.bits in CODEBOOK_BITS and head_dim % groups == 0
                 and (groups == 1 or view.scale.stride(-1) == 1))
     affine = ChannelAffinePacked if keys else TokenAffinePacked
     if not isinstance(view, affine) or view.bits not in AFFINE_BITS:
         return False
     g = view.group_size
-    if keys:
-        return _pow2(head_dim) and _pow2(g) and view.codes.stride(-2) == view.codes.shape[-1]  # rows back to back
-    return _pow2(head_dim) and _pow2(g) and _pow2(head_dim // g) and view.scale.stride(-1) == 1
+    if keys:  # g tokens a group (whole groups a tile), their rows back to back
+        return _pow2(g) and view.codes.stride(-2) == view.codes.shape[-1]
+    # g channels a group: a power of two, so that the padded tile holds whole groups
+    return _pow2(g) and head_dim % g == 0 and view.scale.stride(-1) == 1
 
 
 def decode_supported(keys, values, dtype: torch.dtype) -> bool:
-    """Whether the GPU decode kernels cover keys / values (``formats`` views) in a model of `dtype`."""
+    """Whether the GPU decode kernels cover keys / values in a model of `dtype`.
+
+    Args:
+        keys: the packed keys (``formats`` view) of head_dim Dk: codebook (one part or a two-rate split) or
+            per-channel affine.
+        values: the packed values of head_dim Dv (Dv may differ from Dk, e.g. 128 against 192): codebook or per-token
+            affine.
+        dtype: the model dtype (float32, float16 or bfloat16).
+    Returns:
+        True where the Triton split kernel takes the pair (the CUDA C++ split kernel takes a subset: equal head dims
+        among others, ``cuda_split.supported``); False sends the caller to the reference path.
+    """
     codebooks = (CodebookPacked, SplitCodebookPacked)
     if dtype not in MODEL_DTYPES or not isinstance(keys, (*codebooks, ChannelAffinePacked)):
         return False
-    if not isinstance(values, (*codebooks, TokenAffinePacked)) or keys.head_dim != values.head_dim:
+    if not isinstance(values, (*codebooks, TokenAffinePacked)):
         return False
+    if format_parts(keys)[0].codes.shape[:2] != format_parts(values)[0].codes.shape[:2]:
+        return False  # not one batch and one set of KV heads
     return _side_supported(keys, keys.head_dim, True) and _side_supported(values, values.head_dim, False)
 
 
 def _check_decode_args(q, keys, values, window_k, window_v, key_mask):
+    """ValueErrors / TypeErrors naming the first argument whose type or shape does not fit the others: q
+    ``[B, Hq, Dk]``, keys / values views of head_dim Dk / Dv and Hkv heads, window_k ``[B, Hkv, W, Dk]``, window_v
+    ``[B, Hkv, W, Dv]`` (one W), key_mask ``[B, >= n + W]`` bool."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"q must be a [B, Hq, D] tensor, got {getattr(q, 'shape', type(q))}")
+        raise ValueError(f"q must be a [B, Hq, Dk] tensor, got {getattr(q, 'shape', type(q))}")
     for name, view in (("keys", keys), ("values", values)):
         if not isinstance(view, (CodebookPacked, SplitCodebookPacked, ChannelAffinePacked, TokenAffinePacked)):
             raise TypeError(f"{name} must be a tq_transformers.formats view, got {type(view).__name__}")
-    b, hq, d = q.shape
+    b, hq, dk = q.shape
+    dv = values.head_dim
     hkv = format_parts(keys)[0].codes.shape[1]
-    if hq % hkv or keys.head_dim != d or values.head_dim != d:
-        raise ValueError(f"q [B, Hq, D] = {tuple(q.shape)} does not fit keys / values of {hkv} heads, "
-                         f"head_dim {keys.head_dim} / {values.head_dim}")
-    for name, w in (("window_k", window_k), ("window_v", window_v)):
-        if w.dim() != 4 or w.shape[0] != b or w.shape[1] != hkv or w.shape[3] != d:
-            raise ValueError(f"{name} must be [B, Hkv, W, D] = [{b}, {hkv}, W, {d}], got {tuple(w.shape)}")
+    if hq % hkv or keys.head_dim != dk:
+        raise ValueError(f"q [B, Hq, Dk] = {tuple(q.shape)} does not fit keys of {hkv} heads and head_dim "
+                         f"{keys.head_dim} (Hq a multiple of the KV heads, Dk the keys' head_dim)")
+    if format_parts(values)[0].codes.shape[1] != hkv:
+        raise ValueError(f"values have {format_parts(values)[0].codes.shape[1]} KV heads, keys {hkv}")
+    for name, w, d, dim in (("window_k", window_k, dk, "Dk"), ("window_v", window_v, dv, "Dv")):
+        if not isinstance(w, torch.Tensor) or w.dim() != 4 or w.shape[0] != b or w.shape[1] != hkv or w.shape[3] != d:
+            raise ValueError(f"{name} must be [B, Hkv, W, {dim}] = [{b}, {hkv}, W, {d}], got "
+                             f"{tuple(getattr(w, 'shape', ()))}")
+    if window_v.shape[2] != window_k.shape[2]:
+        raise ValueError(f"window_k and window_v must hold the same W tokens, got {window_k.shape[2]} and "
+                         f"{window_v.shape[2]}")
     if key_mask is not None and (key_mask.dim() != 2 or key_mask.shape[0] != b or key_mask.dtype != torch.bool):
         raise ValueError(f"key_mask must be a bool [B, n + W] tensor, got {key_mask.dtype} {tuple(key_mask.shape)}")
 
 
 def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: float, lengths=None,
                      impl: str = "triton"):
-    """One decode step of attention over packed tokens then a full-precision window: q ``[B, Hq, D]`` -> ``[B, Hq, D]``.
+    """One decode step of attention over packed tokens then a full-precision window: q ``[B, Hq, Dk]`` ->
+    ``[B, Hq, Dv]`` (Dk, Dv the key and value head dims: equal in most models, e.g. 192 / 128 in DeepSeek-V3-style
+    attention).
 
     Args:
-        q: the new token's query, model dtype, original (unrotated) domain. Query head h*G + g uses KV head h.
-        keys, values: packed views (``formats``). Without `lengths` every packed token is attended.
-        window_k, window_v: ``[B, Hkv, W, D]`` full-precision window, the new token last.
+        q: ``[B, Hq, Dk]`` the new token's query, model dtype, original (unrotated) domain. Query head h*G + g uses KV
+            head h.
+        keys, values: packed views (``formats``) of head_dim Dk / Dv. Without `lengths` every packed token is
+            attended.
+        window_k: ``[B, Hkv, W, Dk]``, window_v: ``[B, Hkv, W, Dv]``: the full-precision window, the new token last.
         key_mask: ``[B, n + W]`` bool (True = attend) or None.
-        scaling: the score scale (usually D ** -0.5).
+        scaling: the score scale (usually Dk ** -0.5).
         lengths: None, or int64 ``[3]`` on the device: [packed tokens attended n, window tokens W, slot (ignored)].
             The views are then capacity buffers (the grid is sized by their num_tokens), the windows buffers of at
             least W tokens, and key_mask may be longer than n + W; nothing is read on the host (CUDA graphs).
-        impl: see the module docstring.
+        impl: see the module docstring. The CUDA C++ split kernel needs Dk == Dv: ``"triton"`` then runs the Triton
+            split kernel, ``"cuda"`` raises a ValueError.
     Returns:
-        ``[B, Hq, D]`` in q's dtype.
+        ``[B, Hq, Dv]`` in q's dtype.
     """
     _check_decode_args(q, keys, values, window_k, window_v, key_mask)
     if impl == "reference":
@@ -151,6 +182,9 @@ def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: 
                          "use impl='reference'")
     use_cuda = impl == "triton" and q.is_cuda and _module("cuda_split").supported(q, keys, values)
     if impl == "cuda":
+        if keys.head_dim != values.head_dim:
+            raise ValueError(f"the CUDA split kernel needs keys and values of one head dim, got Dk={keys.head_dim} "
+                             f"and Dv={values.head_dim}; use impl='triton' (the Triton split kernel covers them)")
         if not (q.is_cuda and _module("cuda_split").supported(q, keys, values, min_tokens=0)):
             raise ValueError("the CUDA split kernel does not cover these keys / values (cuda_split.supported)")
         use_cuda = True

@@ -6,15 +6,17 @@
   ``turboquant_encode``, ``bonsai_compress`` is ``bonsai_encode``, ``kivi_compress_keys`` / ``_values`` are
   ``kivi_encode_keys`` / ``_values`` (imported on first call: the method modules import this package).
 
-Shapes of one decode step (``B`` batch, ``Hkv`` KV heads, ``Hq = Hkv * G`` query heads, ``D`` head_dim, ``n`` packed
-tokens attended, ``W`` window tokens)::
+Shapes of one decode step (``B`` batch, ``Hkv`` KV heads, ``Hq = Hkv * G`` query heads, ``Dk`` / ``Dv`` the key
+and value head dims, equal in most models and different in MLA-style attention, e.g. DeepSeek-V3's 192 / 128, ``n``
+packed tokens attended, ``W`` window tokens)::
 
-    q            [B, Hq, D]          query of the new token (model dtype, original domain)
-    keys, values packed views (formats), at least n tokens
-    window_k/v   [B, Hkv, W, D]      full-precision window, the new token last
+    q            [B, Hq, Dk]         query of the new token (model dtype, original domain)
+    keys, values packed views (formats) of head_dim Dk / Dv, at least n tokens
+    window_k     [B, Hkv, W, Dk]     full-precision window, the new token last
+    window_v     [B, Hkv, W, Dv]
     key_mask     [B, n + W] bool     True = attend, or None
     lengths      int64 [3] or None   device counts [n, W, slot]: the views and windows are then capacity buffers
-    out          [B, Hq, D]          in q's dtype
+    out          [B, Hq, Dv]         in q's dtype
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ def resolve_lengths(keys, values, window_k, window_v, key_mask, lengths):
 
 
 def attend(q, keys, values, key_mask, scaling: float):
-    """Softmax attention of one query token in float32. q ``[B, Hq, D]``, keys/values ``[B, Hkv, N, D]``."""
+    """Softmax attention of one query token in float32.
+
+    Args:
+        q: ``[B, Hq, Dk]``; query head h*G + g uses KV head h.
+        keys: ``[B, Hkv, N, Dk]``; values: ``[B, Hkv, N, Dv]``.
+        key_mask: ``[B, N]`` bool (True = attend) or None.
+        scaling: the score scale.
+    Returns:
+        ``[B, Hq, Dv]`` in q's dtype.
+    """
     b, hq, d = q.shape
     hkv = keys.shape[1]
     qg = q.float().reshape(b, hkv, hq // hkv, d)  # query head h*G + g uses KV head h
@@ -44,12 +55,24 @@ def attend(q, keys, values, key_mask, scaling: float):
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhgn,bhnd->bhgd", probs, values.float())
-    return out.reshape(b, hq, d).to(q.dtype)
+    return out.reshape(b, hq, values.shape[-1]).to(q.dtype)
 
 
 def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: float, lengths=None,
                      impl: str = "reference"):
-    """One decode step: every packed token of `keys` / `values` (or the first ``lengths[0]``), then the window."""
+    """One decode step: every packed token of `keys` / `values` (or the first ``lengths[0]``), then the window.
+
+    Args:
+        q: ``[B, Hq, Dk]`` the new token's query (model dtype, original domain).
+        keys, values: packed views (``formats``) of head_dim Dk / Dv.
+        window_k: ``[B, Hkv, W, Dk]``; window_v: ``[B, Hkv, W, Dv]``: the full-precision window, the new token last.
+        key_mask: ``[B, n + W]`` bool (True = attend) or None.
+        scaling: the score scale.
+        lengths: None, or int64 ``[3]`` device counts (``kernels.decode_attention``; read on the host here).
+        impl: ignored (the signature of ``kernels.decode_attention``).
+    Returns:
+        ``[B, Hq, Dv]`` in q's dtype.
+    """
     keys, values, window_k, window_v, key_mask = resolve_lengths(keys, values, window_k, window_v, key_mask,
                                                                  lengths)
     k = torch.cat([keys.dequantize(), window_k.float()], dim=2)

@@ -1,12 +1,15 @@
 """The Triton split-K decode kernel: any key tile decoder with any value tile decoder, and its launcher.
 
 One program per (split of the packed tokens, KV head of one batch row): it loads the G query heads of that KV head
-once ([GP, D], GP = G padded to 16 rows for the tensor cores), streams its share of the codes and metadata, decodes
+once ([GP, BDK], GP = G padded to 16 rows for the tensor cores), streams its share of the codes and metadata, decodes
 tiles in registers and keeps an online softmax (base 2), then writes its partials (``triton_common.partials``).
 
 Key decoders (KEY_AFFINE): codebook (``triton_codebook.codebook_key_scores``) or per-channel affine
 (``triton_affine.affine_key_scores``); value decoders (VAL_AFFINE): codebook or per-token affine. Each side has its
 own bits, scale grouping and tables. Centering: scores of packed keys get ``q . mu_k`` (computed once a program).
+
+Each side has its own head dim (DK, DV: 192 / 128 in DeepSeek-V3-style attention) and tile width (BDK, BDV: powers of
+two at least the head dims, ``side_width``; masked loads leave the padding at 0).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def split_kernel(
     stride_vcb, stride_vch, stride_vcn, stride_vc2b, stride_vc2h, stride_vc2n, stride_vsb, stride_vsh, stride_vsn,
     stride_mb, stride_mn,
     sm_scale_log2,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     KEY_AFFINE: tl.constexpr, KEY_BITS: tl.constexpr, KEY_NGS: tl.constexpr, KEY_SIGN1: tl.constexpr,
     KEY_GS: tl.constexpr, KEY_D1: tl.constexpr, KEY_BITS2: tl.constexpr, KEY_BYTEWISE: tl.constexpr,
     VAL_AFFINE: tl.constexpr, VAL_BITS: tl.constexpr, VAL_NGS: tl.constexpr, VAL_SIGN1: tl.constexpr,
@@ -57,18 +60,20 @@ def split_kernel(
     HAS_MU: tl.constexpr, HAS_MASK: tl.constexpr, DEV_LEN: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """Q [B*Hkv, G, D] (in the keys' domain), MU [B*Hkv, BDK] float32 (the key mean in that domain); stride_kcn is
+    """Q [B*Hkv, G, DK] (in the keys' domain), MU [B*Hkv, BDK] float32 (the key mean in that domain); stride_kcn is
     the stride of the key codes' token axis (of their group axis for affine keys); the scales' likewise. Partials
-    M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BDV]. KC2 / VC2: the second part's codes of a split codebook side (its
-    first KEY_D1 / VAL_D1 coordinates are in KC / VC; D1 = D for one part). With DEV_LEN the packed tokens attended
-    are LENS[0], read on the device (`n_q` is then only the bound the splits were sized for)."""
+    M/L [B*Hkv, S, G], ACC [B*Hkv, S, G, BDV]. DK / DV: the key / value head dims (they may differ: 192 / 128 in
+    DeepSeek-V3-style attention); BDK / BDV: the tile widths, powers of two at least DK / DV (padding masked).
+    KC2 / VC2: the second part's codes of a split codebook side (its first KEY_D1 / VAL_D1 coordinates are in KC /
+    VC; D1 = DK / DV for one part). With DEV_LEN the packed tokens attended are LENS[0], read on the device (`n_q` is
+    then only the bound the splits were sized for)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     g = tl.arange(0, GP)
     dk = tl.arange(0, BDK)
-    q = tl.load(Q + (pid_bh * G + g[:, None]) * D + dk[None, :], mask=(g[:, None] < G) & (dk < D)[None, :],
+    q = tl.load(Q + (pid_bh * G + g[:, None]) * DK + dk[None, :], mask=(g[:, None] < G) & (dk < DK)[None, :],
                 other=0.0)
     if HAS_MU:
         mu = tl.load(MU + pid_bh * BDK + dk)
@@ -97,20 +102,20 @@ def split_kernel(
         n_ok = n < end
         if KEY_AFFINE:
             s = affine_key_scores(q, kc, ks, KZ + b * stride_ksb + h * stride_ksh, n0, end, stride_kcn, stride_ksn,
-                                  TABLE_K, D, KEY_BITS, KEY_GS, F32, ASM, BLOCK_N)
+                                  TABLE_K, DK, BDK, KEY_BITS, KEY_GS, F32, ASM, BLOCK_N)
         else:
-            s = codebook_key_scores(q, kc, kc2, ks, n, n_ok, stride_kcn, stride_kc2n, stride_ksn, LUT_K, TABLE_K, D,
+            s = codebook_key_scores(q, kc, kc2, ks, n, n_ok, stride_kcn, stride_kc2n, stride_ksn, LUT_K, TABLE_K, DK,
                                     KEY_D1, KEY_BITS, KEY_BITS2, BDK, KEY_NGS, KEY_BYTEWISE, KEY_SIGN1, F32, ASM,
                                     BLOCK_N)
         s = (s + qmu[:, None]) * sm_scale_log2
         p, alpha, l_i, m_new = softmax_step(s, n_ok, MASK, b * stride_mb, n, stride_mn, HAS_MASK, m_i, l_i)
         if VAL_AFFINE:
             upd = affine_value_update(p, vc, vs, VZ + b * stride_vsb + h * stride_vsh, n, n_ok, stride_vcn,
-                                      stride_vsn, TABLE_V, D, VAL_BITS, VAL_GS, F32, ASM, BLOCK_N,
+                                      stride_vsn, TABLE_V, DV, BDV, VAL_BITS, VAL_GS, F32, ASM, BLOCK_N,
                                       Q.dtype.element_ty)
         else:
             upd = codebook_value_update(p, vc, vc2, vs, n, n_ok, stride_vcn, stride_vc2n, stride_vsn, LUT_V, TABLE_V,
-                                        D, VAL_D1, VAL_BITS, VAL_BITS2, BDV, VAL_NGS, VAL_BYTEWISE, VAL_SIGN1, F32,
+                                        DV, VAL_D1, VAL_BITS, VAL_BITS2, BDV, VAL_NGS, VAL_BYTEWISE, VAL_SIGN1, F32,
                                         ASM, BLOCK_N, Q.dtype.element_ty)
         acc = acc * alpha[:, None] + upd
         m_i = m_new
@@ -135,10 +140,11 @@ def codebook_width(head_dim: int, bits: int) -> int:
 
 
 def side_width(view, head_dim: int) -> int:
-    """Tile width (coordinates) of one side: a power of two at least head_dim (16 at least for a codebook side)."""
+    """Tile width (coordinates) of one side: a power of two at least head_dim and 16 (head_dim 192 -> 256; the
+    kernels mask the padding)."""
     if bytewise(view):
         return codebook_width(head_dim, view.bits)
-    return pow2(head_dim, 16) if isinstance(view, (CodebookPacked, SplitCodebookPacked)) else head_dim
+    return pow2(head_dim, 16)
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +197,8 @@ def query_rotation(rotation: torch.Tensor, dtype: torch.dtype):
 
 
 def rotate_query(q: torch.Tensor, rotation: torch.Tensor | None):
-    """q [B, Hq, D] -> (q' [B, Hq, D] in q's dtype, factor): the query in the keys' rotated domain is factor * q'."""
+    """q [B, Hq, Dk] -> (q' [B, Hq, Dk] in q's dtype, factor): the query in the keys' rotated domain is factor * q'
+    (`rotation` the keys' [Dk, Dk], or None)."""
     if rotation is None:
         return q.contiguous(), 1.0
     mt, factor = query_rotation(rotation, q.dtype)
@@ -253,11 +260,22 @@ def _side_args(view, prefix: str) -> dict:
 
 
 def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, bound: int | None = None):
-    """Launch the split kernel: q [B, Hq, D] already in the keys' domain (model dtype). Returns (m, l, acc, n_q)."""
-    b, hq, d = q.shape
+    """Launch the split kernel.
+
+    Args:
+        q: ``[B, Hq, Dk]`` already in the keys' domain (model dtype, contiguous).
+        keys, values: packed views of head_dim Dk / Dv (``kernels.decode_supported``).
+        key_mask: ``[B, >= n + W]`` bool or None; scale_log2: the score scale times log2(e).
+        lengths: None or the device counts (``kernels.decode_attention``); bound: the packed tokens the splits are
+            sized for (default: keys.num_tokens).
+    Returns:
+        (m, l ``[B*Hkv, S, G]``, acc ``[B*Hkv, S, G, BDV]``) float32 partials, BDV = ``side_width(values, Dv)``.
+    """
+    b, hq, dk = q.shape
+    dv = values.head_dim
     hkv = format_parts(keys)[0].codes.shape[1]
     g = hq // hkv
-    bdk, bdv = side_width(keys, d), side_width(values, d)
+    bdk, bdv = side_width(keys, dk), side_width(values, dv)
     key_affine = isinstance(keys, ChannelAffinePacked)
     tune = SPLIT_TUNING["wide" if max(bdk, bdv) > WIDE else "affine" if key_affine else "codebook"]
     block_n = max(1, tune["block_n"] // keys.group_size) * keys.group_size if key_affine else tune["block_n"]
@@ -273,7 +291,7 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
         M_OUT=m, L_OUT=l_, ACC_OUT=acc, n_q=n_q, tokens_per_split=per, num_splits=splits, num_heads=hkv,
         stride_mb=0 if key_mask is None else key_mask.stride(0),
         stride_mn=0 if key_mask is None else key_mask.stride(1),
-        sm_scale_log2=scale_log2, G=g, GP=pow2(g, MMA_ROWS), D=d, BDK=bdk, BDV=bdv,
+        sm_scale_log2=scale_log2, G=g, GP=pow2(g, MMA_ROWS), DK=dk, DV=dv, BDK=bdk, BDV=bdv,
         **_side_args(keys, "K"), **_side_args(values, "V"),
         HAS_MU=mu is not None, HAS_MASK=key_mask is not None, DEV_LEN=lengths is not None, BLOCK_N=block_n,
         F32=f32_model, ASM=q.is_cuda, num_warps=tune["num_warps"], num_stages=tune["num_stages"],
