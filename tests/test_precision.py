@@ -18,6 +18,7 @@ from transformers import (
 
 import tq_transformers
 import tq_transformers.cpu_attention
+import tq_transformers.cuda_graphs
 from tq_transformers import (
     BonsaiCache,
     KIVICache,
@@ -548,10 +549,11 @@ def test_new_formats_fast_path_on_gpu_kernel_or_warned_fallback(case_id, extra, 
 DIMS_FAST = ["turboquant4", "kivi2", "bonsai-improved", "mixed-kivi2-tq3.5", "turboquant2.5"]
 
 
-def _dims_fast_and_reference(c, device: str, attention, monkeypatch):
+def _dims_fast_and_reference(c, device: str, attention, monkeypatch, cuda_graphs: bool = False):
     """(reference tokens, scores, fast tokens, scores, fast attention calls) of the tiny 192 / 128 model: the
     reference path, then ``enable(..., fast=True, cuda_graphs=False)``; `attention` names the fast path's function
-    that is counted (``kernels.decode_attention`` or ``cpu_attention.decode_attention``).
+    that is counted (``kernels.decode_attention`` or ``cpu_attention.decode_attention``); with `cuda_graphs` the
+    decode steps replay from CUDA graphs (the static layout), and the runner's counts come last.
 
     The reference path runs under "tq_fused" with an unprepared cache, i.e. SDPA over the cache's dequantized
     tensors: MiMo's own attention is eager (it has no SDPA), whose prefill of the left-padded row differs from
@@ -568,15 +570,17 @@ def _dims_fast_and_reference(c, device: str, attention, monkeypatch):
     module, name = attention
     calls, original = [], getattr(module, name)
     monkeypatch.setattr(module, name, lambda **kw: calls.append(kw["values"].head_dim) or original(**kw))
-    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=False, **kwargs)
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=cuda_graphs, **kwargs)
     try:
-        cache = tq_transformers.fast_attention.prepare_cache(make_cache(c.method, model.config, **kwargs))
+        cache = tq_transformers.fast_attention.prepare_cache(make_cache(c.method, model.config, **kwargs),
+                                                             cuda_graphs=cuda_graphs)
         fast_seq, fast_scores = generate_with_scores(model, inputs, cache)
+        stats = dict(tq_transformers.cuda_graphs.runner_of(model).stats) if cuda_graphs else {}
     finally:
         tq_transformers.disable(model)
     layer = cache.quantized_layers[0]
     assert (layer.head_dim, layer.value_head_dim) == (192, 128) and layer.num_quantized >= 32
-    return ref_seq, ref_scores, fast_seq, fast_scores, calls
+    return ref_seq, ref_scores, fast_seq, fast_scores, calls, stats
 
 
 @needs_mimo
@@ -584,7 +588,7 @@ def _dims_fast_and_reference(c, device: str, attention, monkeypatch):
 def test_different_head_dims_decode_on_the_cpu_fast_path(case_id, monkeypatch):
     """Keys of 192 and values of 128 dims on the CPU fast path (``cpu_attention``): the reference path's greedy
     tokens, logits within float32 rounding (tests/test_cpu_attention.py's LOGIT_ATOL)."""
-    ref_seq, ref_scores, fast_seq, fast_scores, calls = _dims_fast_and_reference(
+    ref_seq, ref_scores, fast_seq, fast_scores, calls, _ = _dims_fast_and_reference(
         CASES[case_id], "cpu", (tq_transformers.cpu_attention, "decode_attention"), monkeypatch)
     assert calls and set(calls) == {128}  # every quantized layer's decode steps, values of 128 dims
     assert torch.equal(fast_seq, ref_seq)
@@ -599,12 +603,48 @@ def test_different_head_dims_decode_on_the_gpu_kernel(case_id, monkeypatch, recw
     the reference path's greedy tokens and logits within float32 noise (as
     ``test_new_formats_fast_path_on_gpu_kernel_or_warned_fallback``)."""
     tq_transformers.fast_attention._WARNED.clear()
-    ref_seq, ref_scores, fast_seq, fast_scores, calls = _dims_fast_and_reference(
+    ref_seq, ref_scores, fast_seq, fast_scores, calls, _ = _dims_fast_and_reference(
         CASES[case_id], "cuda", (tq_transformers.kernels, "decode_attention"), monkeypatch)
     assert calls and set(calls) == {128}
     assert [str(w.message) for w in recwarn if "do not cover" in str(w.message)] == []
     assert torch.equal(fast_seq, ref_seq)
     torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-3, atol=1e-3)
+
+
+@needs_gpu
+@needs_mimo
+@pytest.mark.parametrize("case_id", ["turboquant4", "kivi2", "bonsai-improved"])
+def test_different_head_dims_replay_from_cuda_graphs(case_id, monkeypatch, recwarn):
+    """The same on the static layout, decode steps replayed from CUDA graphs (the kernel reads the device counts):
+    graphs captured and replayed, the reference path's greedy tokens."""
+    tq_transformers.fast_attention._WARNED.clear()
+    ref_seq, ref_scores, fast_seq, fast_scores, calls, stats = _dims_fast_and_reference(
+        CASES[case_id], "cuda", (tq_transformers.kernels, "decode_attention"), monkeypatch, cuda_graphs=True)
+    assert stats.get("replay", 0) > 5 and stats.get("capture", 0) >= 1, stats
+    assert [str(w.message) for w in recwarn if "do not cover" in str(w.message)] == []
+    assert torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-3, atol=1e-3)
+
+
+@needs_mimo
+@pytest.mark.parametrize("case_id", ["turboquant4", "kivi2", "bonsai-improved"])
+def test_different_head_dims_fixed_capacity_cache_on_cpu(case_id):
+    """A fixed-capacity cache (``max_cache_len``: the compiled path's decode operator, device counts; no compiler
+    here) on the 192 / 128 model: the dynamic fast path's tokens and scores exactly."""
+    c = CASES[case_id]
+    model = tiny_different_dims_model()
+    inputs = padded_inputs()
+    kwargs = c.settings_for(head_dim=64)
+    previous = tq_transformers.fast_attention.install(model)
+    try:
+        want = generate_with_scores(model, inputs, tq_transformers.fast_attention.prepare_cache(
+            make_cache(c.method, model.config, **kwargs)))
+        cache = make_cache(c.method, model.config, max_cache_len=128, **kwargs)
+        got = generate_with_scores(model, inputs, cache)
+    finally:
+        tq_transformers.fast_attention.uninstall(model, previous)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (cache.layers[0].head_dim, cache.layers[0].value_head_dim) == (192, 128)
 
 
 def test_deepseek_v3_latents_stay_on_the_reference_path():

@@ -36,6 +36,9 @@ between steps: the cache holds only its packed tokens.
 coordinates with its own codes and levels and the shared per-token scale, so its scores add up and its weighted sums
 fill its slice of the rotated accumulator.
 
+Keys and values may have different head dims (Dk, Dv: MLA-style heads, e.g. DeepSeek-V3's 192 / 128): each side
+is read at its own dim, and the output has the values' dim.
+
 ``supported(keys, values)`` says which views this covers (codebook codes of any width and two-rate splits, affine
 codes of 1, 2, 4 and 8 bits; a scale per token or per group); callers fall back to the reference path for anything
 else.
@@ -214,12 +217,12 @@ def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: 
     """One decode step over packed tokens then a full-precision window, computed in float32 (module docstring).
 
     Args:
-        q: ``[B, Hq, D]`` the new token's query (model dtype, original domain). Query head h*G + g uses KV head h.
-        keys, values: packed views (``formats``, ``supported``); every packed token is attended (or the first
-            ``lengths[0]``).
-        window_k, window_v: ``[B, Hkv, W, D]`` / ``[B, Hkv, W, Dv]`` full-precision window, the new token last.
+        q: ``[B, Hq, Dk]`` the new token's query (model dtype, original domain). Query head h*G + g uses KV head h.
+        keys, values: packed views (``formats``, ``supported``) of head_dim Dk / Dv (they may differ: MLA-style
+            heads, e.g. 192 / 128); every packed token is attended (or the first ``lengths[0]``).
+        window_k, window_v: ``[B, Hkv, W, Dk]`` / ``[B, Hkv, W, Dv]`` full-precision window, the new token last.
         key_mask: ``[B, N + W]`` bool (True = attend) or None.
-        scaling: the score scale (usually D ** -0.5).
+        scaling: the score scale (usually Dk ** -0.5).
         lengths: None, or int64 ``[3]`` counts as in ``kernels.decode_attention`` (read on the host).
     Returns:
         ``[B, Hq, Dv]`` in q's dtype.
@@ -228,7 +231,7 @@ def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: 
                                                                  lengths)
     b, hq, d = q.shape
     hkv = window_k.shape[1]
-    qg = q.float().reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    qg = q.float().reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, Dk]
     n = keys.num_tokens
     scores = torch.cat([_key_scores(qg, keys), qg @ window_k.float().transpose(-1, -2)], dim=-1) * scaling
     if key_mask is not None:

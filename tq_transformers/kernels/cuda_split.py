@@ -109,7 +109,8 @@ def _formats_fit(keys, values, dtype: torch.dtype) -> bool:
 
 def supported(q, keys, values, min_tokens: int | None = None) -> bool:
     """Whether a kernel of this module covers the pair (and compiles here): codebook keys and values with a
-    per-token scale, or KIVI's affine keys and values (``_pair_fits``), of 1, 2 or 4 bits, head_dim 64 / 128 / 256,
+    per-token scale, or KIVI's affine keys and values (``_pair_fits``), of 1, 2 or 4 bits, one head_dim of 64 / 128 /
+    256 for both (keys and values of different head dims go to the Triton split kernel),
     at most 8 query heads per KV head, a 16-bit model, and at least `min_tokens` (default: the pair's entry of
     MIN_TOKENS) packed tokens (views' num_tokens: the capacity under device lengths)."""
     d = q.shape[-1]

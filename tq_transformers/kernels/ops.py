@@ -102,9 +102,10 @@ def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: 
     """``kernels.decode_attention`` through the custom operator (traceable by ``torch.compile``).
 
     Args:
-        q: ``[B, Hq, D]``; keys / values: packed views (``FORMAT_KINDS``); window_k / window_v ``[B, Hkv, W, D]``;
-            key_mask ``[B, n + W]`` bool (or longer with `lengths`) or None; scaling: the score scale; lengths: None
-            or int64 ``[3]`` device counts (``kernels.decode_attention``).
+        q: ``[B, Hq, Dk]``; keys / values: packed views (``FORMAT_KINDS``) of head_dim Dk / Dv (they may differ);
+            window_k ``[B, Hkv, W, Dk]``, window_v ``[B, Hkv, W, Dv]``; key_mask ``[B, n + W]`` bool (or longer with
+            `lengths`) or None; scaling: the score scale; lengths: None or int64 ``[3]`` device counts
+            (``kernels.decode_attention``).
     Returns:
         ``[B, Hq, Dv]`` in q's dtype.
     """
