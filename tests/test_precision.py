@@ -30,6 +30,7 @@ from tq_transformers import (
     make_cache,
 )
 from tq_transformers.fast_attention import fallback_reason
+from tq_transformers.generation import CACHE_KWARG
 from tq_transformers.methods.turboquant import rate_split
 
 from cases import (
@@ -132,6 +133,86 @@ def test_memory_footprint_equals_estimate_for_every_combination(combo, arch):
         want = estimate_cache_bytes(config, n, batch_size=2, method=method, dtype=torch.float32, **settings)
         assert cache.memory_footprint() == want, (combo, n)
     assert cache.memory_footprint()["codes"] > 0
+
+
+#: settings for the 192 / 128 model (group sizes dividing both dims)
+DIMS_MEMORY = {
+    "turboquant4": ("turboquant", dict(bits=4, **_W)),
+    "tq-k3.5v2.5-sinks": ("turboquant", dict(key_bits=3.5, value_bits=2.5, sink_tokens=4, **_W)),
+    "kivi2": ("kivi", dict(bits=2, group_size=16, residual_length=16)),
+    "bonsai": ("bonsai", dict(group_size=64, **_W)),
+    "mixed-tq4-bonsai": ("mixed", dict(key={"method": "turboquant", "bits": 4},
+                                       value={"method": "bonsai", "group_size": 64}, **_W)),
+}
+
+
+@needs_mimo
+def test_cache_dims_read_the_value_head_dim():
+    """A config with v_head_dim beside head_dim (MiMo-V2-Flash) caches values of v_head_dim: (heads, 192, 128)."""
+    assert tq_transformers.cache.cache_dims(tiny_different_dims_model().config) == (2, 192, 128)
+
+
+@needs_mimo
+@pytest.mark.parametrize("combo", list(DIMS_MEMORY))
+def test_memory_and_persistence_with_keys_and_values_of_different_head_dims(combo, tmp_path):
+    """On the 192 / 128 model after a padded generate: ``memory_footprint()`` == ``estimate_cache_bytes()`` to the
+    byte, and a saved cache loads against the model (its dims checked) and continues with the original's tokens."""
+    method, settings = DIMS_MEMORY[combo]
+    model = tiny_different_dims_model()
+    inputs = padded_inputs()
+    cache = make_cache(method, model.config, **settings)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, **{CACHE_KWARG: cache})
+    n = cache.get_seq_length()
+    want = estimate_cache_bytes(model.config, n, batch_size=2, method=method, dtype=torch.float32, **settings)
+    assert cache.memory_footprint() == want and want["codes"] > 0
+    path = tmp_path / "cache.safetensors"
+    tq_transformers.save_cache(cache, path)
+    loaded = tq_transformers.load_cache(path, model)
+    assert loaded.memory_footprint() == cache.memory_footprint()
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, out.shape[1] - inputs["input_ids"].shape[1],
+                                                          dtype=inputs["attention_mask"].dtype)], dim=1)
+    with torch.no_grad():  # the next tokens from the original and from the loaded copy
+        a = model.generate(input_ids=out, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           **{CACHE_KWARG: cache})
+        b = model.generate(input_ids=out, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           **{CACHE_KWARG: loaded})
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["turboquant", "kivi", "bonsai", "mixed"])
+def test_packed_views_before_anything_is_packed_are_none(method):
+    """``layer.packed()`` of a layer whose tokens all sit in the window is (None, None), not a KeyError; after the
+    first flush both views hold the packed tokens."""
+    settings = {
+        "turboquant": dict(residual_length=16, flush_size=16),
+        "kivi": dict(group_size=16, residual_length=16),
+        "bonsai": dict(group_size=32, residual_length=16, flush_size=16),
+        "mixed": dict(key={"method": "kivi", "bits": 2, "group_size": 16}, value={"method": "turboquant", "bits": 4},
+                      residual_length=16),
+    }[method]
+    cache = make_cache(method, None, **settings)
+    _feed(cache, 1, [4], key_dim=64)
+    assert cache.layers[0].num_quantized == 0 and cache.layers[0].packed() == (None, None)
+    _feed(cache, 1, [60], key_dim=64)
+    keys, values = cache.layers[0].packed()
+    assert cache.layers[0].num_quantized > 0 and keys.num_tokens == values.num_tokens == cache.layers[0].num_quantized
+
+
+def test_loading_an_mla_cache_checks_the_latent_dims(tmp_path):
+    """DeepSeek-V3 caches its latents (1 head of kv_lora_rank keys, qk_rope_head_dim values): a saved cache loads
+    against its own config and is refused, naming the dim, against a config of another kv_lora_rank."""
+    config = tiny_deepseek_config()
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config).eval()
+    cache = make_cache("turboquant", config, bits=4, **_W)
+    with torch.no_grad():
+        model(random_ids(2, 40), **{CACHE_KWARG: cache})
+    path = tmp_path / "mla.safetensors"
+    tq_transformers.save_cache(cache, path)
+    assert tq_transformers.load_cache(path, config).memory_footprint() == cache.memory_footprint()
+    with pytest.raises(ValueError, match=r"key_dim=64, the config gives 32"):
+        tq_transformers.load_cache(path, tiny_deepseek_config(kv_lora_rank=32))
 
 
 def _llama_config():

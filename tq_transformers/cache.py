@@ -59,11 +59,12 @@ def mla_latent_dims(config) -> tuple[int, int] | None:
 def cache_dims(config) -> tuple[int, int, int] | None:
     """(kv_heads, key_dim, value_dim) of what a model's attention layers hand the cache, or None when unknown.
 
-    Most models cache ``[B, num_key_value_heads, T, head_dim]`` keys and values. MLA models (DeepSeek-V2/V3 and
-    their kin in transformers: configs with ``kv_lora_rank``) cache their two latents instead, each viewed as one
-    head: the compressed key-value latent (``kv_lora_rank`` wide) as "keys" and the shared rotary key
-    (``qk_rope_head_dim``) as "values"; attention expands them after the cache. Layers always check the dims their
-    states really have at the first update; this is what a config lets us check (and count) before.
+    Most models cache ``[B, num_key_value_heads, T, head_dim]`` keys and values; a config that declares
+    ``v_head_dim`` beside ``head_dim`` (MiMo-V2-Flash: 192 and 128) caches values of ``v_head_dim``. MLA models
+    (DeepSeek-V2/V3 and their kin in transformers: configs with ``kv_lora_rank``) cache their two latents instead,
+    each viewed as one head: the compressed key-value latent (``kv_lora_rank`` wide) as "keys" and the shared rotary
+    key (``qk_rope_head_dim``) as "values"; attention expands them after the cache. Layers always check the dims
+    their states really have at the first update; this is what a config lets us check (and count) before.
 
     kv_heads is the model's: under tensor parallelism (``tp_plan``) the config is not changed, and a rank's layers
     receive ``kv_heads / tp_size`` of them (``memory.kv_heads_per_rank``; the layers take the count they receive).
@@ -76,7 +77,8 @@ def cache_dims(config) -> tuple[int, int, int] | None:
     if head_dim is None:
         return None
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return heads, head_dim, head_dim
+    value_dim = getattr(text, "v_head_dim", None)
+    return heads, head_dim, value_dim if isinstance(value_dim, int) and value_dim > 0 else head_dim
 
 
 #: the config fields that tell one model's caches from another's (``model_identity``)

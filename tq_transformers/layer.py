@@ -229,11 +229,13 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def packed(self, n: int | None = None) -> tuple[PackedFormat | None, PackedFormat | None]:
         """Format views (``formats``) of the first `n` packed keys and values (all held when None; in the static
-        layout, ``n = static.capacity`` gives the whole preallocated buffers). None for a side without a format.
-        The kernels read one tensor per piece: a fork's shared segments are joined into its own storage first."""
+        layout, ``n = static.capacity`` gives the whole preallocated buffers). None for a side without a format,
+        and for both sides before anything is packed. The kernels read one tensor per piece: a fork's shared segments
+        are joined into its own storage first."""
         self.consolidate()  # exact sink tokens are not in the views: `sink_keys` / `sink_values` hold them
         storage = self.storage if n is None else self._prefix_or_reserved(n)
-        return tuple(self.codecs[side].packed(self.pieces(side, storage)) for side in SIDES)
+        pieces = {side: self.pieces(side, storage) for side in SIDES}
+        return tuple(self.codecs[side].packed(pieces[side]) if pieces[side] else None for side in SIDES)
 
     @property
     def num_sinks(self) -> int:

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from .cache import QuantizedKVCache, head_dim_of, model_identity, registered_methods
+from .cache import QuantizedKVCache, cache_dims, model_identity, registered_methods
 from .compile import FixedCapacityLayer
 from .layer import QuantizedKVLayer, compact
 from .memory import kv_heads_per_rank
@@ -286,14 +286,8 @@ def _cache_class(head: dict, expected: type, path) -> type:
 
 
 def _expected_dims(config) -> tuple[int | None, int | None, int | None]:
-    """(KV heads, key head dim, value head dim) a model config declares (MLA configs: qk_nope + qk_rope, v_head_dim)."""
-    text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
-    rope, nope = getattr(text, "qk_rope_head_dim", None), getattr(text, "qk_nope_head_dim", None)
-    if rope is not None and nope is not None:
-        return heads, rope + nope, getattr(text, "v_head_dim", None)
-    head_dim = head_dim_of(config)
-    return heads, head_dim, head_dim
+    """(KV heads, key head dim, value head dim) a model config declares (``cache.cache_dims``; Nones when unknown)."""
+    return cache_dims(config) or (None, None, None)
 
 
 def _check_model(cache, config, model: dict, path, tp_size: int = 1) -> None:
