@@ -11,7 +11,7 @@ from .compile import FixedCapacityLayer
 from .fork import distinct_bytes
 from .formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from .generation import disable, enable
-from .layer import QuantizedKVLayer, WindowConfig
+from .layer import QuantizedKVLayer
 from .memory import estimate_cache_bytes, kv_heads_per_rank
 from .methods.bonsai import BonsaiCache, BonsaiConfig
 from .methods.kivi import KIVICache, KIVIConfig
@@ -19,6 +19,7 @@ from .methods.mixed import MixedCache, MixedConfig
 from .methods.turboquant import TurboQuantCache, TurboQuantConfig
 from .persistence import load_cache, save_cache
 from .registry import METHOD_NAMES, get_method, make_cache
+from .window import WindowConfig
 
 __version__ = "0.1.0"
 

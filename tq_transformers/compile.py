@@ -52,8 +52,9 @@ import dataclasses
 import torch
 
 from .kernels import ops
-from .layer import SIDES, QuantizedKVLayer
+from .layer import QuantizedKVLayer
 from .validation import check_int
+from .window import SIDES
 
 __all__ = ["FixedBuffers", "FixedCapacityLayer", "FixedView", "fixed_attention"]
 

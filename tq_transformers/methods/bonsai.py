@@ -29,10 +29,10 @@ from ..cache import QuantizedKVCache
 from ..codec import Codec
 from ..constants import METADATA_DTYPE, NORM_EPS, side_seed
 from ..formats import CodebookPacked
-from ..layer import WindowConfig
 from ..packing import pack_bits
 from ..rotation import random_rotation
 from ..validation import check_bool, check_choice, check_int
+from ..window import WindowConfig
 
 __all__ = ["BonsaiCache", "BonsaiCodec", "BonsaiConfig", "bonsai_encode", "sign_levels"]
 

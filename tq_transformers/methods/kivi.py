@@ -34,9 +34,9 @@ from ..cache import QuantizedKVCache
 from ..codec import Codec
 from ..constants import KIVI_SCALE_EPS, METADATA_DTYPE
 from ..formats import ChannelAffinePacked, TokenAffinePacked
-from ..layer import WindowConfig
 from ..packing import pack_bits
 from ..validation import check_int
+from ..window import WindowConfig
 
 __all__ = ["KIVICache", "KIVIConfig", "KIVIKeyCodec", "KIVIValueCodec", "fit_range", "kivi_encode_keys",
            "kivi_encode_values", "minmax_quantize"]
@@ -50,7 +50,7 @@ class KIVIConfig(WindowConfig):
     key_bits / value_bits: the width of keys / values alone (None: ``bits``), integers in 1..8.
     group_size: G, tokens per key group and channels per value group; a multiple of 8 that divides head_dim.
     residual_length: R, the fewest recent tokens kept in full precision (a multiple of group_size).
-    sink_tokens: the first tokens kept exact (``layer.WindowConfig``).
+    sink_tokens: the first tokens kept exact (``window.WindowConfig``).
     fit_iterations: 0 (the paper's min-max range) or the rounds of least-squares refit of every group's scale and
         zero (``fit_range``); the format, the bytes and the dequantization are the same.
     The flush size is always group_size.

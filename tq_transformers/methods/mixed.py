@@ -24,8 +24,8 @@ import dataclasses
 from typing import Any
 
 from ..cache import QuantizedKVCache, registered_methods
-from ..layer import WindowConfig
 from ..validation import short_repr
+from ..window import WindowConfig
 
 __all__ = ["MixedCache", "MixedConfig"]
 
@@ -40,7 +40,7 @@ class MixedConfig(WindowConfig):
     key / value: the configs of the two sides (module docstring), each a method config or
         ``{"method": name, **settings}``; stored resolved, as configs.
     residual_length / flush_size: the window (None: the key side's).
-    sink_tokens: the first tokens kept exact (``layer.WindowConfig``).
+    sink_tokens: the first tokens kept exact (``window.WindowConfig``).
     """
 
     residual_length: int | None = None

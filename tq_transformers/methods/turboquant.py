@@ -40,10 +40,10 @@ from ..codebooks import codebook
 from ..codec import Codec
 from ..constants import BITS_STEP, METADATA_DTYPE, NORM_EPS, QJL_SEED_OFFSET, side_seed
 from ..formats import CodebookPacked, SplitCodebookPacked
-from ..layer import WindowConfig
 from ..packing import pack_bits, packed_size, unpack_bits
 from ..rotation import random_rotation
 from ..validation import check_bool, check_int, check_rate
+from ..window import WindowConfig
 
 __all__ = ["TurboQuantCache", "TurboQuantCodec", "TurboQuantConfig", "rate_split", "turboquant_encode",
            "turboquant_encode_split"]
