@@ -285,11 +285,6 @@ def _cache_class(head: dict, expected: type, path) -> type:
     return found
 
 
-def _expected_dims(config) -> tuple[int | None, int | None, int | None]:
-    """(KV heads, key head dim, value head dim) a model config declares (``cache.cache_dims``; Nones when unknown)."""
-    return cache_dims(config) or (None, None, None)
-
-
 def _check_model(cache, config, model: dict, path, tp_size: int = 1) -> None:
     """A ValueError naming the first difference between the file's model and `config` (``cache`` built from it), on a
     rank of `tp_size` tensor-parallel ranks (``model.tp_size``: each caches its share of the KV heads)."""
@@ -301,7 +296,7 @@ def _check_model(cache, config, model: dict, path, tp_size: int = 1) -> None:
         if name != "name_or_path" and value is not None and given.get(name) is not None and value != given[name]:
             raise ValueError(f"{path}: the cache was saved from a model with {name}={value!r}, the config has "
                              f"{given[name]!r}")
-    heads, key_dim, value_dim = _expected_dims(config)
+    heads, key_dim, value_dim = cache_dims(config) or (None, None, None)  # what the config's layers hand a cache
     total_heads = heads
     if heads is not None:
         heads = kv_heads_per_rank(heads, tp_size)
