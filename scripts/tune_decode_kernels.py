@@ -44,6 +44,9 @@ OTHER_RATES = {"turboquant3": 3, "turboquant3.5": 3.5, "turboquant2.5": 2.5}
 METHOD_WINDOWS.update({name: METHOD_WINDOWS["turboquant4"] for name in OTHER_RATES})
 METHODS = ("turboquant4", "kivi2", "bonsai1")
 META = torch.float16  # stored metadata dtype
+# The CUDA plan's sweep (CUDA_PLAN keys): the launch bound's blocks per SM, waves of resident blocks, the fewest tokens
+# a split takes, warps per block (8 measured 4-10% faster than 4 on session 11's cp.async variant, docs/RESULTS.md)
+SWEEP = {"min_blocks": (0, 4), "waves": (1, 2), "min_tokens": (256, 512), "warps": (4, 8)}
 
 
 def bench(fn, graph: bool = True) -> float:
@@ -147,10 +150,10 @@ def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, me
                          "context": context, "us": t, "eager_us": eager, "bytes": total, "err": err})
         if sweep and "triton" in impls:
             saved = dict(cuda_split.CUDA_PLAN)
-            for minb, waves, min_tok in itertools.product((0, 4), (1, 2), (256, 512)):
-                cuda_split.CUDA_PLAN.update(min_blocks=minb, waves=waves, min_tokens=min_tok)
+            for minb, waves, min_tok, warps in itertools.product(*SWEEP.values()):
+                cuda_split.CUDA_PLAN.update(min_blocks=minb, waves=waves, min_tokens=min_tok, warps=warps)
                 t = bench(lambda a=args: kernels.decode_attention(**a, impl="triton"))
-                rows.append({"method": method, "impl": f"cuda b{minb} v{waves} t{min_tok}", "batch": batch,
+                rows.append({"method": method, "impl": f"cuda b{minb} v{waves} t{min_tok} w{warps}", "batch": batch,
                              "context": context, "us": t, "bytes": total, "sweep": True})
             cuda_split.CUDA_PLAN.update(saved)
         if reduce_sweep:

@@ -449,6 +449,53 @@ def test_decode_with_device_lengths(case, padded, impl):
     assert err < (F32_FLOOR if case.dtype == torch.float32 else HALF_FLOOR), f"error {err:.3g}"
 
 
+# The CUDA split kernel's plan variants (CUDA_PLAN; the sweeps of scripts/tune_decode_kernels.py): no prefetch, one
+# mma chain, 8 warps a block, a register cap.
+CUDA_PLANS = [{"prefetch": False}, {"two_chains": False}, {"warps": 8}, {"min_blocks": 4, "waves": 2}]
+
+
+@needs_kernels
+@pytest.mark.parametrize("plan", CUDA_PLANS, ids=lambda p: "-".join(f"{k}{int(v)}" for k, v in p.items()))
+@pytest.mark.parametrize("case", [DecodeCase(TQ4, TQ4, packed=1000), DecodeCase(KIVI2, KIVI2, packed=992),
+                                  DecodeCase(BONSAI, BONSAI, head_dim=64, packed=1000, dtype=torch.float16),
+                                  DecodeCase(TQ4, BONSAI_G64, gqa=8, packed=1000)], ids=lambda c: c.id)
+def test_cuda_plan_variants_match_reference(case, plan, monkeypatch):
+    """Every plan variant of the CUDA split kernel (many tiles a split), with a left-padding mask that is a strided
+    view starting off a word boundary, within the floor of the reference."""
+    from tq_transformers.kernels import cuda_split
+
+    if INTERPRET:
+        pytest.skip("CUDA C++ kernel")
+    for key, value in plan.items():
+        monkeypatch.setitem(cuda_split.CUDA_PLAN, key, value)
+    q, keys, values, wk, wv = build(case, True, DEVICE)
+    _skip_uncovered("cuda", q, keys, values)
+    total = case.packed + case.window
+    mask = torch.ones(case.batch, total + 1, dtype=torch.bool, device=DEVICE)[:, 1:]
+    mask[:] = left_padding_mask(case.batch, total, DEVICE)
+    assert mask.data_ptr() % 4
+    args = {"q": q, "keys": keys, "values": values, "window_k": wk, "window_v": wv, "key_mask": mask,
+            "scaling": case.head_dim**-0.5}
+    err = rel_err(kernels.decode_attention(**args, impl="cuda"), kernels.decode_attention(**args, impl="reference"))
+    assert err < HALF_FLOOR, f"error {err:.3g}"
+
+
+def test_cuda_sources_fill_every_placeholder():
+    """Model-free: the CUDA sources built for each kernel kind leave no placeholder unfilled (a CPU install never
+    compiles them, but a typo here would only show on a GPU)."""
+    import re
+
+    from tq_transformers.kernels import cuda_split
+
+    for args in [(128, 4, 4, True, True, None), (64, 1, 2, False, False, None), (128, 2, 2, True, True, (32, 32))]:
+        src, name = cuda_split._source(*args)
+        assert name in src
+        assert not re.findall(r"__[A-Z_]+__", src.replace("__global__", "").replace("__device__", "")
+                              .replace("__forceinline__", "").replace("__shared__", "")
+                              .replace("__launch_bounds__", "")), args
+        assert f"#define D {args[0]}\n" in src and f"#define KB {args[1]}\n" in src
+
+
 @needs_kernels
 def test_decode_takes_strided_windows():
     """Llama hands the cache [B, H, T, D] views of [B, T, H, D] tensors: the same output as contiguous copies."""

@@ -21,51 +21,19 @@ AFFINE_SPLIT_SOURCE = PRELUDE + r"""
 #define VG __VG__                 /* channels a value group (a multiple of D / 8) */
 #define ROWK (D * KB / 8)         /* bytes of one token's key codes */
 
-#define SLOT_G SLOT_S(NSCALARS + 2)  /* the key group's D scales then D zeros, copied D/8 bytes a lane */
-static_assert(2 * KROW + 4 * VROW + 4 * (NSCALARS + 2) + D / 8 == LANE_BYTES, "cuda_split.stage_lane_bytes");
-
 struct RawA { u32 k0[(KBYTES + 3) / 4], k1[(KBYTES + 3) / 4], v[4][(VBYTES + 3) / 4]; u16 vs[4], vz[4]; };
 
-/* the sources: key codes (group stride), the key group's scales and zeros (row of the first channel), value codes
-   and the value rows' scale and zero (this lane's channel group) */
-struct AffineSrc { const u8* kc; i64 skg; const u16* kscale; const u16* kzero; int skgs;
-                   const u8* vc; const u16* vs; const u16* vz; int svn, svsn; };
-
-__device__ __forceinline__ const u8* key_row(const AffineSrc& a, int n) {
-    return a.kc + (i64)(n / KG) * a.skg + (n % KG) * ROWK;
-}
-
-__device__ __forceinline__ void stage_affine(u8* stage, int lane, int t0, int start, int last, const AffineSrc& a,
-                                             const u8* mrow, int stride_mn, int gid, int tid) {
-    int nk0, nk1, nv[4];
-    tile_rows(t0, last, gid, tid, nk0, nk1, nv);
-    const u32 st = smem_addr(stage);
-    stage_bytes<KBYTES>(st + SLOT_K(0) + KROW * lane, key_row(a, nk0));
-    stage_bytes<KBYTES>(st + SLOT_K(1) + KROW * lane, key_row(a, nk1));
+__device__ __forceinline__ void fetch_affine(RawA& r, int t0, int last, const u8* kc, i64 skg, const u8* vc,
+                                             const u16* vs, const u16* vz, int svn, int svsn, int gid, int tid) {
+    const int nk0 = min(t0 + gid, last), nk1 = min(t0 + gid + 8, last);  /* clamped into the split */
+    load_bytes(kc + (i64)(nk0 / KG) * skg + (nk0 % KG) * ROWK, r.k0, KBYTES);
+    load_bytes(kc + (i64)(nk1 / KG) * skg + (nk1 % KG) * ROWK, r.k1, KBYTES);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        stage_bytes<VBYTES>(st + SLOT_V(i) + VROW * lane, a.vc + (i64)nv[i] * a.svn);
-        stage_bytes<2>(st + SLOT_S(i) + 4 * lane, a.vs + (i64)nv[i] * a.svsn);
-        stage_bytes<2>(st + SLOT_S(4 + i) + 4 * lane, a.vz + (i64)nv[i] * a.svsn);
-    }
-    stage_mask(st, lane, mrow, nk0, nk1, stride_mn);
-    if (t0 == start || t0 % KG == 0) {  /* the tile opens a key group (warp-uniform): its scales and zeros */
-        const u16* row = (lane < 16 ? a.kscale : a.kzero) + (i64)(t0 / KG) * a.skgs + (lane % 16) * (D / 16);
-        stage_bytes<D / 8>(st + SLOT_G + (D / 8) * lane, row);
-    }
-}
-
-__device__ __forceinline__ void unstage_affine(RawA& r, const u8* st, int lane, int t0, int last, const AffineSrc& a,
-                                               int gid, int tid, int& nk0, int& nk1) {
-    int nv[4];
-    tile_rows(t0, last, gid, tid, nk0, nk1, nv);
-    unstage_bytes<KBYTES>(st + SLOT_K(0) + KROW * lane, key_row(a, nk0), r.k0);
-    unstage_bytes<KBYTES>(st + SLOT_K(1) + KROW * lane, key_row(a, nk1), r.k1);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        unstage_bytes<VBYTES>(st + SLOT_V(i) + VROW * lane, a.vc + (i64)nv[i] * a.svn, r.v[i]);
-        r.vs[i] = unstage_u16(st + SLOT_S(i) + 4 * lane, a.vs + (i64)nv[i] * a.svsn);
-        r.vz[i] = unstage_u16(st + SLOT_S(4 + i) + 4 * lane, a.vz + (i64)nv[i] * a.svsn);
+        const int n = min(t0 + 2 * tid + (i & 1) + 8 * (i >> 1), last);
+        load_bytes(vc + (i64)n * svn, r.v[i], VBYTES);
+        r.vs[i] = __ldg(vs + (i64)n * svsn);
+        r.vz[i] = __ldg(vz + (i64)n * svsn);
     }
 }
 
@@ -101,6 +69,8 @@ extern "C" __global__ void BOUNDS affine_split(
         qraw[ks][0] = head_ok ? v.x : 0u;
         qraw[ks][1] = head_ok ? v.y : 0u;
     }
+    const u16* ksb = KS + (i64)b * stride_ksb + (i64)h * stride_ksh + tid * (D / 4);
+    const u16* kzb = KZ + (i64)b * stride_ksb + (i64)h * stride_ksh + tid * (D / 4);
     int group = -1;
     float bias0 = 0.f, bias1 = 0.f;  /* q . zero[group] of heads 2tid, 2tid+1 (the S^T columns) */
 
@@ -109,45 +79,34 @@ extern "C" __global__ void BOUNDS affine_split(
     for (int i = 0; i < VREGS; ++i) { acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f; }
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
+    const u8* kc = KC + (i64)b * stride_kcb + (i64)h * stride_kch + tid * KBYTES;
+    const u8* vc = VC + (i64)b * stride_vcb + (i64)h * stride_vch + gid * VBYTES;
     const int vgroup = gid * (D / 8) / VG;  /* the channel group of this lane's value coordinates */
-    const AffineSrc src = {
-        KC + (i64)b * stride_kcb + (i64)h * stride_kch + tid * KBYTES, stride_kcg,
-        KS + (i64)b * stride_ksb + (i64)h * stride_ksh, KZ + (i64)b * stride_ksb + (i64)h * stride_ksh, stride_ksg,
-        VC + (i64)b * stride_vcb + (i64)h * stride_vch + gid * VBYTES,
-        VS + (i64)b * stride_vsb + (i64)h * stride_vsh + vgroup,
-        VZ + (i64)b * stride_vsb + (i64)h * stride_vsh + vgroup, stride_vcn, stride_vsn};
+    const u16* vs = VS + (i64)b * stride_vsb + (i64)h * stride_vsh + vgroup;
+    const u16* vz = VZ + (i64)b * stride_vsb + (i64)h * stride_vsh + vgroup;
     const u8* mrow = MASK ? MASK + (i64)b * stride_mb : 0;
-    u8* ring = (u8*)(smem + (SAME_TABLE ? 1 : 2) * 256 * 32) + warp * (STAGES * STAGE_BYTES);
 
     const int last = end - 1;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {  /* the ring's first STAGES - 1 tiles in flight */
-        if (start + 16 * s < end) stage_affine(ring + s * STAGE_BYTES, lane, start + 16 * s, start, last, src, mrow,
-                                               stride_mn, gid, tid);
-        cp_async_commit();
-    }
-    int slot = 0;
+    RawA cur, nxt;
+#if PREFETCH
+    if (start < end) fetch_affine(cur, start, last, kc, stride_kcg, vc, vs, vz, stride_vcn, stride_vsn, gid, tid);
+#endif
     for (int t0 = start; t0 < end; t0 += 16) {
-        const int ahead = t0 + 16 * (STAGES - 1), ahead_slot = (slot + STAGES - 1) % STAGES;
-        if (ahead < end) stage_affine(ring + ahead_slot * STAGE_BYTES, lane, ahead, start, last, src, mrow,
-                                      stride_mn, gid, tid);
-        cp_async_commit();
-        cp_async_wait<STAGES - 1>();  /* this lane's copies of tile t0 have landed */
-        const u8* st = ring + slot * STAGE_BYTES;
-        slot = (slot + 1) % STAGES;
-        RawA cur;
-        int nk0, nk1;
-        unstage_affine(cur, st, lane, t0, last, src, gid, tid, nk0, nk1);
+#if PREFETCH
+        if (t0 + 16 < end)
+            fetch_affine(nxt, t0 + 16, last, kc, stride_kcg, vc, vs, vz, stride_vcn, stride_vsn, gid, tid);
+#else
+        fetch_affine(cur, t0, last, kc, stride_kcg, vc, vs, vz, stride_vcn, stride_vsn, gid, tid);
+#endif
         if (t0 / KG != group) {  /* a new key group (warp-uniform): rescale the query, new bias */
             group = t0 / KG;
-            __syncwarp();  /* every lane's copy of the group's scales and zeros has landed */
-            const u8* sp = st + SLOT_G + 2 * (tid * (D / 4));
-            const u8* zp = sp + 2 * D;
+            const u16* sp = ksb + (i64)group * stride_ksg;
+            const u16* zp = kzb + (i64)group * stride_ksg;
             float part = 0.f;
 #pragma unroll
             for (int ks = 0; ks < KSTEPS; ++ks) {
-                const uint2 sv = *(const uint2*)(sp + 8 * ks);
-                const uint2 zv = *(const uint2*)(zp + 8 * ks);
+                const uint2 sv = __ldg((const uint2*)(sp + 4 * ks));
+                const uint2 zv = __ldg((const uint2*)(zp + 4 * ks));
                 const float q0 = lo_float(qraw[ks][0]), q1 = hi_float(qraw[ks][0]);
                 const float q2 = lo_float(qraw[ks][1]), q3 = hi_float(qraw[ks][1]);
                 part += q0 * half_to_float((u16)(zv.x & 0xffff)) + q1 * half_to_float((u16)(zv.x >> 16))
@@ -155,14 +114,13 @@ extern "C" __global__ void BOUNDS affine_split(
                 qf[ks][0] = pack2(q0 * half_to_float((u16)(sv.x & 0xffff)), q1 * half_to_float((u16)(sv.x >> 16)));
                 qf[ks][1] = pack2(q2 * half_to_float((u16)(sv.y & 0xffff)), q3 * half_to_float((u16)(sv.y >> 16)));
             }
-            __syncwarp();  /* read by every lane before the slot is staged again */
             part += __shfl_xor_sync(0xffffffff, part, 1);
             part += __shfl_xor_sync(0xffffffff, part, 2);
             bias0 = __shfl_sync(0xffffffff, part, (2 * tid) * 4);
             bias1 = __shfl_sync(0xffffffff, part, (2 * tid + 1) * 4);
         }
         bool ok0, ok1;
-        tile_mask(st, lane, t0, gid, end, mrow, nk0, nk1, stride_mn, ok0, ok1);
+        tile_mask(t0, gid, end, mrow, stride_mn, ok0, ok1);
         /* scores S^T [16 tokens x 8 heads] on the integer codes */
         u32 k0[KREGS], k1[KREGS];
         decode<KBYTES, KWORDS, KREPL>(cur.k0, tk, lane, k0);
@@ -193,6 +151,9 @@ extern "C" __global__ void BOUNDS affine_split(
             for (int mt = 0; mt < VREGS; ++mt) v[i][mt] = fma2(v[i][mt], sc, zr);
         }
         accumulate_pv(acc, v, a0, a1, pb0, pb1);
+#if PREFETCH
+        cur = nxt;
+#endif
     }
     write_partials(M_OUT, L_OUT, ACC_OUT, (i64)bh * num_splits + split, G, gid, tid, m0, m1, l0, l1, acc);
 }

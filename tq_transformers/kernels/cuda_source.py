@@ -2,19 +2,8 @@
 shares with the affine kernel (``cuda_affine_source``): defines, load / convert / mma helpers, the table decoder.
 
 Placeholders ``__D__`` (head_dim), ``__KB__`` / ``__VB__`` (key / value bits), ``__NWARPS__``, ``__SAME__`` (one
-decode table for both sides), ``__BF16__``, ``__STAGES__``, ``__LAZY__``, ``__CHAINS__``, ``__MINB__``,
-``__LANE_BYTES__`` and ``__NSCALARS__`` are filled by ``cuda_split._source`` (``CUDA_PLAN``). The layouts are
-explained in ``cuda_split``'s docstring.
-
-Staging (``STAGES`` tiles in flight per warp): a warp owns a ring of ``STAGES`` tiles in shared memory after the
-byte tables. For tile i + STAGES - 1 each lane issues ``cp.async`` copies of exactly the bytes it will decode (its two
-key rows, four value rows, the 16-bit scalars and mask bytes of those rows) into its own slots, then waits for tile i
-and reads its slots back: a lane reads only what it copied, so no barrier is needed (the affine kernel's per-group
-scales, shared by lanes, are the one exception: a ``__syncwarp`` around them). A stage is slot-major (each slot 32
-lanes x its bytes, so that a warp's reads are conflict-free); a lane's share smaller than a 32-bit word (1-bit keys at
-head_dim 64, a 16-bit scalar, a mask byte) is copied as the aligned word holding it, from the word's start up to its
-last byte (``cp.async``'s src-size: the rest zero-filled, nothing past it read), which needs only the tensor's start
-4-byte aligned (``cuda_split.supported`` checks).
+decode table for both sides), ``__BF16__``, ``__PREFETCH__``, ``__CHAINS__``, ``__MINB__`` are filled by
+``cuda_split._build`` (``CUDA_PLAN``). The layouts are explained in ``cuda_split``'s docstring.
 """
 
 PRELUDE = r"""
@@ -24,10 +13,7 @@ PRELUDE = r"""
 #define NWARPS __NWARPS__
 #define SAME_TABLE __SAME__
 #define IS_BF16 __BF16__
-#define STAGES __STAGES__         /* tiles in flight per warp: the ring's depth (1: load, wait, decode) */
-#define LAZY_RESCALE __LAZY__     /* rescale the output accumulator only when some running max moved */
-#define LANE_BYTES __LANE_BYTES__ /* bytes a lane stages per tile (cuda_split.stage_lane_bytes) */
-#define NSCALARS __NSCALARS__     /* 16-bit scalars a lane stages per tile (cuda_split.STAGED_SCALARS) */
+#define PREFETCH __PREFETCH__     /* load the next tile before decoding this one */
 #define TWO_CHAINS __CHAINS__     /* the key mma steps as two independent accumulation chains */
 #define MIN_BLOCKS __MINB__       /* __launch_bounds__ blocks per SM (0: no register cap) */
 typedef unsigned int u32;
@@ -45,58 +31,15 @@ typedef long long i64;
 #define VREGS (D / 16)            /* value code pairs a lane holds per token = m-tiles */
 #define KSTEPS (D / 16)
 #define NEG_INF (__int_as_float(0xff800000))
-#define KROW (KBYTES < 4 ? 4 : KBYTES)   /* staged bytes of a lane's key row: at least a word */
-#define VROW (VBYTES < 4 ? 4 : VBYTES)
-#define STAGE_BYTES (32 * LANE_BYTES)
-/* a stage's slots, bytes from its start (each 32 lanes x its size): key rows r = 0, 1; value rows i = 0..3; then a
-   word per 16-bit scalar or mask byte j (NSCALARS scalars, then the two key rows' mask bytes) */
-#define SLOT_K(r) ((r) * 32 * KROW)
-#define SLOT_V(i) (64 * KROW + (i) * 32 * VROW)
-#define SLOT_S(j) (64 * KROW + 128 * VROW + (j) * 128)
-#define SLOT_M(r) SLOT_S(NSCALARS + (r))
 
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
-}
-
-/* cp.async of NBYTES at src into shared address dst. NBYTES >= 4: whole 4 / 8 / 16-byte copies (src aligned to
-   them: supported() checks the strides); NBYTES < 4: the aligned word holding them, up to their last byte */
-template <int NBYTES>
-__device__ __forceinline__ void stage_bytes(u32 dst, const void* src) {
-    if (NBYTES >= 16) {
-#pragma unroll
-        for (int i = 0; i < NBYTES; i += 16)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + i), "l"((const u8*)src + i)
-                         : "memory");
-    } else if (NBYTES >= 4) {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(NBYTES) : "memory");
-    } else {
-        const unsigned long long a = (unsigned long long)src;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(a & ~3ull),
-                     "r"((int)(a & 3) + NBYTES) : "memory");
-    }
-}
-
-/* the words of a slot staged by stage_bytes<NBYTES>(.., src): NBYTES < 4 shifted so that src's byte comes first */
-template <int NBYTES>
-__device__ __forceinline__ void unstage_bytes(const u8* slot, const void* src, u32* w) {
-    if (NBYTES >= 16) {
-#pragma unroll
-        for (int i = 0; i < NBYTES / 16; ++i) {
-            const uint4 a = *(const uint4*)(slot + 16 * i);
-            w[4 * i] = a.x; w[4 * i + 1] = a.y; w[4 * i + 2] = a.z; w[4 * i + 3] = a.w;
-        }
-    } else if (NBYTES == 8) { const uint2 a = *(const uint2*)slot; w[0] = a.x; w[1] = a.y; }
-    else if (NBYTES == 4) { w[0] = *(const u32*)slot; }
-    else { w[0] = *(const u32*)slot >> (((unsigned long long)src & 3) * 8); }
-}
-__device__ __forceinline__ u16 unstage_u16(const u8* slot, const u16* src) {
-    u32 w; unstage_bytes<2>(slot, src, &w); return (u16)(w & 0xffff);
-}
-__device__ __forceinline__ u32 unstage_u8(const u8* slot, const u8* src) {
-    u32 w; unstage_bytes<1>(slot, src, &w); return w & 0xff;
+__device__ __forceinline__ void load_bytes(const u8* p, u32* w, int nbytes) {
+    if (nbytes == 32) { uint4 a = __ldg((const uint4*)p); uint4 b = __ldg((const uint4*)(p + 16));
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w; }
+    else if (nbytes == 16) { uint4 a = __ldg((const uint4*)p); w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; }
+    else if (nbytes == 8) { uint2 a = __ldg((const uint2*)p); w[0] = a.x; w[1] = a.y; }
+    else if (nbytes == 4) { w[0] = __ldg((const u32*)p); }
+    else if (nbytes == 2) { w[0] = __ldg((const u16*)p); }
+    else { w[0] = __ldg(p); }
 }
 
 __device__ __forceinline__ float half_to_float(u16 h) {
@@ -193,31 +136,14 @@ __device__ __forceinline__ void load_tables(u32* tk, u32* tv, const u32* table_k
     __syncthreads();
 }
 
-__device__ __forceinline__ void tile_rows(int t0, int last, int gid, int tid, int& nk0, int& nk1, int* nv) {
-    /* this lane's token rows of the tile at t0, clamped into the split: key rows gid, gid + 8; value rows 2tid,
-       2tid+1, 2tid+8, 2tid+9 */
-    nk0 = min(t0 + gid, last);
-    nk1 = min(t0 + gid + 8, last);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) nv[i] = min(t0 + 2 * tid + (i & 1) + 8 * (i >> 1), last);
-}
-
-__device__ __forceinline__ void stage_mask(u32 st, int lane, const u8* mrow, int nk0, int nk1, int stride_mn) {
-    /* the two key rows' mask bytes, when the batch is padded */
-    if (mrow) {
-        stage_bytes<1>(st + SLOT_M(0) + 4 * lane, mrow + (i64)nk0 * stride_mn);
-        stage_bytes<1>(st + SLOT_M(1) + 4 * lane, mrow + (i64)nk1 * stride_mn);
-    }
-}
-
-__device__ __forceinline__ void tile_mask(const u8* st, int lane, int t0, int gid, int end, const u8* mrow,
-                                          int nk0, int nk1, int stride_mn, bool& ok0, bool& ok1) {
+__device__ __forceinline__ void tile_mask(int t0, int gid, int end, const u8* mrow, int stride_mn, bool& ok0,
+                                          bool& ok1) {
     /* whether this lane's key rows t0 + gid and t0 + gid + 8 are inside the split and not padding */
     ok0 = t0 + gid < end;
     ok1 = t0 + gid + 8 < end;
     if (mrow) {
-        ok0 = ok0 && unstage_u8(st + SLOT_M(0) + 4 * lane, mrow + (i64)nk0 * stride_mn) != 0;
-        ok1 = ok1 && unstage_u8(st + SLOT_M(1) + 4 * lane, mrow + (i64)nk1 * stride_mn) != 0;
+        ok0 = ok0 && mrow[(i64)(t0 + gid) * stride_mn] != 0;
+        ok1 = ok1 && mrow[(i64)(t0 + gid + 8) * stride_mn] != 0;
     }
 }
 
@@ -245,13 +171,9 @@ __device__ __forceinline__ void online_softmax(const float* s, float& m0, float&
 __device__ __forceinline__ void accumulate_pv(float (*acc)[4], u32 (*v)[VREGS], float a0, float a1, u32 pb0,
                                               u32 pb1) {
     /* O^T [D x 8 heads] = O^T * rescale + V^T P^T: v = the four value rows' decoded pairs, pb = P^T as B fragments */
-#if LAZY_RESCALE
-    if (__any_sync(0xffffffff, a0 != 1.f || a1 != 1.f))  /* warp-uniform: after the first tiles the max rarely moves */
-#endif
-#pragma unroll
-    for (int mt = 0; mt < VREGS; ++mt) { acc[mt][0] *= a0; acc[mt][1] *= a1; acc[mt][2] *= a0; acc[mt][3] *= a1; }
 #pragma unroll
     for (int mt = 0; mt < VREGS; ++mt) {
+        acc[mt][0] *= a0; acc[mt][1] *= a1; acc[mt][2] *= a0; acc[mt][3] *= a1;
         mma(acc[mt], prmt(v[0][mt], v[1][mt], 0x5410), prmt(v[0][mt], v[1][mt], 0x7632),
             prmt(v[2][mt], v[3][mt], 0x5410), prmt(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
     }
@@ -286,44 +208,21 @@ __device__ __forceinline__ void write_partials(float* m_out, float* l_out, float
 """
 
 CODEBOOK_SPLIT_SOURCE = PRELUDE + r"""
-static_assert(2 * KROW + 4 * VROW + 4 * (NSCALARS + 2) == LANE_BYTES, "cuda_split.stage_lane_bytes");
-
-/* one tile's codes and scales for this lane: key rows gid, gid + 8; value rows 2tid, 2tid+1, 2tid+8, 2tid+9 */
+/* one tile's raw bytes and scales for this lane: key rows gid, gid + 8; value rows 2tid, 2tid+1, 2tid+8, 2tid+9 */
 struct Raw { u32 k0[(KBYTES + 3) / 4], k1[(KBYTES + 3) / 4], v[4][(VBYTES + 3) / 4]; u16 kn0, kn1, vn0, vn1; };
 
-/* the sources of one side: codes, 16-bit scales, token strides */
-struct Side { const u8* codes; const u16* scale; int stride_n, stride_sn; };
-
-__device__ __forceinline__ void stage_tile(u8* stage, int lane, int t0, int last, Side k, Side v, const u8* mrow,
-                                           int stride_mn, int gid, int tid) {
-    int nk0, nk1, nv[4];
-    tile_rows(t0, last, gid, tid, nk0, nk1, nv);
-    const u32 st = smem_addr(stage);
-    stage_bytes<KBYTES>(st + SLOT_K(0) + KROW * lane, k.codes + (i64)nk0 * k.stride_n);
-    stage_bytes<KBYTES>(st + SLOT_K(1) + KROW * lane, k.codes + (i64)nk1 * k.stride_n);
+__device__ __forceinline__ void fetch(Raw& r, int t0, int last, const u8* kc, const u16* ks, const u8* vc,
+                                      const u16* vs, int skn, int ssn, int svn, int svsn, int gid, int tid) {
+    const int nk0 = min(t0 + gid, last), nk1 = min(t0 + gid + 8, last);  /* clamped into the split */
+    load_bytes(kc + (i64)nk0 * skn, r.k0, KBYTES);
+    load_bytes(kc + (i64)nk1 * skn, r.k1, KBYTES);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-        stage_bytes<VBYTES>(st + SLOT_V(i) + VROW * lane, v.codes + (i64)nv[i] * v.stride_n);
-    stage_bytes<2>(st + SLOT_S(0) + 4 * lane, k.scale + (i64)nk0 * k.stride_sn);
-    stage_bytes<2>(st + SLOT_S(1) + 4 * lane, k.scale + (i64)nk1 * k.stride_sn);
-    stage_bytes<2>(st + SLOT_S(2) + 4 * lane, v.scale + (i64)nk0 * v.stride_sn);
-    stage_bytes<2>(st + SLOT_S(3) + 4 * lane, v.scale + (i64)nk1 * v.stride_sn);
-    stage_mask(st, lane, mrow, nk0, nk1, stride_mn);
-}
-
-__device__ __forceinline__ void unstage_tile(Raw& r, const u8* st, int lane, int t0, int last, Side k, Side v,
-                                             int gid, int tid, int& nk0, int& nk1) {
-    int nv[4];
-    tile_rows(t0, last, gid, tid, nk0, nk1, nv);
-    unstage_bytes<KBYTES>(st + SLOT_K(0) + KROW * lane, k.codes + (i64)nk0 * k.stride_n, r.k0);
-    unstage_bytes<KBYTES>(st + SLOT_K(1) + KROW * lane, k.codes + (i64)nk1 * k.stride_n, r.k1);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        unstage_bytes<VBYTES>(st + SLOT_V(i) + VROW * lane, v.codes + (i64)nv[i] * v.stride_n, r.v[i]);
-    r.kn0 = unstage_u16(st + SLOT_S(0) + 4 * lane, k.scale + (i64)nk0 * k.stride_sn);
-    r.kn1 = unstage_u16(st + SLOT_S(1) + 4 * lane, k.scale + (i64)nk1 * k.stride_sn);
-    r.vn0 = unstage_u16(st + SLOT_S(2) + 4 * lane, v.scale + (i64)nk0 * v.stride_sn);
-    r.vn1 = unstage_u16(st + SLOT_S(3) + 4 * lane, v.scale + (i64)nk1 * v.stride_sn);
+        load_bytes(vc + (i64)min(t0 + 2 * tid + (i & 1) + 8 * (i >> 1), last) * svn, r.v[i], VBYTES);
+    r.kn0 = __ldg(ks + (i64)nk0 * ssn);
+    r.kn1 = __ldg(ks + (i64)nk1 * ssn);
+    r.vn0 = __ldg(vs + (i64)nk0 * svsn);
+    r.vn1 = __ldg(vs + (i64)nk1 * svsn);
 }
 
 extern "C" __global__ void BOUNDS codebook_split(
@@ -382,36 +281,28 @@ extern "C" __global__ void BOUNDS codebook_split(
     for (int i = 0; i < VREGS; ++i) { acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f; }
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    const Side ksd = {KC + (i64)b * stride_kcb + (i64)h * stride_kch + tid * KBYTES,
-                      KS + (i64)b * stride_ksb + (i64)h * stride_ksh, stride_kcn, stride_ksn};
-    const Side vsd = {VC + (i64)b * stride_vcb + (i64)h * stride_vch + gid * VBYTES,
-                      VS + (i64)b * stride_vsb + (i64)h * stride_vsh, stride_vcn, stride_vsn};
+    const u8* kc = KC + (i64)b * stride_kcb + (i64)h * stride_kch + tid * KBYTES;
+    const u16* ks = KS + (i64)b * stride_ksb + (i64)h * stride_ksh;
+    const u8* vc = VC + (i64)b * stride_vcb + (i64)h * stride_vch + gid * VBYTES;
+    const u16* vs = VS + (i64)b * stride_vsb + (i64)h * stride_vsh;
     const u8* mrow = MASK ? MASK + (i64)b * stride_mb : 0;
-    u8* ring = (u8*)(smem + (SAME_TABLE ? 1 : 2) * 256 * 32) + warp * (STAGES * STAGE_BYTES);
 
     const int last = end - 1;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {  /* the ring's first STAGES - 1 tiles in flight */
-        if (start + 16 * s < end) stage_tile(ring + s * STAGE_BYTES, lane, start + 16 * s, last, ksd, vsd, mrow,
-                                             stride_mn, gid, tid);
-        cp_async_commit();
-    }
-    int slot = 0;
+    Raw cur, nxt;
+#if PREFETCH
+    if (start < end) fetch(cur, start, last, kc, ks, vc, vs, stride_kcn, stride_ksn, stride_vcn, stride_vsn, gid, tid);
+#endif
     for (int t0 = start; t0 < end; t0 += 16) {
-        const int ahead = t0 + 16 * (STAGES - 1), ahead_slot = (slot + STAGES - 1) % STAGES;
-        if (ahead < end) stage_tile(ring + ahead_slot * STAGE_BYTES, lane, ahead, last, ksd, vsd, mrow, stride_mn,
-                                    gid, tid);
-        cp_async_commit();
-        cp_async_wait<STAGES - 1>();  /* this lane's copies of tile t0 have landed */
-        const u8* st = ring + slot * STAGE_BYTES;
-        slot = (slot + 1) % STAGES;
-        Raw cur;
-        int nk0, nk1;
-        unstage_tile(cur, st, lane, t0, last, ksd, vsd, gid, tid, nk0, nk1);
+#if PREFETCH
+        if (t0 + 16 < end)
+            fetch(nxt, t0 + 16, last, kc, ks, vc, vs, stride_kcn, stride_ksn, stride_vcn, stride_vsn, gid, tid);
+#else
+        fetch(cur, t0, last, kc, ks, vc, vs, stride_kcn, stride_ksn, stride_vcn, stride_vsn, gid, tid);
+#endif
         const float kn0 = half_to_float(cur.kn0), kn1 = half_to_float(cur.kn1);
         const float vn0 = half_to_float(cur.vn0), vn1 = half_to_float(cur.vn1);
         bool ok0, ok1;
-        tile_mask(st, lane, t0, gid, end, mrow, nk0, nk1, stride_mn, ok0, ok1);
+        tile_mask(t0, gid, end, mrow, stride_mn, ok0, ok1);
         /* scores S^T [16 tokens x 8 heads] */
         u32 k0[KREGS], k1[KREGS];
         decode<KBYTES, KWORDS, KREPL>(cur.k0, tk, lane, k0);
@@ -437,6 +328,9 @@ extern "C" __global__ void BOUNDS codebook_split(
 #pragma unroll
         for (int i = 0; i < 4; ++i) decode<VBYTES, VWORDS, VREPL>(cur.v[i], tv, lane, v[i]);
         accumulate_pv(acc, v, a0, a1, pb0, pb1);
+#if PREFETCH
+        cur = nxt;
+#endif
     }
     write_partials(M_OUT, L_OUT, ACC_OUT, (i64)bh * num_splits + split, G, gid, tid, m0, m1, l0, l1, acc);
 }

@@ -35,21 +35,15 @@ from .triton_common import cdiv, derived, partials, sm_count
 # Launch plan, from sweeps on an H200 with scripts/tune_decode_kernels.py on 2026-12-01 (docs/RESULTS.md, "Speed
 # (GPU), fifth pass"): warps per block (one split each, sharing the decode tables); full waves of resident blocks the
 # splits fill; the fewest tokens a split takes (256 best at 1 x 32K, where more splits cost the reduce more than they
-# hide latency); the key mma steps as two chains (up to 4% faster); the launch bound's blocks per SM (0: none; 4 caps
-# registers at 128, mixed results). `stages`: tiles in flight per warp through the cp.async ring (2 = the fifth
-# pass's one-tile register prefetch, 1.7x over none at 8 x 32K; deeper rings: session 11's sweep); `lazy_rescale`:
-# skip the accumulator's rescale while no running max moves (session 11's sweep).
-CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "stages": 4, "lazy_rescale": True, "two_chains": True,
-             "min_blocks": 0}
+# hide latency); loading the next tile before decoding this one (1.7x faster at 8 x 32K); the key mma steps as two
+# chains (up to 4% faster); the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
+CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "prefetch": True, "two_chains": True, "min_blocks": 0}
 TILE = 16  # tokens per mma step
 MAX_GROUP = 8  # query heads per KV head: the mma's N
 HEAD_DIMS = (64, 128, 256)
 BITS = (1, 2, 4)
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' mma operand types
 TABLE_BYTES = 32 * 1024
-# 16-bit scalars a lane stages per tile (keyed by "affine"): codebook, the key and value norms of its two key rows;
-# affine, the scale and zero of its four value rows
-STAGED_SCALARS = {False: 4, True: 8}
 VECTOR_BYTES = 16  # the widest load of a lane
 # Below this many packed tokens (the grid's bound) the Triton split kernel runs instead, by key format. Codebook: at
 # 1 x 4K it measured 26.9 against 34.8 us here (H200, scripts/tune_decode_kernels.py, 2026-12-01: the table fill and
@@ -66,13 +60,11 @@ _RESIDENT: dict = {}
 def _source(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int, int] | None = None):
     """(CUDA source, kernel name) for head_dim `d`, key / value bits, one table or two, the model dtype; `groups` =
     (tokens a key group, channels a value group) gives the affine kernel, None the codebook kernel; the placeholders
-    filled from CUDA_PLAN."""
+    filled from CUDA_PLAN. Apart from ``_build`` so that the source can be checked without a GPU."""
     src, name = (CODEBOOK_SPLIT_SOURCE, "codebook_split") if groups is None else (AFFINE_SPLIT_SOURCE, "affine_split")
     fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": CUDA_PLAN["warps"], "__SAME__": int(same),
-            "__BF16__": int(bf16), "__STAGES__": CUDA_PLAN["stages"], "__LAZY__": int(CUDA_PLAN["lazy_rescale"]),
-            "__CHAINS__": int(CUDA_PLAN["two_chains"]), "__MINB__": CUDA_PLAN["min_blocks"],
-            "__LANE_BYTES__": stage_lane_bytes(d, kb, vb, groups is not None),
-            "__NSCALARS__": STAGED_SCALARS[groups is not None]}
+            "__BF16__": int(bf16), "__PREFETCH__": int(CUDA_PLAN["prefetch"]),
+            "__CHAINS__": int(CUDA_PLAN["two_chains"]), "__MINB__": CUDA_PLAN["min_blocks"]}
     if groups is not None:
         fill.update({"__KG__": groups[0], "__VG__": groups[1]})
     for placeholder, value in fill.items():
@@ -80,32 +72,14 @@ def _source(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int,
     return src, name
 
 
-def stage_lane_bytes(d: int, kb: int, vb: int, affine: bool) -> int:
-    """Bytes one lane stages per tile in shared memory (``PRELUDE``'s ring; the kernel checks the same sum with a
-    static_assert): its two key rows and four value rows of codes (a whole 32-bit word where a lane's share is
-    smaller), a word for each 16-bit scalar it reads (codebook: the two key rows' key and value norms; affine: the
-    four value rows' scale and zero) and each key row's mask byte, and (affine) its 1/32 of the key group's scales and
-    zeros."""
-    key_row, value_row = max(d * kb // 32, 4), max(d * vb // 64, 4)
-    scalars, mask_bytes = STAGED_SCALARS[affine], 2
-    group_rows = d // 8 if affine else 0  # the key group's d scales and d zeros, copied by the 32 lanes
-    return 2 * key_row + 4 * value_row + 4 * (scalars + mask_bytes) + group_rows
-
-
-def shared_bytes(d: int, kb: int, vb: int, same: bool, affine: bool) -> int:
-    """Dynamic shared memory of one block: the byte tables and every warp's ring of CUDA_PLAN["stages"] tiles."""
-    ring = CUDA_PLAN["warps"] * CUDA_PLAN["stages"] * 32 * stage_lane_bytes(d, kb, vb, affine)
-    return TABLE_BYTES * (1 if same else 2) + ring
-
-
 def _build(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int, int] | None = None):
-    """The compiled kernel of ``_source(...)``, its shared-memory limit set; cached by arguments and CUDA_PLAN."""
+    """The compiled kernel of ``_source(...)``, its shared memory (the byte tables) set; cached by the arguments and
+    CUDA_PLAN."""
     key = (d, kb, vb, same, bf16, groups, tuple(sorted(CUDA_PLAN.items())))
     if key in _KERNELS:
         return _KERNELS[key]
-    src, name = _source(d, kb, vb, same, bf16, groups)
-    kernel = torch.cuda._compile_kernel(src, name)
-    kernel.set_shared_memory_config(shared_bytes(d, kb, vb, same, groups is not None))
+    kernel = torch.cuda._compile_kernel(*_source(d, kb, vb, same, bf16, groups))
+    kernel.set_shared_memory_config(TABLE_BYTES * (1 if same else 2))
     _KERNELS[key] = kernel
     return kernel
 
@@ -160,16 +134,8 @@ def supported(q, keys, values, min_tokens: int | None = None) -> bool:
             return False
         if view.codes.data_ptr() % VECTOR_BYTES:
             return False
-    # the staged 16-bit scalars are copied as their aligned 32-bit words: every tensor's start 4-byte aligned
-    small = [keys.scale, values.scale] + ([] if groups is None else [keys.zero, values.zero])
-    if any(t.data_ptr() % 4 for t in small):
+    if groups is not None and (keys.scale.stride(2) % 4 or keys.scale.data_ptr() % 8):  # the scales' 8-byte loads
         return False
-    if groups is not None:  # the key group's scale and zero rows, d / 8 bytes a lane (at most 16 a copy)
-        row_align = min(d // 8, VECTOR_BYTES)
-        if keys.zero.stride() != keys.scale.stride() or any(
-                (2 * stride) % row_align for stride in keys.scale.stride()[:3]) or keys.scale.data_ptr() % row_align \
-                or keys.zero.data_ptr() % row_align:
-            return False
     key = (d, keys.bits, values.bits, q.dtype, groups)
     if key in _FAILED:
         return False
@@ -255,15 +221,13 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
     groups = _groups(keys, values)
     same = keys.bits == values.bits and (groups is not None or keys.levels is values.levels)
     kernel = _build(d, keys.bits, values.bits, same, q.dtype == torch.bfloat16, groups)
-    shared = shared_bytes(d, keys.bits, values.bits, same, groups is not None)
+    shared = TABLE_BYTES * (1 if same else 2)
     splits, per = plan(b * hkv, n_q, resident_blocks(kernel, shared) * sm_count(q.device))
     m, l_, acc = partials(b * hkv, splits, g, d, q.device)
     tk = _word_table(keys, q.dtype)
     tv = tk if same else _word_table(values, q.dtype)
     kc, ks, vc, vs = keys.codes, keys.scale, values.codes, values.scale
     mask = None if key_mask is None else (key_mask if key_mask.dtype == torch.uint8 else key_mask.view(torch.uint8))
-    if mask is not None and mask.data_ptr() % 4:  # its bytes are staged as aligned words (cuda_source's PRELUDE)
-        mask = mask.clone()
     if groups is None:
         from .triton_split import key_mean
 
