@@ -203,6 +203,8 @@ def main():
     ap.add_argument("--check", default="1x4096,8x32768", help="points checked against the reference")
     ap.add_argument("--sweep-points", default="1x32768,8x32768,1x131072")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep", default=None, help="the plan sweep's axes instead of SWEEP's, e.g. "
+                    "'warps=4,8;min_blocks=0' (CUDA_PLAN keys; every key of SWEEP not named keeps its values)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's kernel times at 8x32768")
     ap.add_argument("--fixed-window", action="store_true", help=f"a {WINDOW}-token window for every method "
@@ -210,6 +212,12 @@ def main():
     ap.add_argument("--reduce-sweep", action="store_true", help="sweep the reduce kernel's window tile and warps at "
                     "the sweep points")
     args = ap.parse_args()
+    for axis in (args.sweep or "").split(";"):
+        if axis:
+            key, values = axis.split("=")
+            if key not in SWEEP:
+                ap.error(f"--sweep: {key!r} is not one of {sorted(SWEEP)}")
+            SWEEP[key] = tuple(int(v) for v in values.split(","))
     os.makedirs(args.out, exist_ok=True)
     bw = copy_bandwidth()
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
