@@ -138,6 +138,8 @@ CASES = {
                                               value={"method": "bonsai", "center": True, "rotate": True}), _WINDOW),
         Case("mixed-kivi2-tq3.5", "mixed", dict(key={"method": "kivi", "bits": 2, "group_size": 16},
                                                value={"method": "turboquant", "bits": 3.5}), _WINDOW),
+        # session 11: TurboQuant's codebook as a uniform grid (values alone: the other side stays Lloyd-Max)
+        Case("turboquant4-uniform-values", "turboquant", dict(bits=4, value_grid="uniform"), _WINDOW),
     ]
 }
 assert {c.method for c in CASES.values()} == set(METHOD_NAMES), "every registered method has a case"

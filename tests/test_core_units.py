@@ -10,7 +10,14 @@ from transformers import LlamaConfig
 import tq_transformers.codec
 import tq_transformers.layer
 from tq_transformers import BonsaiCache, TurboQuantCache, estimate_cache_bytes
-from tq_transformers.codebooks import GAUSSIAN_LEVELS, gaussian_lloyd_max, sphere_lloyd_max
+from tq_transformers.codebooks import (
+    GAUSSIAN_LEVELS,
+    codebook,
+    gaussian_lloyd_max,
+    gaussian_uniform,
+    sphere_lloyd_max,
+    sphere_uniform,
+)
 from tq_transformers.codec import finite_mean
 from tq_transformers.memory import MIB
 from tq_transformers.methods.turboquant import TurboQuantCodec, TurboQuantConfig
@@ -103,6 +110,36 @@ def test_sphere_codebook_close_to_scaled_gaussian(bits):
     rel = (exact[2 ** (bits - 1) :] - gauss).abs() / gauss
     assert rel.max() < 0.02  # docs/METHODS.md, "TurboQuant": under 2% at d = 128
     assert rel.max() > 0  # and it is computed, not copied
+
+
+# Max (1960), Table II: the MSE-optimal uniform quantizer of N(0, 1) with 2, 4, 8, 16 levels: step and error
+MAX_UNIFORM = {1: (1.596, 0.3634), 2: (0.9957, 0.1188), 3: (0.5860, 0.03744), 4: (0.3352, 0.01154)}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4], ids=lambda b: f"b{b}")
+def test_gaussian_uniform_matches_published_steps(bits):
+    levels = gaussian_uniform(bits)
+    step, mse = MAX_UNIFORM[bits]
+    steps = levels[1:] - levels[:-1]
+    assert torch.allclose(steps, torch.full_like(steps, step), atol=1e-3)
+    assert torch.allclose(levels, -levels.flip(0))
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    idx = ((x.unsqueeze(-1) - levels).abs()).argmin(-1)
+    assert abs(float(((x - levels[idx]) ** 2).mean()) - mse) < 0.02 * mse + 1e-4
+    if bits > 1:  # more error than Lloyd-Max, which places its levels by the density
+        lm = gaussian_lloyd_max(bits)
+        assert float(((x - lm[((x.unsqueeze(-1) - lm).abs()).argmin(-1)]) ** 2).mean()) < mse
+
+
+def test_codebook_grids():
+    assert torch.equal(codebook(4, 128), sphere_lloyd_max(4, 128).float())
+    uniform = codebook(4, 128, grid="uniform")
+    assert torch.equal(uniform, sphere_uniform(4, 128).float())
+    steps = uniform[1:] - uniform[:-1]
+    assert torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-5)
+    assert abs(float(steps[0]) * math.sqrt(128) - MAX_UNIFORM[4][0]) < 0.01  # N(0, 1/d) at d = 128
+    with pytest.raises(ValueError, match=r"grid must be one of \('lloyd_max', 'uniform'\), got 'lloyd'"):
+        codebook(4, 128, grid="lloyd")
 
 
 @pytest.mark.parametrize("bits,mse", [(1, 0.36), (2, 0.117), (3, 0.035), (4, 0.0095)], ids=lambda x: str(x))

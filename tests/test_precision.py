@@ -542,6 +542,9 @@ RATES = r"a rate in 1..4 bits, whole or a multiple of 1/8 \(e.g. 2.5, 3.5\)"
      r"edge_settings must be a dict of settings with edge_layers > 0, got NoneType None"),
     (lambda: TurboQuantCache(edge_settings={"bits": 4}), ValueError, r"edge_settings needs edge_layers > 0"),
     (lambda: TurboQuantCache(edge_layers=-1), ValueError, r"edge_layers must be an integer >= 0, got -1"),
+    (lambda: TurboQuantCache(value_grid="Uniform"), ValueError,
+     r"value_grid must be one of \('lloyd_max', 'uniform'\), got 'Uniform'"),
+    (lambda: TurboQuantCache(grid=1), TypeError, r"grid must be a str, one of \('lloyd_max', 'uniform'\), got int 1"),
     (lambda: TurboQuantCache(_qwen2_config(), key_bits=3.125), ValueError,
      r"TurboQuantCache: the model caches keys of head_dim 32 and values of head_dim 32: a rate of 3.125 bits at "
      r"head_dim 32 splits 4 channels"),
@@ -550,7 +553,7 @@ RATES = r"a rate in 1..4 bits, whole or a multiple of 1/8 \(e.g. 2.5, 3.5\)"
         "mixed-side-type", "mixed-side-window", "mixed-side-unknown-setting", "mixed-flush", "layers-length",
         "layers-index", "layers-type", "layers-entry-type", "layers-entry-bad", "layers-window", "layers-method",
         "edges-no-config", "edges-too-many", "edges-no-settings", "edges-settings-alone", "edges-negative",
-        "bits-at-config-dims"])
+        "grid-unknown", "grid-type", "bits-at-config-dims"])
 def test_new_arguments_are_validated_with_clear_messages(factory, error, message):
     with pytest.raises(error, match=message):
         factory()

@@ -5,6 +5,10 @@ After a random rotation, one coordinate y of a unit vector in R^d has the densit
 coordinate with the b-bit Lloyd-Max codebook of that density. The codebooks are computed here by Lloyd iteration on
 a fine grid of the exact density (no tables to trust); `gaussian_lloyd_max` computes the N(0, 1) codebook the same
 way, and the tests check it against the published Lloyd-Max levels.
+
+A uniform grid (``grid="uniform"``: 2^b levels a constant step apart, symmetric about 0, the step that minimizes the
+expected squared error over the same density) is the alternative a decoder can compute with integer arithmetic
+instead of a table lookup; `gaussian_uniform` is checked against Max's (1960) optimal uniform steps.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 
 import torch
 
+#: the codebook kinds ``codebook`` builds
+GRIDS = ("lloyd_max", "uniform")
 # Published Lloyd-Max levels of N(0, 1), positive half (Max 1960), used as the starting point and in tests.
 GAUSSIAN_LEVELS = {
     1: (0.7979,),
@@ -77,20 +83,72 @@ def gaussian_lloyd_max(bits: int, iters: int = 2000) -> torch.Tensor:
     return _symmetrize(_lloyd(grid, weights, bits, _symmetric_init(bits, 1.0), iters))
 
 
-@functools.cache
-def sphere_lloyd_max(bits: int, dim: int, iters: int = 2000) -> torch.Tensor:
-    """Lloyd-Max levels (float64, sorted, 2**bits) for one coordinate of a uniform unit vector in R^dim."""
-    _check_bits(bits)
+def _sphere_density(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid, weights) of one coordinate of a uniform unit vector in R^dim, ``(1 - y^2)^((dim - 3) / 2)``."""
     if not isinstance(dim, int) or dim < 3:
         raise ValueError(f"dim must be an integer >= 3, got {dim!r}")
     half_width = min(1.0, 12.0 / math.sqrt(dim))
     grid = torch.linspace(-half_width, half_width, 400001, dtype=torch.float64)
     # log-density for numerical range at large dim
     logw = (dim - 3) / 2 * torch.log1p(-(grid * grid).clamp(max=1 - 1e-15))
-    weights = torch.exp(logw - logw.max())
+    return grid, torch.exp(logw - logw.max())
+
+
+def _uniform(grid: torch.Tensor, weights: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
+    """The 2**bits symmetric levels a step apart whose step minimizes the weighted squared error of nearest-level
+    coding (golden-section search: the error is unimodal in the step for these log-concave densities)."""
+    n, w = 2**bits, weights / weights.sum()
+
+    def mse(step: float) -> float:
+        idx = torch.clamp(torch.round(grid / step + (n - 1) / 2), 0, n - 1)
+        return float((w * (grid - (idx - (n - 1) / 2) * step) ** 2).sum())
+
+    lo, hi = 1e-3 * scale, 8.0 * scale
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = mse(a), mse(b)
+    for _ in range(100):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = mse(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = mse(b)
+    step = (lo + hi) / 2
+    return (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * step
+
+
+@functools.cache
+def gaussian_uniform(bits: int) -> torch.Tensor:
+    """The MSE-optimal uniform levels (float64, sorted, 2**bits) of the standard normal density."""
+    _check_bits(bits)
+    grid = torch.linspace(-8.0, 8.0, 400001, dtype=torch.float64)
+    return _uniform(grid, torch.exp(-grid * grid / 2), bits, 1.0)
+
+
+@functools.cache
+def sphere_lloyd_max(bits: int, dim: int, iters: int = 2000) -> torch.Tensor:
+    """Lloyd-Max levels (float64, sorted, 2**bits) for one coordinate of a uniform unit vector in R^dim."""
+    _check_bits(bits)
+    grid, weights = _sphere_density(dim)
     return _symmetrize(_lloyd(grid, weights, bits, _symmetric_init(bits, 1.0 / math.sqrt(dim)), iters))
 
 
-def codebook(bits: int, dim: int, device=None) -> torch.Tensor:
-    """The TurboQuant codebook as float32 `[2**bits]` on `device`."""
-    return sphere_lloyd_max(bits, dim).to(device=device, dtype=torch.float32)
+@functools.cache
+def sphere_uniform(bits: int, dim: int) -> torch.Tensor:
+    """The MSE-optimal uniform levels (float64, sorted, 2**bits) for one coordinate of a uniform unit vector in
+    R^dim."""
+    _check_bits(bits)
+    grid, weights = _sphere_density(dim)
+    return _uniform(grid, weights, bits, 1.0 / math.sqrt(dim))
+
+
+def codebook(bits: int, dim: int, device=None, grid: str = "lloyd_max") -> torch.Tensor:
+    """The TurboQuant codebook as float32 `[2**bits]` on `device`: the Lloyd-Max levels, or with ``grid="uniform"``
+    the MSE-optimal uniform grid, of the coordinate density in R^dim."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    levels = sphere_lloyd_max(bits, dim) if grid == "lloyd_max" else sphere_uniform(bits, dim)
+    return levels.to(device=device, dtype=torch.float32)

@@ -36,13 +36,13 @@ import torch
 
 from .. import kernels
 from ..cache import QuantizedKVCache
-from ..codebooks import codebook
+from ..codebooks import GRIDS, codebook
 from ..codec import Codec
 from ..constants import BITS_STEP, METADATA_DTYPE, NORM_EPS, QJL_SEED_OFFSET, side_seed
 from ..formats import CodebookPacked, SplitCodebookPacked
 from ..packing import pack_bits, packed_size, unpack_bits
 from ..rotation import random_rotation
-from ..validation import check_bool, check_int, check_rate
+from ..validation import check_bool, check_choice, check_int, check_rate, short_repr
 from ..window import WindowConfig
 
 __all__ = ["TurboQuantCache", "TurboQuantCodec", "TurboQuantConfig", "rate_split", "turboquant_encode",
@@ -66,6 +66,10 @@ class TurboQuantConfig(WindowConfig):
     center: subtract the per-head, per-channel mean before quantizing (strongly recommended on Qwen2.5).
     norm_correction: rescale so each reconstructed vector has its original norm.
     qjl: the inner-product variant (TurboQuant_prod).
+    grid: the scalar codebook of keys and values: "lloyd_max" (the paper's, MSE-optimal for the coordinate density)
+        or "uniform" (2^b levels a constant step apart, the MSE-optimal step: a departure from the paper, for
+        decoders that compute levels instead of looking them up; ``codebooks``).
+    key_grid / value_grid: the grid of keys / values alone (None: ``grid``).
     """
 
     bits: float = 4
@@ -77,11 +81,21 @@ class TurboQuantConfig(WindowConfig):
     center: bool = True
     norm_correction: bool = True
     qjl: bool = False
+    grid: str = "lloyd_max"
+    key_grid: str | None = None
+    value_grid: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("center", "norm_correction", "qjl"):
             check_bool(name, getattr(self, name))
+        for name in ("grid", "key_grid", "value_grid"):
+            value = getattr(self, name)
+            if name == "grid" or value is not None:
+                if not isinstance(value, str):
+                    raise TypeError(f"{name} must be a str, one of {GRIDS}, got {type(value).__name__} "
+                                    f"{short_repr(value)}")
+                check_choice(name, value, GRIDS)
         for name in ("bits", "key_bits", "value_bits"):
             value = getattr(self, name)
             if name == "bits" or value is not None:
@@ -96,6 +110,11 @@ class TurboQuantConfig(WindowConfig):
         own = self.key_bits if side == "k" else self.value_bits
         return self.bits if own is None else own
 
+    def side_grid(self, side: str) -> str:
+        """The codebook grid of `side` ("k" or "v"): ``key_grid`` / ``value_grid``, else ``grid``."""
+        own = self.key_grid if side == "k" else self.value_grid
+        return self.grid if own is None else own
+
     def check_dim(self, side: str, dim: int) -> None:
         if dim % 8 != 0 or dim < 8:
             raise ValueError(f"head_dim must be a multiple of 8 for TurboQuant bit packing, got {dim}")
@@ -106,7 +125,8 @@ class TurboQuantConfig(WindowConfig):
             self.check_dim(side, head_dim)
 
     def make_codec(self, side, dim, layer_idx, device):
-        return TurboQuantCodec(self, dim, side_seed(self.seed, layer_idx, side), device, self.side_bits(side))
+        return TurboQuantCodec(self, dim, side_seed(self.seed, layer_idx, side), device, self.side_bits(side),
+                               self.side_grid(side))
 
     def side_bytes(self, side: str, dim: int, num_quantized: int) -> tuple[int, int]:
         item = torch.empty((), dtype=METADATA_DTYPE).element_size()
@@ -226,16 +246,18 @@ class TurboQuantCodec(Codec):
         seed: the rotation's seed.
         device: where the rotation and codebooks live.
         bits: this side's rate (``cfg.side_bits(side)``).
+        grid: this side's codebook grid (``cfg.side_grid(side)``).
     """
 
-    def __init__(self, cfg: TurboQuantConfig, head_dim: int, seed: int, device, bits: float | None = None):
+    def __init__(self, cfg: TurboQuantConfig, head_dim: int, seed: int, device, bits: float | None = None,
+                 grid: str = "lloyd_max"):
         super().__init__(cfg.center)
         bits = cfg.bits if bits is None else bits
         self.cfg, self.d = cfg, head_dim
         self.split = rate_split(bits - (1 if cfg.qjl else 0), head_dim)  # ((bits, channels), ...)
         self.bits = self.split[0][0]  # the width of the (first) part
         self.rotation = random_rotation(head_dim, seed, device)  # P [D, D]
-        self.part_levels = tuple(codebook(b, head_dim, device) for b, _ in self.split)  # the density is D's
+        self.part_levels = tuple(codebook(b, head_dim, device, grid) for b, _ in self.split)  # the density is D's
         self.levels = self.part_levels[0]  # [2^b]
         self.code_pieces = ("codes", "qjl") if cfg.qjl else CODE_PIECES[: len(self.split)]
         if cfg.qjl:
