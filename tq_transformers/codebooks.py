@@ -147,8 +147,15 @@ def sphere_uniform(bits: int, dim: int) -> torch.Tensor:
 
 def codebook(bits: int, dim: int, device=None, grid: str = "lloyd_max") -> torch.Tensor:
     """The TurboQuant codebook as float32 `[2**bits]` on `device`: the Lloyd-Max levels, or with ``grid="uniform"``
-    the MSE-optimal uniform grid, of the coordinate density in R^dim."""
+    the MSE-optimal uniform grid, of the coordinate density in R^dim. One tensor per (bits, dim, device, grid), shared
+    by every caller (read-only): keys and values of the same format then share it, and the decode kernels load one
+    byte table for both sides instead of two."""
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    return _shared_codebook(bits, dim, torch.device("cpu" if device is None else device), grid)
+
+
+@functools.cache
+def _shared_codebook(bits: int, dim: int, device: torch.device, grid: str) -> torch.Tensor:
     levels = sphere_lloyd_max(bits, dim) if grid == "lloyd_max" else sphere_uniform(bits, dim)
     return levels.to(device=device, dtype=torch.float32)
