@@ -261,3 +261,30 @@ def test_ruler_table_and_heatmap_model_free(tmp_path):
 
     paths = report.plot_ruler(res, tmp_path, plt)
     assert [p.name for p in paths] == ["ruler_heatmap.png"] and paths[0].stat().st_size > 0
+
+
+def test_progress_counts_steps_not_taken_when_generation_stops_early():
+    """An answer planned at its full budget that stops early still completes the overall estimate (a 4K CPU run read
+    70% while its last task finished)."""
+    from tq_transformers.evaluation.ruler import _Progress
+    from tq_transformers.evaluation.runner import forward_units
+
+    class Tally:
+        def __init__(self):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def advance(self, k):
+            self.n += k
+
+    bar, overall = Tally(), Tally()
+    p = _Progress(bar, overall, rows=2)
+    p.prefill(16)
+    p.start_generate(rows=6, budget=10)
+    for _ in range(3):
+        p.step()
+    p.end_generate()
+    assert bar.n == 16 + 10
+    assert overall.n == forward_units(2, 16) + 10 * forward_units(6, 1)

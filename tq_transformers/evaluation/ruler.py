@@ -268,7 +268,14 @@ class _Progress:
         self.step_rows, self.done, self.expected = rows, 0, budget
 
     def end_generate(self) -> None:
-        self.progress.update(self.expected - self.done)  # generation stopped early (end of sequence)
+        """Generation stopped (at its budget or early, at the end of the sequences): the steps not taken count as
+        done, in the bar and in the overall estimate (which planned every answer at its full budget)."""
+        from .runner import forward_units
+
+        skipped = self.expected - self.done
+        self.progress.update(skipped)
+        if self.overall is not None and skipped > 0:
+            self.overall.advance(skipped * forward_units(self.step_rows, 1))
 
     def _advance(self, steps: int, rows: int, tokens: int) -> None:
         from .runner import forward_units
