@@ -133,6 +133,10 @@ def test_gaussian_uniform_matches_published_steps(bits):
 
 def test_codebook_grids():
     assert torch.equal(codebook(4, 128), sphere_lloyd_max(4, 128).float())
+    # one tensor per format: keys and values of a TurboQuant layer share it (the CUDA kernel then loads one table)
+    assert codebook(4, 128, "cpu") is codebook(4, 128) and codebook(4, 128, grid="uniform") is not codebook(4, 128)
+    cfg = TurboQuantConfig(bits=4)
+    assert cfg.make_codec("k", 128, 0, "cpu").levels is cfg.make_codec("v", 128, 0, "cpu").levels
     uniform = codebook(4, 128, grid="uniform")
     assert torch.equal(uniform, sphere_uniform(4, 128).float())
     steps = uniform[1:] - uniform[:-1]
