@@ -27,7 +27,11 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {short_repr(value)}")
 
 
-def check_choice(name: str, value: Any, choices: tuple) -> None:
+def check_choice(name: str, value: Any, choices: tuple, kind: type | None = None) -> None:
+    """ValueError unless `value` is one of `choices`; with `kind`, a TypeError first unless it is a `kind`."""
+    if kind is not None and not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__}, one of {choices}, got {type(value).__name__} "
+                        f"{short_repr(value)}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {short_repr(value)}")
 

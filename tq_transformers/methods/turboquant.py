@@ -42,7 +42,7 @@ from ..constants import BITS_STEP, METADATA_DTYPE, NORM_EPS, QJL_SEED_OFFSET, si
 from ..formats import CodebookPacked, SplitCodebookPacked
 from ..packing import pack_bits, packed_size, unpack_bits
 from ..rotation import random_rotation
-from ..validation import check_bool, check_choice, check_int, check_rate, short_repr
+from ..validation import check_bool, check_choice, check_int, check_rate
 from ..window import WindowConfig
 
 __all__ = ["TurboQuantCache", "TurboQuantCodec", "TurboQuantConfig", "rate_split", "turboquant_encode",
@@ -92,10 +92,7 @@ class TurboQuantConfig(WindowConfig):
         for name in ("grid", "key_grid", "value_grid"):
             value = getattr(self, name)
             if name == "grid" or value is not None:
-                if not isinstance(value, str):
-                    raise TypeError(f"{name} must be a str, one of {GRIDS}, got {type(value).__name__} "
-                                    f"{short_repr(value)}")
-                check_choice(name, value, GRIDS)
+                check_choice(name, value, GRIDS, kind=str)
         for name in ("bits", "key_bits", "value_bits"):
             value = getattr(self, name)
             if name == "bits" or value is not None:
