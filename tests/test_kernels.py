@@ -480,6 +480,21 @@ def test_cuda_plan_variants_match_reference(case, plan, monkeypatch):
     assert err < HALF_FLOOR, f"error {err:.3g}"
 
 
+def test_cuda_build_cache_keys_are_the_compiled_plan_keys(monkeypatch):
+    """Model-free: every CUDA_PLAN key the source is built from is in the build cache's key, and no other (a sweep of
+    the launch-only keys must not recompile). Needs Triton installed, not a GPU."""
+    pytest.importorskip("triton")
+    from tq_transformers.kernels import cuda_split
+
+    args = (128, 4, 4, True, True, None)
+    base = cuda_split._source(*args)[0]
+    for key, value in dict(cuda_split.CUDA_PLAN).items():
+        changed = int(value) + 1 if not isinstance(value, bool) else not value
+        monkeypatch.setitem(cuda_split.CUDA_PLAN, key, changed)
+        assert (cuda_split._source(*args)[0] != base) == (key in cuda_split.COMPILED_PLAN_KEYS), key
+        monkeypatch.setitem(cuda_split.CUDA_PLAN, key, value)
+
+
 def test_cuda_sources_fill_every_placeholder():
     """Model-free: the CUDA sources built for each kernel kind leave no placeholder unfilled (a CPU install never
     compiles them, but a typo here would only show on a GPU). Needs Triton installed (the launcher module imports

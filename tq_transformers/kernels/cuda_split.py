@@ -38,6 +38,8 @@ from .triton_common import cdiv, derived, partials, sm_count
 # hide latency); loading the next tile before decoding this one (1.7x faster at 8 x 32K); the key mma steps as two
 # chains (up to 4% faster); the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
 CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "prefetch": True, "two_chains": True, "min_blocks": 0}
+#: the CUDA_PLAN keys compiled into the source (``_source``); the others only shape the launch (``plan``)
+COMPILED_PLAN_KEYS = ("warps", "prefetch", "two_chains", "min_blocks")
 TILE = 16  # tokens per mma step
 MAX_GROUP = 8  # query heads per KV head: the mma's N
 HEAD_DIMS = (64, 128, 256)
@@ -74,8 +76,8 @@ def _source(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int,
 
 def _build(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int, int] | None = None):
     """The compiled kernel of ``_source(...)``, its shared memory (the byte tables) set; cached by the arguments and
-    CUDA_PLAN."""
-    key = (d, kb, vb, same, bf16, groups, tuple(sorted(CUDA_PLAN.items())))
+    the CUDA_PLAN keys the source is built from (a sweep of `waves` or `min_tokens` reuses the build)."""
+    key = (d, kb, vb, same, bf16, groups, *(CUDA_PLAN[k] for k in COMPILED_PLAN_KEYS))
     if key in _KERNELS:
         return _KERNELS[key]
     kernel = torch.cuda._compile_kernel(*_source(d, kb, vb, same, bf16, groups))
