@@ -45,8 +45,10 @@ METHOD_WINDOWS.update({name: METHOD_WINDOWS["turboquant4"] for name in OTHER_RAT
 METHODS = ("turboquant4", "kivi2", "bonsai1")
 META = torch.float16  # stored metadata dtype
 # The CUDA plan's sweep (CUDA_PLAN keys): the launch bound's blocks per SM, waves of resident blocks, the fewest tokens
-# a split takes, warps per block (8 measured 4-10% faster than 4 on session 11's cp.async variant, docs/RESULTS.md)
-SWEEP = {"min_blocks": (0, 4), "waves": (1, 2), "min_tokens": (256, 512), "warps": (4, 8)}
+# a split takes, warps per block (8 measured 4-10% faster than 4 on session 11's cp.async variant, docs/RESULTS.md),
+# the accumulators rescaled only when a running max moved; SWEEP_TAGS names a variant's values in the table
+SWEEP = {"min_blocks": (0, 4), "waves": (1, 2), "min_tokens": (256, 512), "warps": (4, 8), "lazy_rescale": (0, 1)}
+SWEEP_TAGS = {"min_blocks": "b", "waves": "v", "min_tokens": "t", "warps": "w", "lazy_rescale": "z"}
 
 
 def bench(fn, graph: bool = True) -> float:
@@ -150,11 +152,13 @@ def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, me
                          "context": context, "us": t, "eager_us": eager, "bytes": total, "err": err})
         if sweep and "triton" in impls:
             saved = dict(cuda_split.CUDA_PLAN)
-            for minb, waves, min_tok, warps in itertools.product(*SWEEP.values()):
-                cuda_split.CUDA_PLAN.update(min_blocks=minb, waves=waves, min_tokens=min_tok, warps=warps)
+            for values in itertools.product(*SWEEP.values()):
+                variant = dict(zip(SWEEP, values))
+                cuda_split.CUDA_PLAN.update(variant)
                 t = bench(lambda a=args: kernels.decode_attention(**a, impl="triton"))
-                rows.append({"method": method, "impl": f"cuda b{minb} v{waves} t{min_tok} w{warps}", "batch": batch,
-                             "context": context, "us": t, "bytes": total, "sweep": True})
+                name = " ".join(f"{SWEEP_TAGS[k]}{int(v)}" for k, v in variant.items())
+                rows.append({"method": method, "impl": f"cuda {name}", "batch": batch, "context": context, "us": t,
+                             "bytes": total, "sweep": True})
             cuda_split.CUDA_PLAN.update(saved)
         if reduce_sweep:
             saved = dict(triton_reduce.REDUCE_TUNING)

@@ -449,9 +449,9 @@ def test_decode_with_device_lengths(case, padded, impl):
     assert err < (F32_FLOOR if case.dtype == torch.float32 else HALF_FLOOR), f"error {err:.3g}"
 
 
-# The CUDA split kernel's plan variants (CUDA_PLAN; the sweeps of scripts/tune_decode_kernels.py): no prefetch, one
-# mma chain, 8 warps a block, a register cap.
-CUDA_PLANS = [{"prefetch": False}, {"two_chains": False}, {"warps": 8}, {"min_blocks": 4, "waves": 2}]
+# The CUDA split kernel's plan variants (CUDA_PLAN; the sweeps of scripts/tune_decode_kernels.py): the accumulators
+# rescaled only when a max moved, one mma chain, 8 warps a block, a register cap.
+CUDA_PLANS = [{"lazy_rescale": True}, {"two_chains": False}, {"warps": 8}, {"min_blocks": 4, "waves": 2}]
 
 
 @needs_kernels
@@ -486,7 +486,7 @@ def test_cuda_build_cache_keys_are_the_compiled_plan_keys(monkeypatch):
     pytest.importorskip("triton")
     from tq_transformers.kernels import cuda_split
 
-    args = (128, 4, 4, True, True, None)
+    args = (128, 4, 4, True, None)
     base = cuda_split._source(*args)[0]
     for key, value in dict(cuda_split.CUDA_PLAN).items():
         changed = int(value) + 1 if not isinstance(value, bool) else not value
@@ -504,13 +504,103 @@ def test_cuda_sources_fill_every_placeholder():
     pytest.importorskip("triton")
     from tq_transformers.kernels import cuda_split
 
-    for args in [(128, 4, 4, True, True, None), (64, 1, 2, False, False, None), (128, 2, 2, True, True, (32, 32))]:
+    for args in [(128, 4, 4, True, None), (64, 1, 2, False, None), (128, 2, 2, True, (32, 32))]:
         src, name = cuda_split._source(*args)
         assert name in src
         assert not re.findall(r"__[A-Z_]+__", src.replace("__global__", "").replace("__device__", "")
                               .replace("__forceinline__", "").replace("__shared__", "")
                               .replace("__launch_bounds__", "")), args
         assert f"#define D {args[0]}\n" in src and f"#define KB {args[1]}\n" in src
+
+
+def _emulate_lookup(table_words: torch.Tensor, idx: int, j: int, words: int) -> list[int]:
+    """``lookup`` of cuda_source: the entry of byte j of the 32-bit index word `idx` (any copy: all are equal)."""
+    return [int(w) & 0xFFFFFFFF for w in table_words[(idx >> (8 * j)) & 0xFF, :words]]
+
+
+def _emulate_interleave(a: int, b: int, f: int) -> tuple[int, int]:
+    even = 0x0F0F0F0F if f == 4 else 0x33333333
+    return (a & even) | ((b << f) & ~even & 0xFFFFFFFF), ((a >> f) & even) | (b & ~even & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("bits", [4, 2, 1], ids=lambda b: f"{b}bit")
+def test_cuda_decode_layout_puts_each_level_where_the_mma_reads_it(bits):
+    """Model-free: the CUDA kernels' decoders (``cuda_source.decode_keys`` / ``decode_values``) emulated on the host
+    with the tables the launcher builds (``cuda_split._word_table``, VALUE_SLOTS): every 16-bit half of every A
+    fragment word holds the level of the token and coordinate the m16n8k16 fragment layout assigns it (keys: rows
+    gid / gid+8 = tokens w0 / w1, columns = key_coord; values: rows = coordinates 2mt / 2mt+1, columns = tokens).
+    Needs Triton installed (the launcher module imports it), not a GPU."""
+    pytest.importorskip("triton")
+    from tq_transformers.kernels import cuda_split
+
+    d = 128
+    gen = torch.Generator().manual_seed(bits)
+    levels = torch.randn(1 << bits, generator=gen).to(torch.float16)
+    view = CodebookPacked(codes=torch.zeros(1, 1, 1, d * bits // 8, dtype=torch.uint8), scale=torch.zeros(1, 1, 1),
+                          levels=levels, bits=bits)
+    half = [int(x) for x in levels.view(torch.int16)]
+    level = {c: half[c] & 0xFFFF for c in range(1 << bits)}
+    words = 4 // bits
+
+    def token(nbytes):  # random codes of one token's lane bytes, as 32-bit words and as codes
+        codes = torch.randint(0, 1 << bits, (nbytes * 8 // bits,), generator=gen).tolist()
+        packed = [sum(codes[(8 // bits) * j + k] << (bits * k) for k in range(8 // bits)) for j in range(nbytes)]
+        raw = [sum(packed[4 * i + m] << (8 * m) for m in range(4) if 4 * i + m < nbytes)
+               for i in range((nbytes + 3) // 4)]
+        return codes, raw
+
+    # keys: two tokens, the lane's D/4 coordinates
+    tk = cuda_split._word_table(view, torch.float16, "k")
+    kbytes = d * bits // 32
+    (c0, w0), (c1, w1) = token(kbytes), token(kbytes)
+    ka = [[0] * 4 for _ in range(d // 16)]
+    for j in range(kbytes):
+        i, jj = j >> 2, j & 3
+        if bits == 4:
+            ka[j >> 1][2 * (j & 1)] = _emulate_lookup(tk, w0[i], jj, 1)[0]
+            ka[j >> 1][2 * (j & 1) + 1] = _emulate_lookup(tk, w1[i], jj, 1)[0]
+        else:
+            x, y = _emulate_interleave(w0[i], w1[i], 4 if bits == 2 else 2)
+            if bits == 2:
+                ka[j][0:2], ka[j][2:4] = _emulate_lookup(tk, x, jj, 2), _emulate_lookup(tk, y, jj, 2)
+            else:
+                ka[2 * j], ka[2 * j + 1] = _emulate_lookup(tk, x, jj, 4), _emulate_lookup(tk, y, jj, 4)
+
+    def key_coord(kk, h):
+        return 8 * (kk >> 1) + 2 * (kk & 1) + 4 * h if bits == 1 else 4 * kk + 2 * h
+
+    for kk in range(d // 16):
+        for reg, (codes, h) in enumerate([(c0, 0), (c1, 0), (c0, 1), (c1, 1)]):  # a0..a3: row gid / gid+8, half
+            c = key_coord(kk, h)
+            assert ka[kk][reg] == level[codes[c]] | level[codes[c + 1]] << 16, (kk, reg)
+    # values: four tokens (2tid, 2tid+1, 2tid+8, 2tid+9), the lane's D/8 coordinates
+    tv = cuda_split._word_table(view, torch.float16, "v")
+    vbytes = d * bits // 64
+    toks = [token(vbytes) for _ in range(4)]
+    va = [[0] * 4 for _ in range(d // 16)]
+    for j in range(vbytes):
+        i, jj = j >> 2, j & 3
+        if bits in (4, 2):
+            for pr in range(2):
+                x, y = _emulate_interleave(toks[2 * pr][1][i], toks[2 * pr + 1][1][i], 4)
+                if bits == 4:
+                    va[j][2 * pr] = _emulate_lookup(tv, x, jj, 1)[0]
+                    va[j][2 * pr + 1] = _emulate_lookup(tv, y, jj, 1)[0]
+                else:
+                    va[2 * j][2 * pr:2 * pr + 2] = _emulate_lookup(tv, x, jj, 2)
+                    va[2 * j + 1][2 * pr:2 * pr + 2] = _emulate_lookup(tv, y, jj, 2)
+        else:
+            ab = _emulate_interleave(toks[0][1][i], toks[1][1][i], 2)
+            cd = _emulate_interleave(toks[2][1][i], toks[3][1][i], 2)
+            p0, p2 = _emulate_interleave(ab[0], cd[0], 4)
+            p1, p3 = _emulate_interleave(ab[1], cd[1], 4)
+            for k, p in enumerate((p0, p1, p2, p3)):
+                va[4 * j + k] = _emulate_lookup(tv, p, jj, 4)
+    for mt in range(d // 16):
+        for reg, (coord, pair) in enumerate([(2 * mt, 0), (2 * mt + 1, 0), (2 * mt, 1), (2 * mt + 1, 1)]):
+            lo, hi = toks[2 * pair][0][coord], toks[2 * pair + 1][0][coord]  # columns: tokens 2tid(+8), 2tid+1(+9)
+            assert va[mt][reg] == level[lo] | level[hi] << 16, (mt, reg)
+    assert words == tk.shape[1] == tv.shape[1]
 
 
 @needs_kernels

@@ -1,9 +1,10 @@
 """CUDA C++ source of the codebook split kernel (``cuda_split``), kept apart from its launcher, and the prelude it
-shares with the affine kernel (``cuda_affine_source``): defines, load / convert / mma helpers, the table decoder.
+shares with the affine kernel (``cuda_affine_source``): defines, load / convert / mma helpers, the table decoder,
+the online softmax and the tile loop.
 
-Placeholders ``__D__`` (head_dim), ``__KB__`` / ``__VB__`` (key / value bits), ``__NWARPS__``, ``__SAME__`` (one
-decode table for both sides), ``__BF16__``, ``__PREFETCH__``, ``__CHAINS__``, ``__MINB__`` are filled by
-``cuda_split._build`` (``CUDA_PLAN``). The layouts are explained in ``cuda_split``'s docstring.
+Placeholders ``__D__`` (head_dim), ``__KB__`` / ``__VB__`` (key / value bits), ``__NWARPS__``, ``__BF16__``,
+``__CHAINS__``, ``__LAZY__``, ``__MINB__`` are filled by ``cuda_split._source`` (``CUDA_PLAN``). The layouts are
+explained in ``cuda_split``'s docstring.
 """
 
 PRELUDE = r"""
@@ -11,10 +12,9 @@ PRELUDE = r"""
 #define KB __KB__
 #define VB __VB__
 #define NWARPS __NWARPS__
-#define SAME_TABLE __SAME__
 #define IS_BF16 __BF16__
-#define PREFETCH __PREFETCH__     /* load the next tile before decoding this one */
 #define TWO_CHAINS __CHAINS__     /* the key mma steps as two independent accumulation chains */
+#define LAZY_RESCALE __LAZY__     /* rescale the output accumulators only in tiles where a running max moved */
 #define MIN_BLOCKS __MINB__       /* __launch_bounds__ blocks per SM (0: no register cap) */
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -25,9 +25,13 @@ typedef long long i64;
 #define VWORDS (4 / VB)
 #define KREPL (32 / KWORDS)       /* table copies: one per lane of a conflict-free phase */
 #define VREPL (32 / VWORDS)
+#define ENTRY_BYTES 256           /* shared-memory bytes of one byte value: [side (key, value)][copy][word] */
+#define SIDE_BYTES 128            /* one side's copies of one entry: REPL * WORDS words */
+#define TILE 16                   /* tokens a tile: the mma's M (keys) and K (values) */
 #define KBYTES (D * KB / 32)      /* key bytes a lane reads per token: D/4 codes */
 #define VBYTES (D * VB / 64)      /* value bytes a lane reads per token: D/8 codes */
-#define KREGS (D / 8)             /* key code pairs a lane holds per token */
+#define KROW (D * KB / 8)         /* bytes of one token's key codes (rows back to back: cuda_split._pair_fits) */
+#define VROW (D * VB / 8)
 #define VREGS (D / 16)            /* value code pairs a lane holds per token = m-tiles */
 #define KSTEPS (D / 16)
 #define NEG_INF (__int_as_float(0xff800000))
@@ -63,33 +67,129 @@ __device__ __forceinline__ u32 transpose8x8(u32 x) {
 __device__ __forceinline__ float fast_exp2(float x) {
     float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r;
 }
-__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if IS_BF16
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-#endif
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+template <bool BF>  /* c += A B, operands bf16 (BF) or fp16 */
+__device__ __forceinline__ void mma_t(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    if (BF)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {  /* model dtype */
+    mma_t<IS_BF16>(c, a0, a1, a2, a3, b0, b1);
 }
 
-/* bytes w (nbytes of them) -> code pairs out[] through the replicated table (WORDS words an entry) */
-template <int NBYTES, int WORDS, int REPL>
-__device__ __forceinline__ void decode(const u32* w, const u32* table, int lane, u32* out) {
-    const u32* base = table + (lane % REPL) * WORDS;
+/* The entry of byte j (0..3) of `idx` (WORDS words) into dst[0 .. WORDS-1]: the entry starts at byte * ENTRY_BYTES,
+   so its offset is one byte-permute writing the byte into bits 8..15 of `base` (this lane's copy on its side, < 256;
+   cuda_split's docstring draws the layout) */
+template <int WORDS>
+__device__ __forceinline__ void lookup(u32 idx, int j, const u8* table, u32 base, u32* dst) {
+    const u32 off = prmt(base, idx, 0x3240 + 0x10 * j);  /* base.b0, idx.byte(j), 0, 0 */
+    const u8* e = table + off;
+    if (WORDS == 1) { dst[0] = *(const u32*)e; }
+    else if (WORDS == 2) { const uint2 v = *(const uint2*)e; dst[0] = v.x; dst[1] = v.y; }
+    else { const uint4 v = *(const uint4*)e; dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w; }
+}
+
+/* Two tokens' code words interleaved field by field (fields of F bits): lo = a's even fields, b's even fields
+   moved up one field; hi = a's odd fields moved down, b's odd fields. Two ops each. */
+template <int F>
+__device__ __forceinline__ void interleave(u32 a, u32 b, u32& lo, u32& hi) {
+    constexpr u32 EVEN = F == 4 ? 0x0f0f0f0fu : 0x33333333u;
+    lo = (a & EVEN) | ((b << F) & ~EVEN);
+    hi = ((a >> F) & EVEN) | (b & ~EVEN);
+}
+
+/* The key mma's A fragments ka[kk] = (a0, a1, a2, a3) of S^T = K Q^T, step kk: rows gid (token w0) and gid + 8
+   (token w1), each lookup landing in its fragment register (no register moves). Index bytes, by key bits:
+     4: a byte of one token (one word: coordinates 2 of them);
+     2: interleave<4>: [w0 c0 c1 | w1 c0 c1] -> (a0, a1), [w0 c2 c3 | w1 c2 c3] -> (a2, a3);
+     1: interleave<2>: [w0 c0c1 | w1 c0c1 | w0 c4c5 | w1 c4c5] -> a quad, [.. c2c3 .. c6c7 ..] -> the next step's.
+   The coordinates of step kk's halves are key_coord(kk, 0 / 1) (the query's B fragment takes the same). */
+__device__ __forceinline__ int key_coord(int kk, int half) {  /* first of the two coordinates (of the lane's D/4) */
+    return KB == 1 ? 8 * (kk >> 1) + 2 * (kk & 1) + 4 * half : 4 * kk + 2 * half;
+}
+__device__ __forceinline__ void decode_keys(const u32* w0, const u32* w1, const u8* table, u32 base, u32 (*ka)[4]) {
 #pragma unroll
-    for (int j = 0; j < NBYTES; ++j) {
-        u32 byte = (w[j >> 2] >> ((j & 3) * 8)) & 0xff;
-        const u32* e = base + byte * (REPL * WORDS);
-        if (WORDS == 1) { out[j] = e[0]; }
-        else if (WORDS == 2) { uint2 v = *(const uint2*)e; out[2 * j] = v.x; out[2 * j + 1] = v.y; }
-        else {
-            uint4 v = *(const uint4*)e;
-            out[4 * j] = v.x; out[4 * j + 1] = v.y; out[4 * j + 2] = v.z; out[4 * j + 3] = v.w;
+    for (int j = 0; j < KBYTES; ++j) {
+        const int i = j >> 2, jj = j & 3;
+        if (KB == 4) {
+            lookup<1>(w0[i], jj, table, base, &ka[j >> 1][2 * (j & 1)]);
+            lookup<1>(w1[i], jj, table, base, &ka[j >> 1][2 * (j & 1) + 1]);
+        } else {
+            u32 x, y;
+            interleave<KB == 2 ? 4 : 2>(w0[i], w1[i], x, y);  /* the same per word: ptxas keeps one */
+            if (KB == 2) { lookup<2>(x, jj, table, base, &ka[j][0]); lookup<2>(y, jj, table, base, &ka[j][2]); }
+            else { lookup<4>(x, jj, table, base, ka[2 * j]); lookup<4>(y, jj, table, base, ka[2 * j + 1]); }
         }
     }
 }
+
+/* The value mma's A fragments va[mt] = (a0, a1, a2, a3) of O^T = V^T P^T, m-tile mt (coordinates 2mt, 2mt+1 of the
+   lane's D/8): a0 / a1 = (token 2tid, 2tid+1) at coordinate 2mt / 2mt+1, a2 / a3 = tokens (2tid+8, 2tid+9). v[0..3]
+   = those four tokens' code words. Index bytes hold several tokens' codes so that each table word is a pair of two
+   tokens' levels (the value side's table orders its code slots so: cuda_split.VALUE_SLOTS), by value bits:
+     4: interleave<4>(A, B): [A c | B c] -> one word (a0 from the even codes, a1 the odd);
+     2: interleave<4>(A, B): [A c0 c1 | B c0 c1] -> (a0, a1) of m-tile 2J, [A c2 c3 | B c2 c3] -> of m-tile 2J + 1;
+     1: interleave<2> of (A, B) and of (C, D), then interleave<4> of those: [A p | B p | C p | D p] (p = a code
+        pair) -> a whole quad. */
+__device__ __forceinline__ void decode_values(const u32 (*v)[(VBYTES + 3) / 4], const u8* table, u32 base,
+                                              u32 (*va)[4]) {
+#pragma unroll
+    for (int j = 0; j < VBYTES; ++j) {
+        const int i = j >> 2, jj = j & 3;
+        if (VB == 4 || VB == 2) {
+#pragma unroll
+            for (int pr = 0; pr < 2; ++pr) {  /* tokens (2tid, 2tid+1), then (2tid+8, 2tid+9) */
+                u32 x, y;
+                interleave<4>(v[2 * pr][i], v[2 * pr + 1][i], x, y);
+                if (VB == 4) {
+                    lookup<1>(x, jj, table, base, &va[j][2 * pr]);
+                    lookup<1>(y, jj, table, base, &va[j][2 * pr + 1]);
+                } else {
+                    lookup<2>(x, jj, table, base, &va[2 * j][2 * pr]);
+                    lookup<2>(y, jj, table, base, &va[2 * j + 1][2 * pr]);
+                }
+            }
+        } else {
+            u32 ab_lo, ab_hi, cd_lo, cd_hi, p0, p1, p2, p3;
+            interleave<2>(v[0][i], v[1][i], ab_lo, ab_hi);
+            interleave<2>(v[2][i], v[3][i], cd_lo, cd_hi);
+            interleave<4>(ab_lo, cd_lo, p0, p2);
+            interleave<4>(ab_hi, cd_hi, p1, p3);
+            lookup<4>(p0, jj, table, base, va[4 * j]);
+            lookup<4>(p1, jj, table, base, va[4 * j + 1]);
+            lookup<4>(p2, jj, table, base, va[4 * j + 2]);
+            lookup<4>(p3, jj, table, base, va[4 * j + 3]);
+        }
+    }
+}
+/* the query's B fragments qf[kk] of head row `qrow` (this lane's D/4 coordinates): the pairs at key_coord(kk, 0 / 1) */
+__device__ __forceinline__ void load_query(const u16* qrow, u32 (*qf)[2]) {
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        qf[kk][0] = *(const u32*)(qrow + key_coord(kk, 0));
+        qf[kk][1] = *(const u32*)(qrow + key_coord(kk, 1));
+    }
+}
+
+/* S^T [16 tokens x 8 heads] = K Q^T of one tile into s (the lane's accumulator fragment), operands bf16 (BF) or
+   fp16 */
+template <bool BF>
+__device__ __forceinline__ void key_scores(const u32 (*ka)[4], const u32 (*qf)[2], float* s) {
+    float s2[4] = {0.f, 0.f, 0.f, 0.f};  /* a second, independent mma chain */
+    s[0] = s[1] = s[2] = s[3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk)
+        mma_t<BF>((TWO_CHAINS && (kk & 1)) ? s2 : s, ka[kk][0], ka[kk][1], ka[kk][2], ka[kk][3], qf[kk][0],
+                  qf[kk][1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[i] += s2[i];
+}
+
 #if MIN_BLOCKS > 0
 #define BOUNDS __launch_bounds__(NWARPS * 32, MIN_BLOCKS)
 #else
@@ -118,29 +218,36 @@ __device__ __forceinline__ float hi_float(u32 pair) {
     return half_to_float((u16)(pair >> 16));
 #endif
 }
-__device__ __forceinline__ u32 broadcast2(u16 h) {  /* an fp16 metadata value as two model-dtype values */
-#if IS_BF16
-    const float f = half_to_float(h); return pack2(f, f);
-#else
-    return (u32)h | ((u32)h << 16);
-#endif
+/* one side's table entry (WORDS words) as the four words of one 16-byte store (4 / WORDS copies) */
+template <int WORDS>
+__device__ __forceinline__ uint4 entry_quad(const u32* t, int byte) {
+    if (WORDS == 4) return __ldg((const uint4*)(t + 4 * byte));
+    if (WORDS == 2) { const uint2 v = __ldg((const uint2*)(t + 2 * byte)); return make_uint4(v.x, v.y, v.x, v.y); }
+    const u32 v = __ldg(t + byte);
+    return make_uint4(v, v, v, v);
 }
+
 /* The split kernels' shared steps (codebook and affine): one home each. */
-__device__ __forceinline__ void load_tables(u32* tk, u32* tv, const u32* table_k, const u32* table_v) {
-    /* the byte tables into shared memory, KREPL / VREPL copies (entry = byte, copy, word), then a barrier */
-    for (int e = threadIdx.x; e < 256 * 32; e += NWARPS * 32) {
-        int byte = e / 32, rest = e % 32;
-        tk[e] = table_k[byte * KWORDS + rest % KWORDS];
-        if (!SAME_TABLE) tv[e] = table_v[byte * VWORDS + rest % VWORDS];
+__device__ __forceinline__ void load_tables(u8* table, const u32* table_k, const u32* table_v) {
+    /* both sides' byte tables into shared memory, 16 bytes a store: entry byte = [key copies][value copies] */
+    uint4* out = (uint4*)table;
+    for (int i = threadIdx.x; i < 256 * ENTRY_BYTES / 16; i += NWARPS * 32) {
+        const int byte = i / (ENTRY_BYTES / 16), side = (i / (SIDE_BYTES / 16)) & 1;
+        out[i] = side ? entry_quad<VWORDS>(table_v, byte) : entry_quad<KWORDS>(table_k, byte);
     }
     __syncthreads();
 }
 
-__device__ __forceinline__ void tile_mask(int t0, int gid, int end, const u8* mrow, int stride_mn, bool& ok0,
-                                          bool& ok1) {
-    /* whether this lane's key rows t0 + gid and t0 + gid + 8 are inside the split and not padding */
-    ok0 = t0 + gid < end;
-    ok1 = t0 + gid + 8 < end;
+/* this lane's table copy on the key and value side: bits 0..7 of an entry's offset */
+__device__ __forceinline__ u32 key_base(int lane) { return (lane % KREPL) * KWORDS * 4; }
+__device__ __forceinline__ u32 value_base(int lane) { return SIDE_BYTES + (lane % VREPL) * VWORDS * 4; }
+
+__device__ __forceinline__ void tile_mask(int t0, bool full, int gid, int end, const u8* mrow, int stride_mn,
+                                          bool& ok0, bool& ok1) {
+    /* whether this lane's key rows t0 + gid and t0 + gid + 8 are inside the split (all of a full tile) and not
+       padding */
+    ok0 = full || t0 + gid < end;
+    ok1 = full || t0 + gid + 8 < end;
     if (mrow) {
         ok0 = ok0 && mrow[(i64)(t0 + gid) * stride_mn] != 0;
         ok1 = ok1 && mrow[(i64)(t0 + gid + 8) * stride_mn] != 0;
@@ -168,15 +275,44 @@ __device__ __forceinline__ void online_softmax(const float* s, float& m0, float&
     m0 = mn0; m1 = mn1;
 }
 
-__device__ __forceinline__ void accumulate_pv(float (*acc)[4], u32 (*v)[VREGS], float a0, float a1, u32 pb0,
+__device__ __forceinline__ void accumulate_pv(float (*acc)[4], const u32 (*va)[4], float a0, float a1, u32 pb0,
                                               u32 pb1) {
-    /* O^T [D x 8 heads] = O^T * rescale + V^T P^T: v = the four value rows' decoded pairs, pb = P^T as B fragments */
+    /* O^T [D x 8 heads] = O^T * rescale + V^T P^T: va = ``decode_values``' A fragments, pb = P^T as B fragments */
+#if LAZY_RESCALE
+    if (__any_sync(0xffffffff, a0 != 1.f || a1 != 1.f))  /* warp-uniform: exp2(0) is exactly 1 */
+#endif
+    {
 #pragma unroll
-    for (int mt = 0; mt < VREGS; ++mt) {
-        acc[mt][0] *= a0; acc[mt][1] *= a1; acc[mt][2] *= a0; acc[mt][3] *= a1;
-        mma(acc[mt], prmt(v[0][mt], v[1][mt], 0x5410), prmt(v[0][mt], v[1][mt], 0x7632),
-            prmt(v[2][mt], v[3][mt], 0x5410), prmt(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
+        for (int mt = 0; mt < VREGS; ++mt) {
+            acc[mt][0] *= a0; acc[mt][1] *= a1; acc[mt][2] *= a0; acc[mt][3] *= a1;
+        }
     }
+#pragma unroll
+    for (int mt = 0; mt < VREGS; ++mt) mma(acc[mt], va[mt][0], va[mt][1], va[mt][2], va[mt][3], pb0, pb1);
+}
+
+/* `c`, the same in every lane of the warp, as a warp vote: ptxas then knows the branch on it does not diverge and
+   keeps block-uniform values (the table's base) in uniform registers, so a lookup's LDS adds the base for free
+   ([R+UR]); a plain loop bound that depends on the warp index costs an add per lookup */
+__device__ __forceinline__ bool uniform(bool c) { return __any_sync(0xffffffff, c); }
+
+/* The split's tiles, each fetched a tile ahead into one of two buffers in turn (no register copies between tiles):
+   whole tiles unclamped, then a partial last tile clamped into the split. fetch(raw, t0, clamp) loads a tile,
+   step(raw, t0, full) consumes it. */
+template <class Raw, class Fetch, class Step>
+__device__ __forceinline__ void split_loop(int start, int end, Fetch&& fetch, Step&& step) {
+    const int full_end = start + max(end - start, 0) / TILE * TILE;
+    Raw a, b;
+    int t0 = start;
+    if (uniform(t0 < full_end)) fetch(a, t0, false);
+    for (; uniform(t0 + 2 * TILE <= full_end); t0 += 2 * TILE) {
+        fetch(b, t0 + TILE, false);
+        step(a, t0, true);
+        if (uniform(t0 + 2 * TILE < full_end)) fetch(a, t0 + 2 * TILE, false);
+        step(b, t0 + TILE, true);
+    }
+    if (uniform(t0 < full_end)) { step(a, t0, true); t0 += TILE; }
+    if (uniform(t0 < end)) { fetch(a, t0, true); step(a, t0, false); }
 }
 
 __device__ __forceinline__ void write_partials(float* m_out, float* l_out, float* acc_out, i64 row, int G, int gid,
@@ -211,37 +347,22 @@ CODEBOOK_SPLIT_SOURCE = PRELUDE + r"""
 /* one tile's raw bytes and scales for this lane: key rows gid, gid + 8; value rows 2tid, 2tid+1, 2tid+8, 2tid+9 */
 struct Raw { u32 k0[(KBYTES + 3) / 4], k1[(KBYTES + 3) / 4], v[4][(VBYTES + 3) / 4]; u16 kn0, kn1, vn0, vn1; };
 
-__device__ __forceinline__ void fetch(Raw& r, int t0, int last, const u8* kc, const u16* ks, const u8* vc,
-                                      const u16* vs, int skn, int ssn, int svn, int svsn, int gid, int tid) {
-    const int nk0 = min(t0 + gid, last), nk1 = min(t0 + gid + 8, last);  /* clamped into the split */
-    load_bytes(kc + (i64)nk0 * skn, r.k0, KBYTES);
-    load_bytes(kc + (i64)nk1 * skn, r.k1, KBYTES);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        load_bytes(vc + (i64)min(t0 + 2 * tid + (i & 1) + 8 * (i >> 1), last) * svn, r.v[i], VBYTES);
-    r.kn0 = __ldg(ks + (i64)nk0 * ssn);
-    r.kn1 = __ldg(ks + (i64)nk1 * ssn);
-    r.vn0 = __ldg(vs + (i64)nk0 * svsn);
-    r.vn1 = __ldg(vs + (i64)nk1 * svsn);
-}
-
 extern "C" __global__ void BOUNDS codebook_split(
     const u16* Q, const float* MU, const u8* KC, const u16* KS, const u8* VC, const u16* VS,
     const u32* TABLE_K, const u32* TABLE_V, const u8* MASK, const i64* LENS,
     float* M_OUT, float* L_OUT, float* ACC_OUT,
     int n_q, int tokens_per_split, int num_splits, int num_heads, int G,
-    int stride_kcb, int stride_kch, int stride_kcn, int stride_ksb, int stride_ksh, int stride_ksn,
-    int stride_vcb, int stride_vch, int stride_vcn, int stride_vsb, int stride_vsh, int stride_vsn,
+    int stride_kcb, int stride_kch, int stride_ksb, int stride_ksh,
+    int stride_vcb, int stride_vch, int stride_vsb, int stride_vsh,
     int stride_mb, int stride_mn, float sm_scale_log2)
 {
-    extern __shared__ u32 smem[];
-    u32* tk = smem;
-    u32* tv = SAME_TABLE ? smem : smem + 256 * 32;
-    load_tables(tk, tv, TABLE_K, TABLE_V);
+    extern __shared__ uint4 smem[];
+    u8* table = (u8*)smem;
+    load_tables(table, TABLE_K, TABLE_V);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tid = lane & 3;
     const int split = blockIdx.x * NWARPS + warp;
-    if (split >= num_splits) return;
+    if (uniform(split >= num_splits)) return;
     const int bh = blockIdx.y, b = bh / num_heads, h = bh % num_heads;
     if (LENS) n_q = (int)LENS[0];
     const int start = split * tokens_per_split;
@@ -250,26 +371,19 @@ extern "C" __global__ void BOUNDS codebook_split(
     /* the query's B fragments: head gid, coordinates tid*D/4 + 4ks + {0,1} and {2,3} */
     u32 qf[KSTEPS][2];
     float qmu = 0.f;
-    const bool head_ok = gid < G;
-    const u16* qrow = Q + ((i64)bh * G + (head_ok ? gid : 0)) * D + tid * (D / 4);
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-        uint2 v = *(const uint2*)(qrow + 4 * ks);
-        qf[ks][0] = head_ok ? v.x : 0u;
-        qf[ks][1] = head_ok ? v.y : 0u;
-    }
+    /* lanes of the mma's padding heads (gid >= G) load head 0 again: their S^T columns are never written out, and
+       loading beats a select that ptxas would redo in every tile */
+    const u16* qrow = Q + ((i64)bh * G + (gid < G ? gid : 0)) * D + tid * (D / 4);
+    load_query(qrow, qf);
     if (MU) {
         const float* mu = MU + (i64)bh * D + tid * (D / 4);
-        const u16* qh = (const u16*)qf;
 #pragma unroll
-        for (int i = 0; i < D / 4; ++i) {
-#if IS_BF16
-            float qv = __uint_as_float(((u32)qh[i]) << 16);
-#else
-            float qv = half_to_float(qh[i]);
-#endif
-            qmu += qv * mu[i];
-        }
+        for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int c = key_coord(kk, half);
+                qmu += lo_float(qf[kk][half]) * mu[c] + hi_float(qf[kk][half]) * mu[c + 1];
+            }
         qmu += __shfl_xor_sync(0xffffffff, qmu, 1);
         qmu += __shfl_xor_sync(0xffffffff, qmu, 2);
     }
@@ -281,57 +395,53 @@ extern "C" __global__ void BOUNDS codebook_split(
     for (int i = 0; i < VREGS; ++i) { acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f; }
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    const u8* kc = KC + (i64)b * stride_kcb + (i64)h * stride_kch + tid * KBYTES;
-    const u16* ks = KS + (i64)b * stride_ksb + (i64)h * stride_ksh;
-    const u8* vc = VC + (i64)b * stride_vcb + (i64)h * stride_vch + gid * VBYTES;
-    const u16* vs = VS + (i64)b * stride_vsb + (i64)h * stride_vsh;
+    /* this lane's first bytes of token 0: key rows gid (+8), value rows 2tid (+1, +8, +9), one scale a token */
+    const u8* kc = KC + (i64)b * stride_kcb + (i64)h * stride_kch + (i64)gid * KROW + tid * KBYTES;
+    const u16* ks = KS + (i64)b * stride_ksb + (i64)h * stride_ksh + gid;
+    const u8* vc = VC + (i64)b * stride_vcb + (i64)h * stride_vch + (i64)(2 * tid) * VROW + gid * VBYTES;
+    const u16* vs = VS + (i64)b * stride_vsb + (i64)h * stride_vsh + gid;
     const u8* mrow = MASK ? MASK + (i64)b * stride_mb : 0;
-
+    const u32 kbase = key_base(lane), vbase = value_base(lane);
     const int last = end - 1;
-    Raw cur, nxt;
-#if PREFETCH
-    if (start < end) fetch(cur, start, last, kc, ks, vc, vs, stride_kcn, stride_ksn, stride_vcn, stride_vsn, gid, tid);
-#endif
-    for (int t0 = start; t0 < end; t0 += 16) {
-#if PREFETCH
-        if (t0 + 16 < end)
-            fetch(nxt, t0 + 16, last, kc, ks, vc, vs, stride_kcn, stride_ksn, stride_vcn, stride_vsn, gid, tid);
-#else
-        fetch(cur, t0, last, kc, ks, vc, vs, stride_kcn, stride_ksn, stride_vcn, stride_vsn, gid, tid);
-#endif
-        const float kn0 = half_to_float(cur.kn0), kn1 = half_to_float(cur.kn1);
-        const float vn0 = half_to_float(cur.vn0), vn1 = half_to_float(cur.vn1);
+
+    auto fetch = [&](Raw& r, int t0, bool clamp) {
+        /* rows t0 + x, or (a partial tile) min(t0 + x, last) - min(t0 + gid + x, last) - gid keeps the lane's base */
+        auto row = [&](int lane_row, int x) {
+            return clamp ? (i64)(min(t0 + lane_row + x, last) - lane_row) : (i64)t0 + x;
+        };
+        load_bytes(kc + row(gid, 0) * KROW, r.k0, KBYTES);
+        load_bytes(kc + row(gid, 8) * KROW, r.k1, KBYTES);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) load_bytes(vc + row(2 * tid, (i & 1) + 8 * (i >> 1)) * VROW, r.v[i], VBYTES);
+        r.kn0 = __ldg(ks + row(gid, 0));
+        r.kn1 = __ldg(ks + row(gid, 8));
+        r.vn0 = __ldg(vs + row(gid, 0));
+        r.vn1 = __ldg(vs + row(gid, 8));
+    };
+    auto step = [&](const Raw& r, int t0, bool full) {
+        const float kn0 = half_to_float(r.kn0), kn1 = half_to_float(r.kn1);
+        const float vn0 = half_to_float(r.vn0), vn1 = half_to_float(r.vn1);
         bool ok0, ok1;
-        tile_mask(t0, gid, end, mrow, stride_mn, ok0, ok1);
+        tile_mask(t0, full, gid, end, mrow, stride_mn, ok0, ok1);
         /* scores S^T [16 tokens x 8 heads] */
-        u32 k0[KREGS], k1[KREGS];
-        decode<KBYTES, KWORDS, KREPL>(cur.k0, tk, lane, k0);
-        decode<KBYTES, KWORDS, KREPL>(cur.k1, tk, lane, k1);
-        float s[4] = {0.f, 0.f, 0.f, 0.f}, s2[4] = {0.f, 0.f, 0.f, 0.f};  /* two independent mma chains */
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk)
-            mma((TWO_CHAINS && (kk & 1)) ? s2 : s, k0[2 * kk], k1[2 * kk], k0[2 * kk + 1], k1[2 * kk + 1],
-                qf[kk][0], qf[kk][1]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[i] += s2[i];
+        u32 ka[KSTEPS][4];
+        decode_keys(r.k0, r.k1, table, kbase, ka);
+        float s[4];
+        key_scores<IS_BF16>(ka, qf, s);
         s[0] = ok0 ? (s[0] * kn0 + qmu0) * sm_scale_log2 : NEG_INF;
         s[1] = ok0 ? (s[1] * kn0 + qmu1) * sm_scale_log2 : NEG_INF;
         s[2] = ok1 ? (s[2] * kn1 + qmu0) * sm_scale_log2 : NEG_INF;
         s[3] = ok1 ? (s[3] * kn1 + qmu1) * sm_scale_log2 : NEG_INF;
         float a0, a1, p[4];
         online_softmax(s, m0, m1, l0, l1, a0, a1, p);
-        const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
-        const u32 pb0 = transpose8x8(pack2(p0 * vn0, p1 * vn0));
-        const u32 pb1 = transpose8x8(pack2(p2 * vn1, p3 * vn1));
+        const u32 pb0 = transpose8x8(pack2(p[0] * vn0, p[1] * vn0));
+        const u32 pb1 = transpose8x8(pack2(p[2] * vn1, p[3] * vn1));
         /* values: O^T [D x 8 heads] += V^T P^T */
-        u32 v[4][VREGS];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) decode<VBYTES, VWORDS, VREPL>(cur.v[i], tv, lane, v[i]);
-        accumulate_pv(acc, v, a0, a1, pb0, pb1);
-#if PREFETCH
-        cur = nxt;
-#endif
-    }
+        u32 va[VREGS][4];
+        decode_values(r.v, table, vbase, va);
+        accumulate_pv(acc, va, a0, a1, pb0, pb1);
+    };
+    split_loop<Raw>(start, end, fetch, step);
     write_partials(M_OUT, L_OUT, ACC_OUT, (i64)bh * num_splits + split, G, gid, tid, m0, m1, l0, l1, acc);
 }
 """

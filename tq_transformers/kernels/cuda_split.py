@@ -17,8 +17,20 @@ registers:
 - values, O^T = V^T P^T: M = 16 coordinates, K = 16 tokens; lane gid owns coordinates [gid*D/8, (gid+1)*D/8) of
   tokens 2tid, 2tid+1, 2tid+8, 2tid+9; two tokens' decoded pairs are interleaved with one byte-permute each;
 - P^T's B fragment is the transpose of S^T's accumulator fragment: one ``movmatrix.trans`` per 8 tokens;
+- values are decoded two tokens at a time (``decode_pair``): two bitwise ops per 4 bytes interleave the tokens'
+  codes into index bytes whose table words are already the A fragment's (token 2tid, token 2tid+1) pairs, so no
+  byte-permute per fragment is left;
 - decoding: a byte of codes -> its 8/b codes as 16-bit pairs through a 256-entry table in shared memory, one copy
-  per bank-lane (32 KiB), so every lookup of a warp is conflict-free: one LDS per byte instead of a gather from L1.
+  per bank-lane, so every lookup of a warp is conflict-free: one LDS per byte instead of a gather from L1. Each
+  byte value owns 256 bytes, both sides' copies, so the lookup's offset is one byte-permute (the byte lands in bits
+  8..15, the lane's copy in bits 0..7) and the LDS adds the table's base for free::
+
+      offset = byte << 8 | side << 7 | copy * 4 * WORDS | word * 4          (TABLE_BYTES = 256 * 256 = 64 KiB)
+      byte 0x00: [key copy 0 .. REPL-1 (128 B)][value copy 0 .. REPL-1 (128 B)]
+      byte 0x01: [key copies                  ][value copies                  ]  ...
+
+  (the layout before 2026-12-03, byte * 128 + copy, took a shift, a mask and a multiply-add per byte: 538 SASS
+  instructions a TurboQuant-4 tile against 300 now; docs/RESULTS.md, eleventh pass).
 """
 
 from __future__ import annotations
@@ -35,17 +47,23 @@ from .triton_common import cdiv, derived, partials, sm_count
 # Launch plan, from sweeps on an H200 with scripts/tune_decode_kernels.py on 2026-12-01 (docs/RESULTS.md, "Speed
 # (GPU), fifth pass"): warps per block (one split each, sharing the decode tables); full waves of resident blocks the
 # splits fill; the fewest tokens a split takes (256 best at 1 x 32K, where more splits cost the reduce more than they
-# hide latency); loading the next tile before decoding this one (1.7x faster at 8 x 32K); the key mma steps as two
-# chains (up to 4% faster); the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
-CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "prefetch": True, "two_chains": True, "min_blocks": 0}
+# hide latency); the key mma steps as two chains (up to 4% faster); the output accumulators rescaled only in tiles
+# where a running max moved; the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
+# The next tile is always loaded while this one is decoded (1.7x faster at 8 x 32K than without, fifth pass).
+CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "min_blocks": 0}
 #: the CUDA_PLAN keys compiled into the source (``_source``); the others only shape the launch (``plan``)
-COMPILED_PLAN_KEYS = ("warps", "prefetch", "two_chains", "min_blocks")
+COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "min_blocks")
 TILE = 16  # tokens per mma step
 MAX_GROUP = 8  # query heads per KV head: the mma's N
 HEAD_DIMS = (64, 128, 256)
 BITS = (1, 2, 4)
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' mma operand types
-TABLE_BYTES = 32 * 1024
+TABLE_BYTES = 256 * 256  # 256 byte values x (key + value side) x 32 banks' copies of 4 bytes (module docstring)
+#: the code slots of a value-side table entry, by bits, in word order: the value decoder's index byte holds several
+#: tokens' codes (``cuda_source.decode_values``) and each word must be one coordinate of two tokens. 2 bits: slots
+#: [A c0, A c1, B c0, B c1] -> words (A c0, B c0), (A c1, B c1); 1 bit: [A p, B p, C p, D p] (p = two codes) ->
+#: (A, B) and (C, D) at each of the pair's coordinates; 4 bits: [A c, B c], in order.
+VALUE_SLOTS = {4: (0, 1), 2: (0, 2, 1, 3), 1: (0, 2, 1, 3, 4, 6, 5, 7)}
 VECTOR_BYTES = 16  # the widest load of a lane
 # Below this many packed tokens (the grid's bound) the Triton split kernel runs instead, by key format. Codebook: at
 # 1 x 4K it measured 26.9 against 34.8 us here (H200, scripts/tune_decode_kernels.py, 2026-12-01: the table fill and
@@ -59,14 +77,14 @@ _FAILED: dict = {}
 _RESIDENT: dict = {}
 
 
-def _source(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int, int] | None = None):
-    """(CUDA source, kernel name) for head_dim `d`, key / value bits, one table or two, the model dtype; `groups` =
+def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None):
+    """(CUDA source, kernel name) for head_dim `d`, key / value bits, the model dtype; `groups` =
     (tokens a key group, channels a value group) gives the affine kernel, None the codebook kernel; the placeholders
     filled from CUDA_PLAN. Apart from ``_build`` so that the source can be checked without a GPU."""
     src, name = (CODEBOOK_SPLIT_SOURCE, "codebook_split") if groups is None else (AFFINE_SPLIT_SOURCE, "affine_split")
-    fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": CUDA_PLAN["warps"], "__SAME__": int(same),
-            "__BF16__": int(bf16), "__PREFETCH__": int(CUDA_PLAN["prefetch"]),
-            "__CHAINS__": int(CUDA_PLAN["two_chains"]), "__MINB__": CUDA_PLAN["min_blocks"]}
+    fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": CUDA_PLAN["warps"], "__BF16__": int(bf16),
+            "__CHAINS__": int(CUDA_PLAN["two_chains"]), "__LAZY__": int(CUDA_PLAN["lazy_rescale"]),
+            "__MINB__": CUDA_PLAN["min_blocks"]}
     if groups is not None:
         fill.update({"__KG__": groups[0], "__VG__": groups[1]})
     for placeholder, value in fill.items():
@@ -74,14 +92,14 @@ def _source(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int,
     return src, name
 
 
-def _build(d: int, kb: int, vb: int, same: bool, bf16: bool, groups: tuple[int, int] | None = None):
+def _build(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None):
     """The compiled kernel of ``_source(...)``, its shared memory (the byte tables) set; cached by the arguments and
     the CUDA_PLAN keys the source is built from (a sweep of `waves` or `min_tokens` reuses the build)."""
-    key = (d, kb, vb, same, bf16, groups, *(CUDA_PLAN[k] for k in COMPILED_PLAN_KEYS))
+    key = (d, kb, vb, bf16, groups, *(CUDA_PLAN[k] for k in COMPILED_PLAN_KEYS))
     if key in _KERNELS:
         return _KERNELS[key]
-    kernel = torch.cuda._compile_kernel(*_source(d, kb, vb, same, bf16, groups))
-    kernel.set_shared_memory_config(TABLE_BYTES * (1 if same else 2))
+    kernel = torch.cuda._compile_kernel(*_source(d, kb, vb, bf16, groups))
+    kernel.set_shared_memory_config(TABLE_BYTES)
     _KERNELS[key] = kernel
     return kernel
 
@@ -95,15 +113,30 @@ def _groups(keys, values) -> tuple[int, int] | None:
     return None if isinstance(keys, CodebookPacked) else (keys.group_size, values.group_size)
 
 
+def _contiguous_tokens(t: torch.Tensor) -> bool:
+    """Token n + 1 of `t` ([B, H, N, ...] or [B, H, N/G, G, ...]) starts where token n ends: the axes after the first
+    two are row-major (the kernels step through tokens with compile-time strides)."""
+    expected = 1
+    for axis in range(t.dim() - 1, 1, -1):
+        if t.shape[axis] != 1 and t.stride(axis) != expected:
+            return False
+        expected *= t.shape[axis]
+    return True
+
+
 def _pair_fits(d: int, keys, values) -> bool:
     """The format pair and its grouping fit a kernel: codebook keys and values with a per-token scale, or affine
-    keys whose groups are whole tiles and values whose groups hold a lane's D/8 coordinates."""
+    keys whose groups are whole tiles and values whose groups hold a lane's D/8 coordinates; codes and per-token
+    metadata with their token rows back to back (how the caches store them)."""
     if isinstance(keys, CodebookPacked) and isinstance(values, CodebookPacked):
-        return _per_token_scale(keys) and _per_token_scale(values)
+        return (_per_token_scale(keys) and _per_token_scale(values) and _contiguous_tokens(keys.codes)
+                and _contiguous_tokens(values.codes) and _contiguous_tokens(keys.scale)
+                and _contiguous_tokens(values.scale))
     if isinstance(keys, ChannelAffinePacked) and isinstance(values, TokenAffinePacked):
         return (keys.group_size % TILE == 0 and values.group_size % (d // 8) == 0
                 and values.scale.stride(-1) == 1 and keys.scale.stride(-1) == 1
-                and keys.codes.stride(-2) == keys.codes.shape[-1])  # a group's token rows back to back
+                and _contiguous_tokens(keys.codes) and _contiguous_tokens(values.codes)
+                and _contiguous_tokens(values.scale) and values.zero.stride() == values.scale.stride())
     return False
 
 
@@ -142,22 +175,28 @@ def supported(q, keys, values, min_tokens: int | None = None) -> bool:
     if key in _FAILED:
         return False
     try:
-        _build(d, keys.bits, values.bits, False, q.dtype == torch.bfloat16, groups)
+        _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups)
     except Exception as exc:  # noqa: BLE001 - no NVRTC, or it cannot build here: the Triton kernel runs instead
         _FAILED[key] = repr(exc)
         return False
     return True
 
 
-def _word_table(view, dtype) -> torch.Tensor:
-    """The byte table of one side as 32-bit words [256, 4/b] (pairs of 16-bit values), cached: its codebook's levels,
-    or the integers 0 .. 2^b - 1 for an affine view."""
+def _word_table(view, dtype, side: str) -> torch.Tensor:
+    """The byte table of one side ("k" or "v") as 32-bit words [256, 4/b] (pairs of 16-bit values), cached: its
+    codebook's levels in `dtype`, or the integers 0 .. 2^b - 1 for an affine view (fp16 on the key side, whose mma
+    runs in fp16: ``cuda_affine_source``); the code slots in the order the side's decoder reads them (VALUE_SLOTS)."""
     from .. import packing
     from .triton_split import integer_levels
 
-    levels = view.levels if isinstance(view, CodebookPacked) else integer_levels(view.bits, view.codes.device)
-    return derived(levels, ("words", view.bits, dtype), lambda: packing.byte_table(levels.float(), view.bits, dtype)
-                   .contiguous().view(torch.int32).contiguous())
+    affine = not isinstance(view, CodebookPacked)
+    levels = integer_levels(view.bits, view.codes.device) if affine else view.levels
+    dtype = torch.float16 if affine and side == "k" else dtype
+    slots = list(VALUE_SLOTS[view.bits] if side == "v" else range(8 // view.bits))
+    def build():
+        return packing.byte_table(levels.float(), view.bits, dtype)[:, slots].contiguous().view(torch.int32)
+
+    return derived(levels, ("words", view.bits, dtype, side), build)
 
 
 def keep_constants(keys, values, dtype) -> None:
@@ -165,8 +204,8 @@ def keep_constants(keys, values, dtype) -> None:
     kernels take the pair."""
     if not _formats_fit(keys, values, dtype):
         return
-    _word_table(keys, dtype)
-    _word_table(values, dtype)
+    _word_table(keys, dtype, "k")
+    _word_table(values, dtype, "v")
 
 
 def _launch(kernel, grid, block, shared, args):
@@ -221,26 +260,24 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
     g = hq // hkv
     n_q = keys.num_tokens if bound is None else bound
     groups = _groups(keys, values)
-    same = keys.bits == values.bits and (groups is not None or keys.levels is values.levels)
-    kernel = _build(d, keys.bits, values.bits, same, q.dtype == torch.bfloat16, groups)
-    shared = TABLE_BYTES * (1 if same else 2)
-    splits, per = plan(b * hkv, n_q, resident_blocks(kernel, shared) * sm_count(q.device))
+    kernel = _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups)
+    splits, per = plan(b * hkv, n_q, resident_blocks(kernel, TABLE_BYTES) * sm_count(q.device))
     m, l_, acc = partials(b * hkv, splits, g, d, q.device)
-    tk = _word_table(keys, q.dtype)
-    tv = tk if same else _word_table(values, q.dtype)
+    tk, tv = _word_table(keys, q.dtype, "k"), _word_table(values, q.dtype, "v")
     kc, ks, vc, vs = keys.codes, keys.scale, values.codes, values.scale
     mask = None if key_mask is None else (key_mask if key_mask.dtype == torch.uint8 else key_mask.view(torch.uint8))
+    # token strides are compile-time (``_pair_fits``): the batch and head strides, and the affine keys' group stride
     if groups is None:
         from .triton_split import key_mean
 
         pointers = [q.view(torch.int16), key_mean(keys, d), kc, ks, vc, vs, tk, tv, mask, lengths, m, l_, acc]
+        key_strides = [kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1)]
     else:
         pointers = [q.view(torch.int16), kc, ks, keys.zero, vc, vs, values.zero, tk, tv, mask, lengths, m, l_, acc]
+        key_strides = [kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1), ks.stride(2)]
     warps = CUDA_PLAN["warps"]
-    _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), shared, pointers + [
-        n_q, per, splits, hkv, g,
-        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+    _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), TABLE_BYTES, pointers + [
+        n_q, per, splits, hkv, g, *key_strides, vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         0 if mask is None else mask.stride(0), 0 if mask is None else mask.stride(1), float(scale_log2),
     ])
     return m, l_, acc
