@@ -151,7 +151,8 @@ def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, me
             rows.append({"method": method, "impl": "cuda" if impl == "triton" else "triton", "batch": batch,
                          "context": context, "us": t, "eager_us": eager, "bytes": total, "err": err})
         if sweep and "triton" in impls:
-            saved = dict(cuda_split.CUDA_PLAN)
+            saved, overrides = dict(cuda_split.CUDA_PLAN), cuda_split.PLAN_OVERRIDES
+            cuda_split.PLAN_OVERRIDES = {}  # each variant as swept, whatever the format's measured overrides
             for values in itertools.product(*SWEEP.values()):
                 variant = dict(zip(SWEEP, values))
                 cuda_split.CUDA_PLAN.update(variant)
@@ -160,6 +161,7 @@ def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, me
                 rows.append({"method": method, "impl": f"cuda {name}", "batch": batch, "context": context, "us": t,
                              "bytes": total, "sweep": True})
             cuda_split.CUDA_PLAN.update(saved)
+            cuda_split.PLAN_OVERRIDES = overrides
         if reduce_sweep:
             saved = dict(triton_reduce.REDUCE_TUNING)
             for block_w, warps in itertools.product((32, 64, 128), (4, 8)):

@@ -466,6 +466,7 @@ def test_cuda_plan_variants_match_reference(case, plan, monkeypatch):
 
     if INTERPRET:
         pytest.skip("CUDA C++ kernel")
+    monkeypatch.setattr(cuda_split, "PLAN_OVERRIDES", {})  # each variant as given, whatever the format's overrides
     for key, value in plan.items():
         monkeypatch.setitem(cuda_split.CUDA_PLAN, key, value)
     q, keys, values, wk, wv = build(case, True, DEVICE)
@@ -493,6 +494,33 @@ def test_cuda_build_cache_keys_are_the_compiled_plan_keys(monkeypatch):
         monkeypatch.setitem(cuda_split.CUDA_PLAN, key, changed)
         assert (cuda_split._source(*args)[0] != base) == (key in cuda_split.COMPILED_PLAN_KEYS), key
         monkeypatch.setitem(cuda_split.CUDA_PLAN, key, value)
+
+
+def test_cuda_plan_overrides_reach_the_source():
+    """Model-free: the measured per-format overrides (``cuda_split.PLAN_OVERRIDES``) are what ``plan_for`` gives
+    each key format, and they are compiled into its source; formats without one get CUDA_PLAN. Needs Triton
+    installed (the launcher module imports it), not a GPU."""
+    pytest.importorskip("triton")
+    from tq_transformers.kernels import cuda_split
+
+    def view(cls, bits):
+        return dataclasses.replace(_FORMAT_STUBS[cls], bits=bits)
+
+    for (cls, bits), override in cuda_split.PLAN_OVERRIDES.items():
+        cfg = cuda_split.plan_for(view(cls, bits))
+        assert cfg == {**cuda_split.CUDA_PLAN, **override}
+        src = cuda_split._source(128, bits, bits, True, None, cfg)[0]
+        assert f"#define NWARPS {cfg['warps']}\n" in src and f"#define LAZY_RESCALE {int(cfg['lazy_rescale'])} " in src
+    assert cuda_split.plan_for(view(ChannelAffinePacked, 2)) == cuda_split.CUDA_PLAN
+
+
+_FORMAT_STUBS = {
+    CodebookPacked: CodebookPacked(codes=torch.zeros(1, 1, 1, 64, dtype=torch.uint8), scale=torch.zeros(1, 1, 1),
+                                   levels=torch.zeros(16), bits=4),
+    ChannelAffinePacked: ChannelAffinePacked(codes=torch.zeros(1, 1, 1, 32, 32, dtype=torch.uint8),
+                                             scale=torch.zeros(1, 1, 1, 128), zero=torch.zeros(1, 1, 1, 128), bits=2,
+                                             group_size=32),
+}
 
 
 def test_cuda_sources_fill_every_placeholder():

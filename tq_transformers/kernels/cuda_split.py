@@ -51,6 +51,11 @@ from .triton_common import cdiv, derived, partials, sm_count
 # where a running max moved; the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
 # The next tile is always loaded while this one is decoded (1.7x faster at 8 x 32K than without, fifth pass).
 CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "min_blocks": 0}
+#: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K and 1 x 32K, Llama-3.1-8B
+#: attention shape, scripts/tune_decode_kernels.py, 2026-12-03, docs/RESULTS.md "eleventh pass"): 4-bit codebook keys
+#: (TurboQuant-4) 137.2 -> 118.2 us with the lazy rescale; 1-bit codebook keys (Bonsai-1) 103.6 -> 91.4 us with 8
+#: warps a block (the 64 KiB table shared by twice the warps); KIVI-2 is best on CUDA_PLAN itself
+PLAN_OVERRIDES = {(CodebookPacked, 4): {"lazy_rescale": True}, (CodebookPacked, 1): {"warps": 8}}
 #: the CUDA_PLAN keys compiled into the source (``_source``); the others only shape the launch (``plan``)
 COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "min_blocks")
 TILE = 16  # tokens per mma step
@@ -77,14 +82,26 @@ _FAILED: dict = {}
 _RESIDENT: dict = {}
 
 
-def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None):
+def plan_for(keys) -> dict:
+    """CUDA_PLAN with the overrides measured for the keys' format and width (PLAN_OVERRIDES).
+
+    Args:
+        keys: the packed keys (a ``formats`` view).
+
+    Returns:
+        A new dict with CUDA_PLAN's keys.
+    """
+    return {**CUDA_PLAN, **PLAN_OVERRIDES.get((type(keys), keys.bits), {})}
+
+
+def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None, cfg: dict | None = None):
     """(CUDA source, kernel name) for head_dim `d`, key / value bits, the model dtype; `groups` =
     (tokens a key group, channels a value group) gives the affine kernel, None the codebook kernel; the placeholders
-    filled from CUDA_PLAN. Apart from ``_build`` so that the source can be checked without a GPU."""
+    filled from `cfg` (default CUDA_PLAN). Apart from ``_build`` so that the source can be checked without a GPU."""
+    cfg = CUDA_PLAN if cfg is None else cfg
     src, name = (CODEBOOK_SPLIT_SOURCE, "codebook_split") if groups is None else (AFFINE_SPLIT_SOURCE, "affine_split")
-    fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": CUDA_PLAN["warps"], "__BF16__": int(bf16),
-            "__CHAINS__": int(CUDA_PLAN["two_chains"]), "__LAZY__": int(CUDA_PLAN["lazy_rescale"]),
-            "__MINB__": CUDA_PLAN["min_blocks"]}
+    fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": cfg["warps"], "__BF16__": int(bf16),
+            "__CHAINS__": int(cfg["two_chains"]), "__LAZY__": int(cfg["lazy_rescale"]), "__MINB__": cfg["min_blocks"]}
     if groups is not None:
         fill.update({"__KG__": groups[0], "__VG__": groups[1]})
     for placeholder, value in fill.items():
@@ -92,13 +109,14 @@ def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None
     return src, name
 
 
-def _build(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None):
+def _build(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None, cfg: dict | None = None):
     """The compiled kernel of ``_source(...)``, its shared memory (the byte tables) set; cached by the arguments and
-    the CUDA_PLAN keys the source is built from (a sweep of `waves` or `min_tokens` reuses the build)."""
-    key = (d, kb, vb, bf16, groups, *(CUDA_PLAN[k] for k in COMPILED_PLAN_KEYS))
+    the plan keys the source is built from (a sweep of `waves` or `min_tokens` reuses the build)."""
+    cfg = CUDA_PLAN if cfg is None else cfg
+    key = (d, kb, vb, bf16, groups, *(cfg[k] for k in COMPILED_PLAN_KEYS))
     if key in _KERNELS:
         return _KERNELS[key]
-    kernel = torch.cuda._compile_kernel(*_source(d, kb, vb, bf16, groups))
+    kernel = torch.cuda._compile_kernel(*_source(d, kb, vb, bf16, groups, cfg))
     kernel.set_shared_memory_config(TABLE_BYTES)
     _KERNELS[key] = kernel
     return kernel
@@ -175,7 +193,7 @@ def supported(q, keys, values, min_tokens: int | None = None) -> bool:
     if key in _FAILED:
         return False
     try:
-        _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups)
+        _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups, plan_for(keys))
     except Exception as exc:  # noqa: BLE001 - no NVRTC, or it cannot build here: the Triton kernel runs instead
         _FAILED[key] = repr(exc)
         return False
@@ -228,26 +246,28 @@ def _launch(kernel, grid, block, shared, args):
                                                            shared, stream._as_parameter_, arr, None))
 
 
-def resident_blocks(kernel, shared: int) -> int:
-    """Blocks of `kernel` one SM holds at once (registers and shared memory), from the driver; cached."""
-    key = (id(kernel), shared, CUDA_PLAN["warps"])
+def resident_blocks(kernel, shared: int, warps: int) -> int:
+    """Blocks of `kernel` (of `warps` warps) one SM holds at once (registers and shared memory), from the driver;
+    cached."""
+    key = (id(kernel), shared, warps)
     if key not in _RESIDENT:
         from torch.cuda._utils import _get_gpu_runtime_library
 
         n = ctypes.c_int(0)
         _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(n), kernel.func, ctypes.c_int(CUDA_PLAN["warps"] * 32), ctypes.c_size_t(shared))
+            ctypes.byref(n), kernel.func, ctypes.c_int(warps * 32), ctypes.c_size_t(shared))
         _RESIDENT[key] = max(1, n.value)
     return _RESIDENT[key]
 
 
-def plan(bh: int, n_tokens: int, resident: int) -> tuple[int, int]:
-    """(splits, tokens per split, a multiple of TILE): whole blocks of CUDA_PLAN["warps"] splits, as many as
-    CUDA_PLAN["waves"] full waves of resident blocks hold (a partial last wave measured up to 10% slower), but no
-    split shorter than CUDA_PLAN["min_tokens"]."""
-    warps = CUDA_PLAN["warps"]
-    by_tokens = cdiv(max(n_tokens, 1), CUDA_PLAN["min_tokens"] * warps)
-    blocks = max(1, min(CUDA_PLAN["waves"] * resident // bh, by_tokens))
+def plan(bh: int, n_tokens: int, resident: int, cfg: dict | None = None) -> tuple[int, int]:
+    """(splits, tokens per split, a multiple of TILE): whole blocks of cfg["warps"] splits, as many as cfg["waves"]
+    full waves of resident blocks hold (a partial last wave measured up to 10% slower), but no split shorter than
+    cfg["min_tokens"]; `cfg` defaults to CUDA_PLAN."""
+    cfg = CUDA_PLAN if cfg is None else cfg
+    warps = cfg["warps"]
+    by_tokens = cdiv(max(n_tokens, 1), cfg["min_tokens"] * warps)
+    blocks = max(1, min(cfg["waves"] * resident // bh, by_tokens))
     per = cdiv(cdiv(max(n_tokens, 1), TILE), blocks * warps) * TILE
     return cdiv(max(n_tokens, 1), per), per
 
@@ -260,8 +280,9 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
     g = hq // hkv
     n_q = keys.num_tokens if bound is None else bound
     groups = _groups(keys, values)
-    kernel = _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups)
-    splits, per = plan(b * hkv, n_q, resident_blocks(kernel, TABLE_BYTES) * sm_count(q.device))
+    cfg = plan_for(keys)
+    kernel = _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups, cfg)
+    splits, per = plan(b * hkv, n_q, resident_blocks(kernel, TABLE_BYTES, cfg["warps"]) * sm_count(q.device), cfg)
     m, l_, acc = partials(b * hkv, splits, g, d, q.device)
     tk, tv = _word_table(keys, q.dtype, "k"), _word_table(values, q.dtype, "v")
     kc, ks, vc, vs = keys.codes, keys.scale, values.codes, values.scale
@@ -275,7 +296,7 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
     else:
         pointers = [q.view(torch.int16), kc, ks, keys.zero, vc, vs, values.zero, tk, tv, mask, lengths, m, l_, acc]
         key_strides = [kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1), ks.stride(2)]
-    warps = CUDA_PLAN["warps"]
+    warps = cfg["warps"]
     _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), TABLE_BYTES, pointers + [
         n_q, per, splits, hkv, g, *key_strides, vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         0 if mask is None else mask.stride(0), 0 if mask is None else mask.stride(1), float(scale_log2),
