@@ -3,8 +3,8 @@ shares with the affine kernel (``cuda_affine_source``): defines, load / convert 
 the online softmax and the tile loop.
 
 Placeholders ``__D__`` (head_dim), ``__KB__`` / ``__VB__`` (key / value bits), ``__NWARPS__``, ``__BF16__``,
-``__CHAINS__``, ``__LAZY__``, ``__MINB__`` are filled by ``cuda_split._source`` (``CUDA_PLAN``). The layouts are
-explained in ``cuda_split``'s docstring.
+``__CHAINS__``, ``__LAZY__``, ``__DEPTH__``, ``__MINB__`` are filled by ``cuda_split._source`` (``CUDA_PLAN``). The
+layouts are explained in ``cuda_split``'s docstring.
 """
 
 PRELUDE = r"""
@@ -15,6 +15,7 @@ PRELUDE = r"""
 #define IS_BF16 __BF16__
 #define TWO_CHAINS __CHAINS__     /* the key mma steps as two independent accumulation chains */
 #define LAZY_RESCALE __LAZY__     /* rescale the output accumulators only in tiles where a running max moved */
+#define DEPTH __DEPTH__           /* tiles loaded ahead of the one decoded (1 or 2) */
 #define MIN_BLOCKS __MINB__       /* __launch_bounds__ blocks per SM (0: no register cap) */
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -296,14 +297,30 @@ __device__ __forceinline__ void accumulate_pv(float (*acc)[4], const u32 (*va)[4
    ([R+UR]); a plain loop bound that depends on the warp index costs an add per lookup */
 __device__ __forceinline__ bool uniform(bool c) { return __any_sync(0xffffffff, c); }
 
-/* The split's tiles, each fetched a tile ahead into one of two buffers in turn (no register copies between tiles):
-   whole tiles unclamped, then a partial last tile clamped into the split. fetch(raw, t0, clamp) loads a tile,
-   step(raw, t0, full) consumes it. */
+/* The split's tiles, each fetched DEPTH tiles ahead into one of DEPTH + 1 buffers in turn (no register copies
+   between tiles): whole tiles unclamped, then a partial last tile clamped into the split. fetch(raw, t0, clamp) loads
+   a tile, step(raw, t0, full) consumes it. */
 template <class Raw, class Fetch, class Step>
 __device__ __forceinline__ void split_loop(int start, int end, Fetch&& fetch, Step&& step) {
     const int full_end = start + max(end - start, 0) / TILE * TILE;
-    Raw a, b;
     int t0 = start;
+#if DEPTH == 2
+    Raw a, b, c;  /* at the top of each pass: a = tile t0, b = tile t0 + TILE (those inside the whole tiles) */
+    if (uniform(t0 < full_end)) fetch(a, t0, false);
+    if (uniform(t0 + TILE < full_end)) fetch(b, t0 + TILE, false);
+    for (; uniform(t0 + 3 * TILE <= full_end); t0 += 3 * TILE) {
+        fetch(c, t0 + 2 * TILE, false);
+        step(a, t0, true);
+        if (uniform(t0 + 3 * TILE < full_end)) fetch(a, t0 + 3 * TILE, false);
+        step(b, t0 + TILE, true);
+        if (uniform(t0 + 4 * TILE < full_end)) fetch(b, t0 + 4 * TILE, false);
+        step(c, t0 + 2 * TILE, true);
+    }
+    if (uniform(t0 < full_end)) { step(a, t0, true); t0 += TILE; }
+    if (uniform(t0 < full_end)) { step(b, t0, true); t0 += TILE; }
+    if (uniform(t0 < end)) { fetch(a, t0, true); step(a, t0, false); }
+#else
+    Raw a, b;
     if (uniform(t0 < full_end)) fetch(a, t0, false);
     for (; uniform(t0 + 2 * TILE <= full_end); t0 += 2 * TILE) {
         fetch(b, t0 + TILE, false);
@@ -313,6 +330,7 @@ __device__ __forceinline__ void split_loop(int start, int end, Fetch&& fetch, St
     }
     if (uniform(t0 < full_end)) { step(a, t0, true); t0 += TILE; }
     if (uniform(t0 < end)) { fetch(a, t0, true); step(a, t0, false); }
+#endif
 }
 
 __device__ __forceinline__ void write_partials(float* m_out, float* l_out, float* acc_out, i64 row, int G, int gid,

@@ -49,15 +49,17 @@ from .triton_common import cdiv, derived, partials, sm_count
 # splits fill; the fewest tokens a split takes (256 best at 1 x 32K, where more splits cost the reduce more than they
 # hide latency); the key mma steps as two chains (up to 4% faster); the output accumulators rescaled only in tiles
 # where a running max moved; the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
-# The next tile is always loaded while this one is decoded (1.7x faster at 8 x 32K than without, fifth pass).
-CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "min_blocks": 0}
+# The next tile is always loaded while this one is decoded (1.7x faster at 8 x 32K than without, fifth pass); `depth`
+# 2 loads two ahead (more bytes in flight, about 40 more registers).
+CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "depth": 1,
+             "min_blocks": 0}
 #: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K and 1 x 32K, Llama-3.1-8B
 #: attention shape, scripts/tune_decode_kernels.py, 2026-12-03, docs/RESULTS.md "eleventh pass"): 4-bit codebook keys
 #: (TurboQuant-4) 137.2 -> 118.2 us with the lazy rescale; 1-bit codebook keys (Bonsai-1) 103.6 -> 91.4 us with 8
 #: warps a block (the 64 KiB table shared by twice the warps); KIVI-2 is best on CUDA_PLAN itself
 PLAN_OVERRIDES = {(CodebookPacked, 4): {"lazy_rescale": True}, (CodebookPacked, 1): {"warps": 8}}
 #: the CUDA_PLAN keys compiled into the source (``_source``); the others only shape the launch (``plan``)
-COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "min_blocks")
+COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "depth", "min_blocks")
 TILE = 16  # tokens per mma step
 MAX_GROUP = 8  # query heads per KV head: the mma's N
 HEAD_DIMS = (64, 128, 256)
@@ -101,7 +103,8 @@ def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None
     cfg = CUDA_PLAN if cfg is None else cfg
     src, name = (CODEBOOK_SPLIT_SOURCE, "codebook_split") if groups is None else (AFFINE_SPLIT_SOURCE, "affine_split")
     fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": cfg["warps"], "__BF16__": int(bf16),
-            "__CHAINS__": int(cfg["two_chains"]), "__LAZY__": int(cfg["lazy_rescale"]), "__MINB__": cfg["min_blocks"]}
+            "__CHAINS__": int(cfg["two_chains"]), "__LAZY__": int(cfg["lazy_rescale"]), "__DEPTH__": cfg["depth"],
+            "__MINB__": cfg["min_blocks"]}
     if groups is not None:
         fill.update({"__KG__": groups[0], "__VG__": groups[1]})
     for placeholder, value in fill.items():
