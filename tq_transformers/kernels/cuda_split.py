@@ -10,16 +10,14 @@ decoded tiles go through shared memory into the tensor-core operand layout, with
 gathers use few of the bytes of each sector). Here each warp decodes straight into the ``mma.m16n8k16`` operand
 registers:
 
-- keys, S^T = K Q^T: M = 16 tokens, N = 8 query heads of one KV head (G <= 8, rows past G are zero), K = 16 dims.
-  Lane (gid = lane / 4, tid = lane % 4) loads tokens gid and gid + 8, coordinates [tid*D/4, (tid+1)*D/4) (16
-  contiguous bytes at D = 128, 4 bits): the A fragment's k index maps to those coordinates, and the query's B
-  fragment uses the same map (a dot product does not care about the order of its terms);
+- keys, S^T = K Q^T: M = 16 tokens, N = 8 query heads of one KV head (G <= 8; padding rows load head 0 and are never
+  written out), K = 16 dims. Lane (gid = lane / 4, tid = lane % 4) loads tokens gid and gid + 8, coordinates
+  [tid*D/4, (tid+1)*D/4) (16 contiguous bytes at D = 128, 4 bits): the A fragment's k index maps to those
+  coordinates (``cuda_source.key_coord``), and the query's B fragment uses the same map (a dot product does not care
+  about the order of its terms);
 - values, O^T = V^T P^T: M = 16 coordinates, K = 16 tokens; lane gid owns coordinates [gid*D/8, (gid+1)*D/8) of
-  tokens 2tid, 2tid+1, 2tid+8, 2tid+9; two tokens' decoded pairs are interleaved with one byte-permute each;
+  tokens 2tid, 2tid+1, 2tid+8, 2tid+9;
 - P^T's B fragment is the transpose of S^T's accumulator fragment: one ``movmatrix.trans`` per 8 tokens;
-- values are decoded two tokens at a time (``decode_pair``): two bitwise ops per 4 bytes interleave the tokens'
-  codes into index bytes whose table words are already the A fragment's (token 2tid, token 2tid+1) pairs, so no
-  byte-permute per fragment is left;
 - decoding: a byte of codes -> its 8/b codes as 16-bit pairs through a 256-entry table in shared memory, one copy
   per bank-lane, so every lookup of a warp is conflict-free: one LDS per byte instead of a gather from L1. Each
   byte value owns 256 bytes, both sides' copies, so the lookup's offset is one byte-permute (the byte lands in bits
@@ -29,8 +27,14 @@ registers:
       byte 0x00: [key copy 0 .. REPL-1 (128 B)][value copy 0 .. REPL-1 (128 B)]
       byte 0x01: [key copies                  ][value copies                  ]  ...
 
-  (the layout before 2026-12-03, byte * 128 + copy, took a shift, a mask and a multiply-add per byte: 538 SASS
-  instructions a TurboQuant-4 tile against 300 now; docs/RESULTS.md, eleventh pass).
+- index bytes interleave several tokens' codes (two bitwise ops per 4 bytes, ``cuda_source.interleave``) so that
+  each lookup lands in its fragment register: no byte-permute per value fragment and no register moves to build
+  2- and 1-bit fragments (``decode_keys``, ``decode_values``; the value side's table orders its code slots for it,
+  VALUE_SLOTS).
+
+Before 2026-12-03 (byte * 128 + copy, fragments assembled after the lookups) a TurboQuant-4 tile took 525 warp
+instructions, 336 now (KIVI-2 601 -> 370, Bonsai-1 336 -> 244; ncu at 8 x 32K, docs/RESULTS.md eleventh pass); the
+kernels are now bound by latency, the 64 KiB table a block capping residency at 12 warps an SM.
 """
 
 from __future__ import annotations
