@@ -451,9 +451,11 @@ def test_decode_with_device_lengths(case, padded, impl):
 
 # The CUDA split kernel's plan variants (CUDA_PLAN; the sweeps of scripts/tune_decode_kernels.py): the accumulators
 # rescaled only when a max moved, one mma chain, 8 warps a block, a register cap, two tiles loaded ahead (with 8
-# warps and a cap: the Bonsai-1 candidate).
+# warps and a cap: the Bonsai-1 candidate), the cp.async staging ring (codebook pairs; 16 warps a block; with 8 and
+# the lazy rescale).
 CUDA_PLANS = [{"lazy_rescale": True}, {"two_chains": False}, {"warps": 8}, {"min_blocks": 4, "waves": 2}, {"depth": 2},
-              {"depth": 2, "warps": 8, "min_blocks": 2}]
+              {"depth": 2, "warps": 8, "min_blocks": 2}, {"ring": 3}, {"ring": 3, "warps": 16},
+              {"ring": 4, "warps": 8, "lazy_rescale": True}]
 
 
 @needs_kernels

@@ -28,6 +28,7 @@ typedef long long i64;
 #define VREPL (32 / VWORDS)
 #define ENTRY_BYTES 256           /* shared-memory bytes of one byte value: [side (key, value)][copy][word] */
 #define SIDE_BYTES 128            /* one side's copies of one entry: REPL * WORDS words */
+#define TABLE_BYTES (256 * ENTRY_BYTES)
 #define TILE 16                   /* tokens a tile: the mma's M (keys) and K (values) */
 #define KBYTES (D * KB / 32)      /* key bytes a lane reads per token: D/4 codes */
 #define VBYTES (D * VB / 64)      /* value bytes a lane reads per token: D/8 codes */
@@ -45,6 +46,17 @@ __device__ __forceinline__ void load_bytes(const u8* p, u32* w, int nbytes) {
     else if (nbytes == 4) { w[0] = __ldg((const u32*)p); }
     else if (nbytes == 2) { w[0] = __ldg((const u16*)p); }
     else { w[0] = __ldg(p); }
+}
+
+__device__ __forceinline__ void load_shared(const u8* p, u32* w, int nbytes) {  /* load_bytes from shared memory */
+    if (nbytes == 32) {
+        const uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 16);
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    } else if (nbytes == 16) { const uint4 a = *(const uint4*)p; w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; }
+    else if (nbytes == 8) { const uint2 a = *(const uint2*)p; w[0] = a.x; w[1] = a.y; }
+    else if (nbytes == 4) { w[0] = *(const u32*)p; }
+    else if (nbytes == 2) { w[0] = *(const u16*)p; }
+    else { w[0] = *p; }
 }
 
 __device__ __forceinline__ float half_to_float(u16 h) {
@@ -365,6 +377,83 @@ CODEBOOK_SPLIT_SOURCE = PRELUDE + r"""
 /* one tile's raw bytes and scales for this lane: key rows gid, gid + 8; value rows 2tid, 2tid+1, 2tid+8, 2tid+9 */
 struct Raw { u32 k0[(KBYTES + 3) / 4], k1[(KBYTES + 3) / 4], v[4][(VBYTES + 3) / 4]; u16 kn0, kn1, vn0, vn1; };
 
+/* Staging (RING > 0): each warp owns a ring of RING tiles in shared memory after the table. A whole tile is copied
+   in with 16-byte cp.async chunks spread over the warp's lanes (its key rows, value rows and 16 + 16 scales are each
+   contiguous in the cache), RING - 1 tiles ahead of the one decoded; the lanes then read their bytes back. Value rows
+   of 32 bytes or more have their 16-byte chunks XOR-swizzled by row pair, so that the four rows 2tid + x a read
+   touches fall in different banks. */
+#define RING __RING__
+#define KTILE (TILE * KROW)
+#define VTILE (TILE * VROW)
+#define STAGE_BYTES (KTILE + VTILE + 4 * TILE)  /* codes, then 16 key scales and 16 value scales (fp16) */
+#define CPR (VROW / 16)                         /* 16-byte chunks a value row */
+
+__device__ __forceinline__ int vchunk(int row, int chunk) {  /* the chunk's place in its row */
+    return CPR >= 2 ? chunk ^ ((row >> 1) & (CPR - 1)) : chunk;
+}
+__device__ __forceinline__ void cp16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+
+#define KCHUNKS ((KTILE / 16 + 31) / 32)      /* 16-byte key chunks a lane copies (the last ones maybe idle) */
+#define VCHUNKS ((VTILE / 16 + 31) / 32)
+
+/* A lane's part of the ring, fixed for the kernel: where its copies go in a stage (bytes from the warp's stage),
+   and where its reads come from. */
+struct Lane {
+    int vdst[VCHUNKS];        /* its value chunks' places (swizzled) */
+    int k0, v[4];             /* its key row gid's and four value rows' bytes in a stage */
+    const u8* scale_src;      /* its 16 bytes of the tile's scales (lanes 0..3: key scales 0..15, value scales) */
+};
+
+__device__ __forceinline__ Lane lane_plan(int lane, int gid, int tid, const u16* ksbh, const u16* vsbh) {
+    Lane l;
+#pragma unroll
+    for (int i = 0; i < VCHUNKS; ++i) {
+        const int c = lane + 32 * i, row = c / CPR;
+        l.vdst[i] = KTILE + row * VROW + 16 * vchunk(row, c % CPR);
+    }
+    l.k0 = gid * KROW + tid * KBYTES;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = 2 * tid + (i & 1) + 8 * (i >> 1), byte = gid * VBYTES;
+        l.v[i] = KTILE + row * VROW + 16 * vchunk(row, byte / 16) + byte % 16;
+    }
+    l.scale_src = lane < 2 ? (const u8*)ksbh + 16 * lane : (const u8*)vsbh + 16 * (lane & 1);
+    return l;
+}
+
+/* the whole tile t (rows from the batch-head's codes kbh / vbh, t * TILE on) into the stage at shared address st,
+   then one commit group */
+__device__ __forceinline__ void stage_tile(u32 st, int lane, const Lane& l, const u8* kbh, const u8* vbh, i64 t) {
+    const u8* kt = kbh + t * KROW;
+    const u8* vt = vbh + t * VROW;
+#pragma unroll
+    for (int i = 0; i < KCHUNKS; ++i) {
+        const int c = 16 * (lane + 32 * i);
+        if (KTILE / 16 % 32 == 0 || lane + 32 * i < KTILE / 16) cp16(st + c, kt + c);
+    }
+#pragma unroll
+    for (int i = 0; i < VCHUNKS; ++i)
+        if (VTILE / 16 % 32 == 0 || lane + 32 * i < VTILE / 16) cp16(st + l.vdst[i], vt + 16 * (lane + 32 * i));
+    if (lane < 4) cp16(st + KTILE + VTILE + 16 * lane, l.scale_src + 2 * t);
+    cp_commit();
+}
+
+/* this lane's bytes of the staged tile at `st`, as fetch() would have loaded them */
+__device__ __forceinline__ void read_stage(Raw& r, const u8* st, const Lane& l, int gid) {
+    load_shared(st + l.k0, r.k0, KBYTES);
+    load_shared(st + l.k0 + 8 * KROW, r.k1, KBYTES);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) load_shared(st + l.v[i], r.v[i], VBYTES);
+    const u16* sc = (const u16*)(st + KTILE + VTILE) + gid;
+    r.kn0 = sc[0]; r.kn1 = sc[8]; r.vn0 = sc[TILE]; r.vn1 = sc[TILE + 8];
+}
+
 extern "C" __global__ void BOUNDS codebook_split(
     const u16* Q, const float* MU, const u8* KC, const u16* KS, const u8* VC, const u16* VS,
     const u32* TABLE_K, const u32* TABLE_V, const u8* MASK, const i64* LENS,
@@ -459,7 +548,38 @@ extern "C" __global__ void BOUNDS codebook_split(
         decode_values(r.v, table, vbase, va);
         accumulate_pv(acc, va, a0, a1, pb0, pb1);
     };
+#if RING
+    /* whole tiles through the ring, then a partial last tile through registers (clamped) */
+    const u8* kbh = KC + (i64)b * stride_kcb + (i64)h * stride_kch;
+    const u8* vbh = VC + (i64)b * stride_vcb + (i64)h * stride_vch;
+    const Lane lp = lane_plan(lane, gid, tid, KS + (i64)b * stride_ksb + (i64)h * stride_ksh,
+                              VS + (i64)b * stride_vsb + (i64)h * stride_vsh);
+    u8* ring = table + TABLE_BYTES + warp * (RING * STAGE_BYTES);
+    const u32 ring_s = (u32)__cvta_generic_to_shared(ring);
+    const int tiles = max(end - start, 0) / TILE, t_first = start / TILE;
+    int wr = 0, rd = 0;  /* the stages tile i + RING - 1 goes to and tile i comes from (byte offsets) */
+    auto issue = [&](int i) {  /* tile i of the split into stage wr, or an empty group (the counts stay uniform) */
+        if (uniform(i < tiles)) stage_tile(ring_s + wr, lane, lp, kbh, vbh, (i64)(t_first + i) * TILE);
+        else cp_commit();
+        wr = wr == (RING - 1) * STAGE_BYTES ? 0 : wr + STAGE_BYTES;
+    };
+#pragma unroll
+    for (int i = 0; i < RING - 1; ++i) issue(i);
+    for (int i = 0; uniform(i < tiles); ++i) {
+        __syncwarp();             /* every lane has read tile i - 1, whose stage tile i + RING - 1 takes */
+        issue(i + RING - 1);
+        cp_wait<RING - 1>();      /* this lane's copies of tile i have landed */
+        __syncwarp();             /* and every lane's */
+        Raw r;
+        read_stage(r, ring + rd, lp, gid);
+        rd = rd == (RING - 1) * STAGE_BYTES ? 0 : rd + STAGE_BYTES;
+        step(r, start + i * TILE, true);
+    }
+    const int t_tail = start + tiles * TILE;
+    if (uniform(t_tail < end)) { Raw r; fetch(r, t_tail, true); step(r, t_tail, false); }
+#else
     split_loop<Raw>(start, end, fetch, step);
+#endif
     write_partials(M_OUT, L_OUT, ACC_OUT, (i64)bh * num_splits + split, G, gid, tid, m0, m1, l0, l1, acc);
 }
 """

@@ -56,14 +56,14 @@ from .triton_common import cdiv, derived, partials, sm_count
 # The next tile is always loaded while this one is decoded (1.7x faster at 8 x 32K than without, fifth pass); `depth`
 # 2 loads two ahead (more bytes in flight, about 40 more registers).
 CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "depth": 1,
-             "min_blocks": 0}
+             "ring": 0, "min_blocks": 0}
 #: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K and 1 x 32K, Llama-3.1-8B
 #: attention shape, scripts/tune_decode_kernels.py, 2026-12-03, docs/RESULTS.md "eleventh pass"): 4-bit codebook keys
 #: (TurboQuant-4) 137.2 -> 118.2 us with the lazy rescale; 1-bit codebook keys (Bonsai-1) 103.6 -> 91.4 us with 8
 #: warps a block (the 64 KiB table shared by twice the warps); KIVI-2 is best on CUDA_PLAN itself
 PLAN_OVERRIDES = {(CodebookPacked, 4): {"lazy_rescale": True}, (CodebookPacked, 1): {"warps": 8}}
 #: the CUDA_PLAN keys compiled into the source (``_source``); the others only shape the launch (``plan``)
-COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "depth", "min_blocks")
+COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "depth", "ring", "min_blocks")
 TILE = 16  # tokens per mma step
 MAX_GROUP = 8  # query heads per KV head: the mma's N
 HEAD_DIMS = (64, 128, 256)
@@ -88,16 +88,44 @@ _FAILED: dict = {}
 _RESIDENT: dict = {}
 
 
-def plan_for(keys) -> dict:
-    """CUDA_PLAN with the overrides measured for the keys' format and width (PLAN_OVERRIDES).
+def plan_for(keys, values=None) -> dict:
+    """CUDA_PLAN with the overrides measured for the keys' format and width (PLAN_OVERRIDES); the staging ring
+    ("ring") off where the pair's tiles cannot be copied as 16-byte chunks (``_ring_fits``).
 
     Args:
         keys: the packed keys (a ``formats`` view).
+        values: the packed values (needed to check the ring's alignment; None: not checked).
 
     Returns:
         A new dict with CUDA_PLAN's keys.
     """
-    return {**CUDA_PLAN, **PLAN_OVERRIDES.get((type(keys), keys.bits), {})}
+    cfg = {**CUDA_PLAN, **PLAN_OVERRIDES.get((type(keys), keys.bits), {})}
+    if cfg["ring"] and (not isinstance(keys, CodebookPacked) or (values is not None and not _ring_fits(keys, values))):
+        cfg["ring"] = 0
+    if cfg["ring"] and values is not None and keys.codes.is_cuda:  # the rings must fit the block's shared memory
+        limit = getattr(torch.cuda.get_device_properties(keys.codes.device), "shared_memory_per_block_optin", 0)
+        if limit and shared_bytes(keys.head_dim, keys.bits, values.bits, None, cfg) > limit:
+            cfg["ring"] = 0
+    return cfg
+
+
+def _ring_fits(keys, values) -> bool:
+    """A tile's key and value rows and its 16 scales of each side start on 16 bytes in every batch-head (the staging
+    ring's cp.async chunks)."""
+    for t in (keys.codes, values.codes, keys.scale, values.scale):
+        nbytes = t.element_size()
+        if t.data_ptr() % 16 or any(t.stride(i) * nbytes % 16 for i in (0, 1)) or TILE * t.stride(2) * nbytes % 16:
+            return False
+    return True
+
+
+def shared_bytes(d: int, kb: int, vb: int, groups, cfg: dict) -> int:
+    """Dynamic shared memory of a block: the table, and for the codebook kernel with a staging ring, cfg["warps"]
+    rings of cfg["ring"] stages (a tile's key and value rows and 16 + 16 fp16 scales, ``cuda_source`` RING)."""
+    if groups is not None or not cfg["ring"]:
+        return TABLE_BYTES
+    stage = TILE * (d * kb // 8 + d * vb // 8) + 4 * TILE
+    return TABLE_BYTES + cfg["warps"] * cfg["ring"] * stage
 
 
 def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None, cfg: dict | None = None):
@@ -108,7 +136,7 @@ def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None
     src, name = (CODEBOOK_SPLIT_SOURCE, "codebook_split") if groups is None else (AFFINE_SPLIT_SOURCE, "affine_split")
     fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": cfg["warps"], "__BF16__": int(bf16),
             "__CHAINS__": int(cfg["two_chains"]), "__LAZY__": int(cfg["lazy_rescale"]), "__DEPTH__": cfg["depth"],
-            "__MINB__": cfg["min_blocks"]}
+            "__RING__": cfg["ring"], "__MINB__": cfg["min_blocks"]}
     if groups is not None:
         fill.update({"__KG__": groups[0], "__VG__": groups[1]})
     for placeholder, value in fill.items():
@@ -124,7 +152,7 @@ def _build(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None 
     if key in _KERNELS:
         return _KERNELS[key]
     kernel = torch.cuda._compile_kernel(*_source(d, kb, vb, bf16, groups, cfg))
-    kernel.set_shared_memory_config(TABLE_BYTES)
+    kernel.set_shared_memory_config(shared_bytes(d, kb, vb, groups, cfg))
     _KERNELS[key] = kernel
     return kernel
 
@@ -200,7 +228,7 @@ def supported(q, keys, values, min_tokens: int | None = None) -> bool:
     if key in _FAILED:
         return False
     try:
-        _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups, plan_for(keys))
+        _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups, plan_for(keys, values))
     except Exception as exc:  # noqa: BLE001 - no NVRTC, or it cannot build here: the Triton kernel runs instead
         _FAILED[key] = repr(exc)
         return False
@@ -287,9 +315,10 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
     g = hq // hkv
     n_q = keys.num_tokens if bound is None else bound
     groups = _groups(keys, values)
-    cfg = plan_for(keys)
+    cfg = plan_for(keys, values)
     kernel = _build(d, keys.bits, values.bits, q.dtype == torch.bfloat16, groups, cfg)
-    splits, per = plan(b * hkv, n_q, resident_blocks(kernel, TABLE_BYTES, cfg["warps"]) * sm_count(q.device), cfg)
+    shared = shared_bytes(d, keys.bits, values.bits, groups, cfg)
+    splits, per = plan(b * hkv, n_q, resident_blocks(kernel, shared, cfg["warps"]) * sm_count(q.device), cfg)
     m, l_, acc = partials(b * hkv, splits, g, d, q.device)
     tk, tv = _word_table(keys, q.dtype, "k"), _word_table(values, q.dtype, "v")
     kc, ks, vc, vs = keys.codes, keys.scale, values.codes, values.scale
@@ -304,7 +333,7 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
         pointers = [q.view(torch.int16), kc, ks, keys.zero, vc, vs, values.zero, tk, tv, mask, lengths, m, l_, acc]
         key_strides = [kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1), ks.stride(2)]
     warps = cfg["warps"]
-    _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), TABLE_BYTES, pointers + [
+    _launch(kernel, (cdiv(splits, warps), b * hkv, 1), (warps * 32,), shared, pointers + [
         n_q, per, splits, hkv, g, *key_strides, vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         0 if mask is None else mask.stride(0), 0 if mask is None else mask.stride(1), float(scale_log2),
     ])
