@@ -413,9 +413,9 @@ struct Lane {
 __device__ __forceinline__ Lane lane_plan(int lane, int gid, int tid, const u16* ksbh, const u16* vsbh) {
     Lane l;
 #pragma unroll
-    for (int i = 0; i < VCHUNKS; ++i) {
-        const int c = lane + 32 * i, row = c / CPR;
-        l.vdst[i] = KTILE + row * VROW + 16 * vchunk(row, c % CPR);
+    for (int i = 0; i < VCHUNKS; ++i) {  /* rows shorter than a chunk (CPR 0) are not swizzled */
+        const int c = lane + 32 * i, row = CPR ? c / (CPR ? CPR : 1) : 0;
+        l.vdst[i] = CPR ? KTILE + row * VROW + 16 * vchunk(row, c % (CPR ? CPR : 1)) : KTILE + 16 * c;
     }
     l.k0 = gid * KROW + tid * KBYTES;
 #pragma unroll

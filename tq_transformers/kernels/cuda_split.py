@@ -57,11 +57,12 @@ from .triton_common import cdiv, derived, partials, sm_count
 # 2 loads two ahead (more bytes in flight, about 40 more registers).
 CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "depth": 1,
              "ring": 0, "min_blocks": 0}
-#: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K and 1 x 32K, Llama-3.1-8B
-#: attention shape, scripts/tune_decode_kernels.py, 2026-12-03, docs/RESULTS.md "eleventh pass"): 4-bit codebook keys
-#: (TurboQuant-4) 137.2 -> 118.2 us with the lazy rescale; 1-bit codebook keys (Bonsai-1) 103.6 -> 91.4 us with 8
-#: warps a block (the 64 KiB table shared by twice the warps); KIVI-2 is best on CUDA_PLAN itself
-PLAN_OVERRIDES = {(CodebookPacked, 4): {"lazy_rescale": True}, (CodebookPacked, 1): {"warps": 8}}
+#: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K / 1 x 32K, Llama-3.1-8B
+#: attention shape, scripts/tune_decode_kernels.py, 2026-12-03, docs/RESULTS.md "eleventh pass", third lease): 4-bit
+#: codebook keys (TurboQuant-4) 136.7 / 48.4 -> 118.0 / 39.9 us with 8 warps, the lazy rescale and a 3-stage ring;
+#: 1-bit codebook keys (Bonsai-1) 102.1 / 40.5 -> 88.4 / 37.6 us the same; KIVI-2 is best on CUDA_PLAN itself
+_CODEBOOK_PLAN = {"warps": 8, "lazy_rescale": True, "ring": 3}
+PLAN_OVERRIDES = {(CodebookPacked, 4): _CODEBOOK_PLAN, (CodebookPacked, 1): _CODEBOOK_PLAN}
 #: the CUDA_PLAN keys compiled into the source (``_source``); the others only shape the launch (``plan``)
 COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "depth", "ring", "min_blocks")
 TILE = 16  # tokens per mma step
