@@ -518,6 +518,29 @@ def test_cuda_plan_overrides_reach_the_source():
     assert cuda_split.plan_for(view(ChannelAffinePacked, 2)) == cuda_split.CUDA_PLAN
 
 
+def test_cuda_staging_ring_only_where_tiles_are_chunk_aligned():
+    """Model-free: the shipped staging ring (PLAN_OVERRIDES) stays on for codebook pairs whose tiles start on 16 bytes
+    in every batch-head, goes off for misaligned scales and for affine keys, and the block's shared memory counts the
+    rings. Needs Triton installed (the launcher module imports it), not a GPU."""
+    pytest.importorskip("triton")
+    from tq_transformers.kernels import cuda_split
+
+    def pair(tokens):
+        codes = torch.zeros(2, 4, tokens, 64, dtype=torch.uint8)
+        keys = CodebookPacked(codes=codes, scale=torch.zeros(2, 4, tokens, dtype=META), levels=torch.zeros(16), bits=4)
+        return keys, dataclasses.replace(keys, codes=codes.clone(), scale=keys.scale.clone())
+
+    ring = cuda_split.PLAN_OVERRIDES[(CodebookPacked, 4)]["ring"]
+    assert ring > 0
+    cfg = cuda_split.plan_for(*pair(1024))
+    assert cfg["ring"] == ring
+    assert cuda_split.shared_bytes(128, 4, 4, None, cfg) == (cuda_split.TABLE_BYTES
+                                                             + cfg["warps"] * ring * (16 * (64 + 64) + 4 * 16))
+    assert cuda_split.plan_for(*pair(1001))["ring"] == 0  # a head's scales start 2002 bytes after the previous one
+    assert cuda_split.shared_bytes(128, 2, 2, (32, 32), cfg) == cuda_split.TABLE_BYTES  # the affine kernel: no ring
+    assert cuda_split.plan_for(dataclasses.replace(_FORMAT_STUBS[ChannelAffinePacked]))["ring"] == 0
+
+
 _FORMAT_STUBS = {
     CodebookPacked: CodebookPacked(codes=torch.zeros(1, 1, 1, 64, dtype=torch.uint8), scale=torch.zeros(1, 1, 1),
                                    levels=torch.zeros(16), bits=4),
@@ -546,7 +569,7 @@ def test_cuda_sources_fill_every_placeholder():
 
 
 def _emulate_lookup(table_words: torch.Tensor, idx: int, j: int, words: int) -> list[int]:
-    """``lookup`` of cuda_source: the entry of byte j of the 32-bit index word `idx` (any copy: all are equal)."""
+    """``lookup`` of cuda_prelude: the entry of byte j of the 32-bit index word `idx` (any copy: all are equal)."""
     return [int(w) & 0xFFFFFFFF for w in table_words[(idx >> (8 * j)) & 0xFF, :words]]
 
 
@@ -557,7 +580,7 @@ def _emulate_interleave(a: int, b: int, f: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("bits", [4, 2, 1], ids=lambda b: f"{b}bit")
 def test_cuda_decode_layout_puts_each_level_where_the_mma_reads_it(bits):
-    """Model-free: the CUDA kernels' decoders (``cuda_source.decode_keys`` / ``decode_values``) emulated on the host
+    """Model-free: the CUDA kernels' decoders (``cuda_prelude.decode_keys`` / ``decode_values``) emulated on the host
     with the tables the launcher builds (``cuda_split._word_table``, VALUE_SLOTS): every 16-bit half of every A
     fragment word holds the level of the token and coordinate the m16n8k16 fragment layout assigns it (keys: rows
     gid / gid+8 = tokens w0 / w1, columns = key_coord; values: rows = coordinates 2mt / 2mt+1, columns = tokens).

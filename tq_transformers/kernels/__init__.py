@@ -21,9 +21,9 @@ Compress-on-write, the signatures of the methods' encoders (``methods.turboquant
 Modules: ``reference`` (PyTorch), ``triton_common`` (shared building blocks), ``triton_codebook`` / ``triton_affine``
 (tile decoders per format), ``triton_split`` (the split kernel), ``triton_reduce`` (merge + window),
 ``triton_decode`` (the decode step: query rotation, split, reduce), ``triton_compress`` (compress kernels),
-``cuda_split`` / ``cuda_source`` / ``cuda_affine_source`` (the CUDA C++ split kernels for codebook and affine pairs
-and their sources, compiled at first use with NVRTC), ``constants`` (eps values and the metadata dtype, from
-``tq_transformers.constants``). Importing this package never imports Triton.
+``cuda_split`` / ``cuda_prelude`` / ``cuda_source`` / ``cuda_affine_source`` (the CUDA C++ split kernels for codebook
+and affine pairs and their sources, compiled at first use with NVRTC), ``constants`` (eps values and the metadata
+dtype, from ``tq_transformers.constants``). Importing this package never imports Triton.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """CUDA C++ source of the affine split kernel (KIVI: ``formats.ChannelAffinePacked`` keys, ``TokenAffinePacked``
-values), on the codebook kernel's prelude (``cuda_source.PRELUDE``) and the same lane layout (``cuda_split``).
+values), on the shared prelude (``cuda_prelude.PRELUDE``) and the same lane layout (``cuda_split``).
 
 Extra placeholders: ``__KG__`` (tokens a key group) and ``__VG__`` (channels a value group). What differs from the
 codebook kernel:
@@ -17,7 +17,7 @@ codebook kernel:
   values (scale and zero rounded to the model dtype), then the mma as for codebook values.
 """
 
-from .cuda_source import PRELUDE
+from .cuda_prelude import PRELUDE
 
 AFFINE_SPLIT_SOURCE = PRELUDE + r"""
 #define KG __KG__                 /* tokens a key group (a multiple of 16: a tile never straddles two groups) */

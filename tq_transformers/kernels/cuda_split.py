@@ -13,7 +13,7 @@ registers:
 - keys, S^T = K Q^T: M = 16 tokens, N = 8 query heads of one KV head (G <= 8; padding rows load head 0 and are never
   written out), K = 16 dims. Lane (gid = lane / 4, tid = lane % 4) loads tokens gid and gid + 8, coordinates
   [tid*D/4, (tid+1)*D/4) (16 contiguous bytes at D = 128, 4 bits): the A fragment's k index maps to those
-  coordinates (``cuda_source.key_coord``), and the query's B fragment uses the same map (a dot product does not care
+  coordinates (``cuda_prelude.key_coord``), and the query's B fragment uses the same map (a dot product does not care
   about the order of its terms);
 - values, O^T = V^T P^T: M = 16 coordinates, K = 16 tokens; lane gid owns coordinates [gid*D/8, (gid+1)*D/8) of
   tokens 2tid, 2tid+1, 2tid+8, 2tid+9;
@@ -27,7 +27,7 @@ registers:
       byte 0x00: [key copy 0 .. REPL-1 (128 B)][value copy 0 .. REPL-1 (128 B)]
       byte 0x01: [key copies                  ][value copies                  ]  ...
 
-- index bytes interleave several tokens' codes (two bitwise ops per 4 bytes, ``cuda_source.interleave``) so that
+- index bytes interleave several tokens' codes (two bitwise ops per 4 bytes, ``cuda_prelude.interleave``) so that
   each lookup lands in its fragment register: no byte-permute per value fragment and no register moves to build
   2- and 1-bit fragments (``decode_keys``, ``decode_values``; the value side's table orders its code slots for it,
   VALUE_SLOTS).
@@ -72,7 +72,7 @@ BITS = (1, 2, 4)
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' mma operand types
 TABLE_BYTES = 256 * 256  # 256 byte values x (key + value side) x 32 banks' copies of 4 bytes (module docstring)
 #: the code slots of a value-side table entry, by bits, in word order: the value decoder's index byte holds several
-#: tokens' codes (``cuda_source.decode_values``) and each word must be one coordinate of two tokens. 2 bits: slots
+#: tokens' codes (``cuda_prelude.decode_values``) and each word must be one coordinate of two tokens. 2 bits: slots
 #: [A c0, A c1, B c0, B c1] -> words (A c0, B c0), (A c1, B c1); 1 bit: [A p, B p, C p, D p] (p = two codes) ->
 #: (A, B) and (C, D) at each of the pair's coordinates; 4 bits: [A c, B c], in order.
 VALUE_SLOTS = {4: (0, 1), 2: (0, 2, 1, 3), 1: (0, 2, 1, 3, 4, 6, 5, 7)}
