@@ -48,3 +48,19 @@ def test_benchmark_compile_runs_every_configuration_on_cpu():
     for name in names:
         assert benchmark_compile.run_generate(model, name, ids, 4, 64) > 0
         assert attn_implementation_of(model.config) == "sdpa"
+
+
+def test_sass_inspector_finds_the_tile_loop():
+    """scripts/inspect_cuda_sass.py's loop finder (model-free, no NVIDIA tools): the body of the largest backward
+    branch of a listing, inner and forward branches ignored."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "inspect_cuda_sass.py"
+    spec = importlib.util.spec_from_file_location("inspect_cuda_sass", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    listing = [(0x00, "MOV R1, R2"), (0x10, "LDS R3, [R4]"), (0x20, "@P0 BRA 0x40"), (0x30, "IADD3 R5, R5, 1, RZ"),
+               (0x40, "BRA 0x30"), (0x50, "@P1 BRA 0x10"), (0x60, "EXIT")]
+    assert mod.tile_loop(listing) == ["LDS R3, [R4]", "@P0 BRA 0x40", "IADD3 R5, R5, 1, RZ", "BRA 0x30",
+                                      "@P1 BRA 0x10"]
