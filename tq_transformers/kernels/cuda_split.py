@@ -54,7 +54,8 @@ from .triton_common import cdiv, derived, partials, sm_count
 # hide latency); the key mma steps as two chains (up to 4% faster); the output accumulators rescaled only in tiles
 # where a running max moved; the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
 # The next tile is always loaded while this one is decoded (1.7x faster at 8 x 32K than without, fifth pass); `depth`
-# 2 loads two ahead (more bytes in flight, about 40 more registers).
+# 2 loads two ahead (more bytes in flight, about 40 more registers; not better, eleventh pass); `ring` > 0 stages the
+# codebook kernel's tiles through a cp.async ring of that many tiles in shared memory instead (``cuda_source``).
 CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "depth": 1,
              "ring": 0, "min_blocks": 0}
 #: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K / 1 x 32K, Llama-3.1-8B
