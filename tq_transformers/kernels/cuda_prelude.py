@@ -39,26 +39,25 @@ typedef long long i64;
 #define KSTEPS (D / 16)
 #define NEG_INF (__int_as_float(0xff800000))
 
-__device__ __forceinline__ void load_bytes(const u8* p, u32* w, int nbytes) {
-    if (nbytes == 32) { uint4 a = __ldg((const uint4*)p); uint4 b = __ldg((const uint4*)(p + 16));
-        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w; }
-    else if (nbytes == 16) { uint4 a = __ldg((const uint4*)p); w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; }
-    else if (nbytes == 8) { uint2 a = __ldg((const uint2*)p); w[0] = a.x; w[1] = a.y; }
-    else if (nbytes == 4) { w[0] = __ldg((const u32*)p); }
-    else if (nbytes == 2) { w[0] = __ldg((const u16*)p); }
-    else { w[0] = __ldg(p); }
-}
+template <bool GLOBAL, class T>
+__device__ __forceinline__ T load1(const T* p) { return GLOBAL ? __ldg(p) : *p; }  /* read-only global, or shared */
 
-__device__ __forceinline__ void load_shared(const u8* p, u32* w, int nbytes) {  /* load_bytes from shared memory */
+/* nbytes (1 .. 32) at p into the 32-bit words w, in the widest loads they allow: from global memory (GLOBAL, through
+   the read-only path) or shared memory */
+template <bool GLOBAL>
+__device__ __forceinline__ void load_words(const u8* p, u32* w, int nbytes) {
     if (nbytes == 32) {
-        const uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 16);
+        const uint4 a = load1<GLOBAL>((const uint4*)p), b = load1<GLOBAL>((const uint4*)(p + 16));
         w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
-    } else if (nbytes == 16) { const uint4 a = *(const uint4*)p; w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; }
-    else if (nbytes == 8) { const uint2 a = *(const uint2*)p; w[0] = a.x; w[1] = a.y; }
-    else if (nbytes == 4) { w[0] = *(const u32*)p; }
-    else if (nbytes == 2) { w[0] = *(const u16*)p; }
-    else { w[0] = *p; }
+    } else if (nbytes == 16) {
+        const uint4 a = load1<GLOBAL>((const uint4*)p); w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+    } else if (nbytes == 8) { const uint2 a = load1<GLOBAL>((const uint2*)p); w[0] = a.x; w[1] = a.y; }
+    else if (nbytes == 4) { w[0] = load1<GLOBAL>((const u32*)p); }
+    else if (nbytes == 2) { w[0] = load1<GLOBAL>((const u16*)p); }
+    else { w[0] = load1<GLOBAL>(p); }
 }
+__device__ __forceinline__ void load_bytes(const u8* p, u32* w, int nbytes) { load_words<true>(p, w, nbytes); }
+__device__ __forceinline__ void load_shared(const u8* p, u32* w, int nbytes) { load_words<false>(p, w, nbytes); }
 
 __device__ __forceinline__ float half_to_float(u16 h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
