@@ -88,6 +88,7 @@ MIN_TOKENS = {CodebookPacked: 8192, ChannelAffinePacked: 8192}
 _KERNELS: dict = {}
 _FAILED: dict = {}
 _RESIDENT: dict = {}
+_SHARED_LIMIT: dict = {}
 
 
 def plan_for(keys, values=None) -> dict:
@@ -105,10 +106,20 @@ def plan_for(keys, values=None) -> dict:
     if cfg["ring"] and (not isinstance(keys, CodebookPacked) or (values is not None and not _ring_fits(keys, values))):
         cfg["ring"] = 0
     if cfg["ring"] and values is not None and keys.codes.is_cuda:  # the rings must fit the block's shared memory
-        limit = getattr(torch.cuda.get_device_properties(keys.codes.device), "shared_memory_per_block_optin", 0)
+        limit = _shared_limit(keys.codes.device)
         if limit and shared_bytes(keys.head_dim, keys.bits, values.bits, None, cfg) > limit:
             cfg["ring"] = 0
     return cfg
+
+
+def _shared_limit(device: torch.device) -> int:
+    """The dynamic shared memory a block of `device` may opt into (0: unknown to this torch), cached: plan_for runs
+    at every decode call."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SHARED_LIMIT:
+        props = torch.cuda.get_device_properties(idx)
+        _SHARED_LIMIT[idx] = getattr(props, "shared_memory_per_block_optin", 0)
+    return _SHARED_LIMIT[idx]
 
 
 def _ring_fits(keys, values) -> bool:
@@ -224,7 +235,8 @@ def supported(q, keys, values, min_tokens: int | None = None) -> bool:
             return False
         if view.codes.data_ptr() % VECTOR_BYTES:
             return False
-    if groups is not None and (keys.scale.stride(2) % 4 or keys.scale.data_ptr() % 8):  # the scales' 8-byte loads
+    # the key scales' loads (4-byte pairs since 2026-12-03; the earlier 8-byte bound is kept)
+    if groups is not None and (keys.scale.stride(2) % 4 or keys.scale.data_ptr() % 8):
         return False
     key = (d, keys.bits, values.bits, q.dtype, groups)
     if key in _FAILED:
