@@ -10,7 +10,8 @@ What is timed, each configuration through the `generate` a user calls (greedy, `
 - "static-compile": transformers' StaticCache through generate's own auto-compile (a fresh StaticCache of fixed
   length each call, so both generation lengths share one compiled graph); its first call's time is the warm-up;
 - ours: `tq_transformers.enable(model, method, fast=True)` (CUDA graphs on, the default with fast=True) for
-  TurboQuant-4, KIVI-2 and Bonsai-1.
+  TurboQuant-4, KIVI-2 and Bonsai-1; a name ending in "@fused" adds ``fuse=True`` (the decoder layers' norms and MLPs
+  compiled inside the graph steps: ``tq_transformers.cuda_graphs``, "Fusion"; the compile runs in the warm-up call).
 
 Per-token decode time = (t(long) - t(short)) / (long - short) generated tokens, so the prefill cancels; prefill =
 t(short) - short x per-token time. The configurations run in alternation, round after round, after one warm-up call
@@ -58,9 +59,15 @@ OURS = {  # name -> (method, settings)
 }
 DEFAULT_CACHES = ("turboquant-4", "kivi-2", "bonsai-1")
 REFERENCE = "@reference"  # a cache name with this suffix decodes on the reference path (enable(..., fast=False))
+FUSED = "@fused"  # a cache name with this suffix decodes in CUDA graphs with the norms and MLPs fused (fuse=True)
 # generated tokens of the short and long call, per batch size (REFERENCE anchors of 2026-12-01 used the same)
 LENGTHS = {1: (8, 136), 8: (8, 72)}
 COPY_BYTES = 2 << 30  # the copy-bandwidth probe's buffer
+
+
+def _base(name: str) -> str:
+    """The OURS name of a configuration name (its "@reference" / "@fused" suffix left off)."""
+    return name.removesuffix(REFERENCE).removesuffix(FUSED)
 
 
 def copy_bandwidth() -> float:
@@ -109,8 +116,9 @@ def run_generate(model, name: str, ids: torch.Tensor, new_tokens: int, max_len: 
     elif name == "static-compile":
         kwargs[CACHE_KWARG] = StaticCache(config=model.config, max_cache_len=max_len)
     else:
-        method, settings = OURS[name.removesuffix(REFERENCE)]
-        tq_transformers.enable(model, method, fast=not name.endswith(REFERENCE), **settings)
+        method, settings = OURS[_base(name)]
+        tq_transformers.enable(model, method, fast=not name.endswith(REFERENCE), fuse=name.endswith(FUSED),
+                               **settings)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -119,7 +127,7 @@ def run_generate(model, name: str, ids: torch.Tensor, new_tokens: int, max_len: 
             out = model.generate(ids, **kwargs)
         torch.cuda.synchronize()
     finally:
-        if name.removesuffix(REFERENCE) in OURS:
+        if _base(name) in OURS:
             tq_transformers.disable(model)
     seconds = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens
@@ -138,12 +146,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=540.0, help="start no new batch size after this")
     ap.add_argument("--caches", default=",".join(DEFAULT_CACHES),
                     help=f"comma-separated, of {list(OURS)}; a name ending in {REFERENCE!r} decodes on the reference "
-                         "path")
+                         f"path, one ending in {FUSED!r} with fuse=True (norms and MLPs compiled in the graph steps)")
     args = ap.parse_args()
     caches = args.caches.split(",")
-    unknown = [c for c in caches if c.removesuffix(REFERENCE) not in OURS]
+    unknown = [c for c in caches if _base(c) not in OURS]
     if unknown:
-        ap.error(f"--caches: unknown {unknown}; choose from {list(OURS)} (optionally with {REFERENCE!r})")
+        ap.error(f"--caches: unknown {unknown}; choose from {list(OURS)} (optionally with {REFERENCE!r} or "
+                 f"{FUSED!r})")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the figures are GPU timings)")
     os.makedirs(args.out, exist_ok=True)
@@ -183,7 +192,7 @@ def main():
                 per_round = [(b - a) / (long - short) for a, b in zip(timings[name]["short"], timings[name]["long"])]
                 per_token = statistics.median(per_round)
                 prefill = statistics.median(timings[name]["short"]) - short * per_token
-                method, settings = OURS.get(name.removesuffix(REFERENCE), ("full", {}))
+                method, settings = OURS.get(_base(name), ("full", {}))
                 held = tq_transformers.estimate_cache_bytes(model.config, ctx + long, batch, method,
                                                             dtype=torch.bfloat16, **settings)["total"]
                 floor = (weights + held) / bandwidth

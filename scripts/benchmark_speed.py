@@ -7,7 +7,9 @@
 
 Caches: DynamicCache (bf16, SDPA), transformers' QuantizedCache (quanto backend, when optimum-quanto imports),
 TurboQuant-4, KIVI-2 and Bonsai-1 on the reference path (dequantize + SDPA), on the fast path ("tq_fused") and on
-the fast path with decode steps replayed from CUDA graphs (`tq_transformers.cuda_graphs`, "_graph").
+the fast path with decode steps replayed from CUDA graphs (`tq_transformers.cuda_graphs`, "_graph"), also with the
+decoder layers' norms and MLPs compiled inside the graph steps ("_graph_fused": ``cuda_graphs.install(model,
+fuse=True)``, inductor; the compile runs in the warm-up pass and in each configuration's untimed first steps).
 
 Method (the first configuration timed in a process runs slow: docs/RESULTS.md, "Speed (GPU)"): a whole prefill +
 decode pass is run before anything is timed, and every configuration is timed twice in a row; the second timing is
@@ -79,11 +81,14 @@ def quanto_available() -> str | None:
 def cache_factories(include_hf: bool, only: list[str] | None = None):
     """name -> (cache factory, attention mode), in the order they are measured. Modes: "sdpa" (transformers' SDPA
     attention, PyTorch choosing the backend), "flash" (the same, SDPA held to its flash backend), "fast" (ours),
-    "graph" (ours, decode steps replayed from CUDA graphs)."""
+    "graph" (ours, decode steps replayed from CUDA graphs), "graph_fused" (the same, the norms and MLPs compiled in
+    the graph steps)."""
     out = {"dynamic": (lambda cfg: DynamicCache(config=cfg), "sdpa"),
            "dynamic_flash": (lambda cfg: DynamicCache(config=cfg), "flash")}
     for name, make in OURS.items():
         out[f"{name}_graph"] = (make, "graph")
+    for name, make in OURS.items():
+        out[f"{name}_graph_fused"] = (make, "graph_fused")
     for name, make in OURS.items():
         out[f"{name}_fast"] = (make, "fast")
     for name, make in OURS.items():
@@ -126,10 +131,12 @@ def build_model(layers: int):
 
 def use_path(model, cache, mode: str):
     """Switch `model` to the attention of `mode`; returns the context manager to run its steps in."""
-    if mode in ("fast", "graph"):
+    if mode in ("fast", "graph", "graph_fused"):
         fast_attention.install(model)
-        cuda_graphs.install(model)  # stays installed: it runs only caches prepared with cuda_graphs=True
-        fast_attention.prepare_cache(cache, cuda_graphs=mode == "graph")
+        # stays installed: it runs only caches prepared with cuda_graphs=True; `fuse` is switched per configuration (a
+        # cache's graphs keep the kind they were captured with while the runner's fuse is that kind)
+        cuda_graphs.install(model, fuse=mode == "graph_fused")
+        fast_attention.prepare_cache(cache, cuda_graphs=mode in ("graph", "graph_fused"))
     else:
         model.set_attn_implementation("sdpa")
     if mode == "flash":

@@ -47,11 +47,13 @@ META = torch.float16  # stored metadata dtype
 # The CUDA plan's sweep (CUDA_PLAN keys): the launch bound's blocks per SM, waves of resident blocks, the fewest tokens
 # a split takes, warps per block (8 measured 4-10% faster than 4 on session 11's cp.async variant, docs/RESULTS.md),
 # the accumulators rescaled only when a running max moved, tiles loaded ahead, the cp.async staging ring's stages
-# (codebook kernel); SWEEP_TAGS names a variant's values
+# (codebook kernel), the one-side table of pairs whose tables are equal (TurboQuant-4; off unless named, e.g.
+# --sweep "shared_table=0,1;ring=2,3;warps=8,16": cuda_split.plan_for switches it off for the other pairs, as it
+# does a ring that does not fit); SWEEP_TAGS names a variant's values
 SWEEP = {"min_blocks": (0, 4), "waves": (1, 2), "min_tokens": (256, 512), "warps": (4, 8), "lazy_rescale": (0, 1),
-         "depth": (1, 2), "ring": (0, 3)}
+         "depth": (1, 2), "ring": (0, 3), "shared_table": (0,)}
 SWEEP_TAGS = {"min_blocks": "b", "waves": "v", "min_tokens": "t", "warps": "w", "lazy_rescale": "z", "depth": "d",
-              "ring": "r"}
+              "ring": "r", "shared_table": "s"}
 
 
 def bench(fn, graph: bool = True) -> float:

@@ -9,17 +9,18 @@ own operations (leave, crop, reorder, footprint). GPU: real graphs against the e
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
 
 import tq_transformers
-from tq_transformers import cuda_graphs, fast_attention
+from tq_transformers import cuda_graphs, fast_attention, fusion
 from tq_transformers.fast_attention import attn_implementation_of
 from tq_transformers.generation import CACHE_KWARG
 from tq_transformers.static_layout import StaticShared
 
-from cases import CPU_FAST_ATOL, FAST, SHORT, assert_valid_tokens, build_tiny, case, needs_gpu, params
+from cases import COMMON, CPU_FAST_ATOL, FAST, SHORT, assert_valid_tokens, build_tiny, case, needs_gpu, params
 from cases import generate_with_scores as _generate
 from cases import padded_inputs as _inputs
 
@@ -91,8 +92,8 @@ def emulated_graphs(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "GROWTH", 16)  # regrow the capacity every 16 packed tokens
 
 
-def _graphed_generate(model, inputs, c, new_tokens=40):
-    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=True, **c.kwargs(model.config))
+def _graphed_generate(model, inputs, c, new_tokens=40, fuse=False):
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=True, fuse=fuse, **c.kwargs(model.config))
     try:
         cache = c.cache(model.config)
         fast_attention.prepare_cache(cache, cuda_graphs=True)
@@ -277,6 +278,44 @@ def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, growth, steps, monk
     assert agree >= (1.0 if dtype == torch.float32 else 0.95), agree
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("c", params("turboquant4", "kivi2"))
+def test_cuda_graph_fused_decode_matches_unfused(c, dtype, monkeypatch):
+    """fuse=True (inductor) in real graphs against the unfused runner, fed the same tokens (teacher forcing): logits
+    within float noise at every step, the same argmax, the same steps; the compile happens in the warm-up (a capture
+    runs under fail_on_recompile: it would raise otherwise); greedy generate gives the unfused runner's tokens."""
+    monkeypatch.setattr(cuda_graphs, "GROWTH", 64)
+    model = build_tiny("llama", dtype).to("cuda")
+    inputs = _inputs("cuda")
+    forced = torch.randint(3, 500, (2, 100), generator=torch.Generator().manual_seed(3)).cuda()
+    fast_attention.install(model)
+    runs, stats = [], []
+    try:
+        for fuse in (False, True):
+            cuda_graphs.install(model, fuse=fuse)
+            runner = cuda_graphs.runner_of(model)
+            runner.stats.clear()
+            cache = fast_attention.prepare_cache(c.cache(model.config), cuda_graphs=True)
+            runs.append(_forced_logits(model, cache, inputs, forced))
+            stats.append(dict(runner.stats))
+            assert len(fusion.fused_modules(model)) == (9 if fuse else 0)
+    finally:
+        cuda_graphs.uninstall(model)
+        fast_attention.uninstall(model)
+    assert stats[0] == stats[1] and stats[1]["replay"] > 10 and stats[1].get("replay_flush", 0) >= 2, stats
+    assert not [key for key in fusion.unfusable() if key[1] == "inductor"]
+    unfused, fused = runs
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    err = (fused.float() - unfused.float()).abs().amax(-1) / unfused.float().abs().amax(-1)  # [B, steps]
+    assert float(err.max()) < tol, f"relative logit error per step {err}"
+    agree = (fused.argmax(-1) == unfused.argmax(-1)).float().mean()
+    assert agree >= (1.0 if dtype == torch.float32 else 0.95), agree
+    if dtype == torch.float32:
+        seqs = [_graphed_generate(model, inputs, c, new_tokens=40, fuse=fuse)[0] for fuse in (False, True)]
+        assert torch.equal(seqs[0], seqs[1])
+
+
 def _forced_logits(model, cache, inputs, forced):
     """Prefill `inputs`, then feed the tokens `forced` [B, T] one step at a time as generate would (position ids
     from the padding mask, the mask growing by one); returns the logits of every step [B, T, V]."""
@@ -436,3 +475,263 @@ def test_graph_runner_runs_unusual_decode_calls_eagerly(extra, emulated_graphs):
     fast_attention.uninstall(model)
     assert stats == {}, stats
     assert torch.equal(outs[0], outs[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fusion (fuse=...): the decoder layers' pure modules through torch.compile, in graph steps only
+# ----------------------------------------------------------------------------------------------------------------------
+class _Counting:
+    """A torch.compile backend (registered under `name`) that runs dynamo's graph as is and counts its compiles and
+    the calls of the compiled code."""
+
+    def __init__(self, name):
+        self.name, self.compiles, self.calls = name, 0, 0
+        if name not in torch.compiler.list_backends(exclude_tags=()):
+            torch._dynamo.register_backend(name=name)(lambda gm, example_inputs: _COUNTING[name](gm, example_inputs))
+        _COUNTING[name] = self
+
+    def __call__(self, gm, example_inputs):
+        self.compiles += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+
+        return run
+
+
+_COUNTING: dict = {}
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2, head_dim=32))
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0))
+
+
+def _gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return GemmaForCausalLM(GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=32))
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(**COMMON, num_key_value_heads=2, head_dim=32, num_local_experts=4,
+                                            num_experts_per_tok=2))
+
+
+_FUSED_CHILDREN = {  # architecture -> the children of each decoder layer the rule picks
+    "llama": (lambda: build_tiny("llama"), {"input_layernorm", "post_attention_layernorm", "mlp"}),
+    "qwen2": (lambda: build_tiny("qwen2"), {"input_layernorm", "post_attention_layernorm", "mlp"}),
+    "gemma3": (lambda: build_tiny("gemma3"), {"input_layernorm", "post_attention_layernorm",
+                                              "pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp"}),
+    "mistral": (_mistral, {"input_layernorm", "post_attention_layernorm", "mlp"}),
+    "phi3": (_phi3, {"input_layernorm", "post_attention_layernorm", "mlp"}),  # not the two dropouts
+    "gemma": (_gemma, {"input_layernorm", "post_attention_layernorm", "mlp"}),
+    "mixtral": (_mixtral, {"input_layernorm", "post_attention_layernorm", "mlp"}),  # the MoE block: see below
+}
+
+
+@pytest.mark.parametrize("arch", list(_FUSED_CHILDREN))
+def test_fuse_picks_the_norms_and_the_mlp_of_every_decoder_layer(arch):
+    """The rule (no class names): of each decoder layer, the children with parameters, no attention module (one with
+    a layer_idx) inside and a one-argument forward; the attention is never among them."""
+    build, children = _FUSED_CHILDREN[arch]
+    model = build()
+    layers = fusion.decoder_layers(model)
+    assert layers is model.model.layers
+    names = [name for name, _ in fusion.fusible(model)]
+    assert names == [f"model.layers.{i}.{child}" for i in range(len(layers)) for child, _ in
+                     layers[i].named_children() if child in children]
+    assert len(names) == len(layers) * len(children)
+    for _, module in fusion.fusible(model):
+        assert not any(hasattr(m, "layer_idx") for m in module.modules())
+    assert all(any(hasattr(m, "layer_idx") for m in layer.self_attn.modules()) for layer in layers)
+
+
+@pytest.mark.parametrize("c", params("turboquant4", "kivi2"))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_graph_generate_equals_unfused_and_reference(arch, c, emulated_graphs):
+    """Emulated graphs with the norms and MLPs compiled (a counting backend that runs dynamo's graph): the same
+    tokens and scores as the unfused runner and the reference path, exactly; the same steps; one compile per fused
+    class for all layers and the whole generation (layout rebuilds and flushes included: no recompile per step); and
+    the compiled code runs in graph steps only (eager warm-ups, captures and the emulated replays; never prefill)."""
+    model = build_tiny(arch)
+    inputs = _inputs("cpu")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config), 40)
+    seq0, scores0, _, stats0 = _graphed_generate(model, inputs, c)
+    backend = _Counting(f"tq_counting_{arch}_{c.id}")
+    seq, scores, cache, stats = _graphed_generate(model, inputs, c, fuse=backend.name)
+    assert stats == stats0 and stats["replay"] > 10 and stats["capture"] >= 2 and stats["layout"] >= 2, stats
+    assert torch.equal(seq0, ref_seq) and torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+    torch.testing.assert_close(scores, scores0, rtol=0, atol=0)
+    assert backend.compiles == 2  # the RMSNorm class and the MLP class, for every layer
+    python_steps = stats["eager"] + stats["capture"] + stats["replay"] + stats.get("replay_flush", 0)
+    fused = 3 * model.config.num_hidden_layers
+    assert backend.calls == fused * python_steps, (backend.calls, stats)
+    assert fusion.fused_modules(model) == []  # disable restored them
+
+
+def test_fused_aot_eager_generate_equals_reference(emulated_graphs):
+    """fuse="aot_eager" (AOT autograd's traced graph run eagerly): generate gives the reference tokens."""
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    c = case("bonsai-improved-l2")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config), 24)
+    seq, scores, _, stats = _graphed_generate(model, inputs, c, new_tokens=24, fuse="aot_eager")
+    assert stats["replay"] > 10, stats
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+
+
+def _module_dicts(model):
+    return {name: dict(vars(m)) for name, m in model.named_modules()}
+
+
+def _assert_same_dicts(before, after):
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].keys() == after[name].keys(), (name, set(before[name]) ^ set(after[name]))
+        assert all(before[name][k] is after[name][k] for k in before[name]), name
+
+
+def test_fuse_is_instance_level_and_uninstall_restores_it():
+    """install(fuse=...) puts a forward on the chosen instances only (the classes untouched), outside graph steps they
+    run their own forward; switching fuse off, uninstall and disable restore every module exactly; a deep copy of a
+    fused model is fused on its own modules, with its own runner."""
+    model = build_tiny("llama")
+    norm_cls = type(model.model.layers[0].input_layernorm)
+    class_dicts = {cls: dict(vars(cls)) for cls in (norm_cls, type(model.model.layers[0].mlp))}
+    before = _module_dicts(model)
+    ids = torch.tensor([[5, 6, 7]])
+    want = model(input_ids=ids).logits
+    backend = _Counting("tq_counting_restore")
+    cuda_graphs.install(model, fuse=backend.name)
+    assert fusion.fused_modules(model) == [name for name, _ in fusion.fusible(model)]
+    assert "forward" in vars(model.model.layers[1].mlp) and "forward" not in vars(model.model.layers[1].self_attn)
+    assert torch.equal(model(input_ids=ids).logits, want) and backend.calls == 0  # not a graph step: not compiled
+    copied = copy.deepcopy(model)
+    assert cuda_graphs.runner_of(copied).fuse == backend.name
+    assert fusion.fused_modules(copied) == fusion.fused_modules(model)
+    for original, twin in zip(model.modules(), copied.modules()):
+        if "forward" in vars(twin) and twin is not copied:
+            assert vars(twin)["forward"].__self__ is twin and vars(original)["forward"].__self__ is original
+    cuda_graphs.install(model)  # fuse off again, the runner stays
+    assert fusion.fused_modules(model) == [] and cuda_graphs.runner_of(model).fuse is None
+    cuda_graphs.install(model, fuse=True)
+    assert cuda_graphs.runner_of(model).fuse == "inductor"
+    cuda_graphs.uninstall(model)
+    _assert_same_dicts(before, _module_dicts(model))
+    tq_transformers.enable(model, "kivi", fast=True, cuda_graphs=True, fuse="eager")
+    assert len(fusion.fused_modules(model)) == 9
+    tq_transformers.disable(model)
+    _assert_same_dicts(before, _module_dicts(model))
+    assert {cls: dict(vars(cls)) for cls in class_dicts} == class_dicts
+    assert torch.equal(model(input_ids=ids).logits, want)
+    cuda_graphs.uninstall(copied)
+    assert fusion.fused_modules(copied) == []
+
+
+def test_fuse_checks_its_argument():
+    model = build_tiny("llama")
+    with pytest.raises(TypeError, match="fuse must be a bool or the name of a torch.compile backend, got int 1"):
+        cuda_graphs.install(model, fuse=1)
+    with pytest.raises(TypeError, match="fuse must be a bool or the name of a torch.compile backend, got NoneType"):
+        tq_transformers.enable(model, "turboquant", fast=True, fuse=None)
+    with pytest.raises(ValueError, match="fuse must be a bool or the name of a torch.compile backend .*'inductr'"):
+        cuda_graphs.install(model, fuse="inductr")
+    with pytest.raises(ValueError, match="fuse=True needs cuda_graphs=True"):
+        tq_transformers.enable(model, "turboquant", fast=True, cuda_graphs=False, fuse=True)
+    with pytest.raises(ValueError, match="fuse='eager' needs cuda_graphs=True"):
+        tq_transformers.enable(model, "turboquant", fuse="eager")  # fast=False: no graphs
+    with pytest.raises(ValueError, match="found no decoder layers"):
+        cuda_graphs.install(torch.nn.Sequential(torch.nn.Linear(2, 2)), fuse=True)
+    assert cuda_graphs.runner_of(model) is None and fusion.fused_modules(model) == []
+    assert "generate" not in vars(model) and attn_implementation_of(model.config) == "sdpa"
+
+
+def test_fused_capture_never_compiles():
+    """Inside a capture (graph_step(capturing=True)) code that would compile raises instead; the warm-up compiles, and
+    the capture after it reuses the compiled code (the same output as the module's own forward)."""
+    model = build_tiny("llama")
+    backend = _Counting("tq_counting_capture")
+    cuda_graphs.install(model, fuse=backend.name)
+    norm = model.model.layers[2].post_attention_layernorm
+    x = torch.randn(3, 1, 128)
+    with torch.no_grad():
+        want = type(norm).forward(norm, x)
+        with pytest.raises(RuntimeError, match="fail_on_recompile"), fusion.graph_step(backend.name, capturing=True):
+            norm(x)
+        with fusion.graph_step(backend.name):  # the warm-up
+            assert torch.equal(norm(x), want)
+        other = model.model.layers[0].input_layernorm  # another instance: the same compiled code
+        with fusion.graph_step(backend.name, capturing=True):
+            assert torch.equal(other(x), type(other).forward(other, x))
+    assert backend.compiles == 1 and backend.calls == 2
+    cuda_graphs.uninstall(model)
+
+
+def test_moe_block_is_fused_only_when_it_is_one_graph(recwarn):
+    """An MoE block with eager experts (nonzero, a loop over the experts hit) does not compile to one graph
+    (fullgraph=True): its first compile, in a warm-up, fails; it then runs its own forward (a warning says so, no
+    compile is attempted again) while the norms stay fused. With transformers' default grouped_mm experts (static
+    shapes, no host sync) the block is one graph and runs compiled."""
+    model = _mixtral().eval()
+    x = torch.randn(2, 1, 128)
+    layers = model.model.layers
+    with torch.no_grad():
+        assert model.config._experts_implementation == "grouped_mm"
+        fusion.fuse(model)
+        want = type(layers[0].mlp).forward(layers[0].mlp, x)
+        with fusion.graph_step("eager"):
+            torch.testing.assert_close(layers[0].mlp(x), want, rtol=1e-6, atol=1e-6)
+        assert fusion.unfusable() == {}
+        model.set_experts_implementation("eager")
+        want = [type(layer.mlp).forward(layer.mlp, x) for layer in layers]
+        backend = _Counting("tq_counting_moe")
+        with fusion.graph_step(backend.name):
+            got = layers[0].mlp(x)
+            layers[0].input_layernorm(x)
+        with fusion.graph_step(backend.name, capturing=True):
+            again = layers[1].mlp(x)
+            layers[1].input_layernorm(x)
+    assert torch.equal(got, want[0]) and torch.equal(again, want[1])
+    assert any("runs unfused in CUDA-graph steps" in str(w.message) for w in recwarn.list)
+    assert (type(layers[0].mlp).forward.__qualname__, backend.name) in fusion.unfusable()
+    assert backend.compiles == 1 and backend.calls == 2  # the norm, for both layers; never the MoE block
+    fusion.unfuse(model)
+
+
+def test_benchmark_fused_and_unfused_graph_caches_alternate(emulated_graphs, monkeypatch):
+    """scripts/benchmark_speed.py's "_graph_fused" caches beside the "_graph" ones on one model, timed in alternation
+    (use_path switches fuse per turn): each cache keeps the graphs of its own kind (captured once, not every turn),
+    and the fused one's steps run the compiled modules."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+    benchmark_speed = pytest.importorskip("benchmark_speed")
+    names = ["dynamic", *(f"{m}_graph{k}" for m in ("turboquant4", "kivi2", "bonsai1") for k in ("", "_fused"))]
+    modes = {name: mode for name, (_, mode) in benchmark_speed.cache_factories(False, names).items()}
+    assert modes == {"dynamic": "sdpa", **{n: "graph_fused" if n.endswith("_fused") else "graph" for n in names[1:]}}
+    backend = _Counting("tq_counting_benchmark")
+    monkeypatch.setattr(fusion, "DEFAULT_BACKEND", backend.name)  # fuse=True: on the CPU, not inductor
+    make = case("turboquant4").cache  # a window that packs tokens within the tiny context
+    factories = {"turboquant4_graph": (make, "graph"), "turboquant4_graph_fused": (make, "graph_fused")}
+    model = build_tiny("llama")
+    rows = benchmark_speed.decode_interleaved(model, factories, batch=1, context=40, steps=4, rounds=2)
+    stats = dict(cuda_graphs.runner_of(model).stats)
+    assert [r["cache"] for r in rows] == ["turboquant4_graph", "turboquant4_graph_fused"]
+    assert stats["layout"] == 2 and stats["capture"] <= 4 and stats["replay"] >= 16, stats
+    assert backend.compiles == 2 and backend.calls > 0
+    cuda_graphs.uninstall(model)
+    fast_attention.uninstall(model)

@@ -27,7 +27,7 @@ import os
 import pytest
 import torch
 
-from tq_transformers import kernels
+from tq_transformers import BonsaiCache, KIVICache, MixedCache, TurboQuantCache, kernels
 from tq_transformers.codebooks import codebook
 from tq_transformers.formats import ChannelAffinePacked, CodebookPacked, SplitCodebookPacked, TokenAffinePacked
 from tq_transformers.kernels import reference
@@ -452,10 +452,13 @@ def test_decode_with_device_lengths(case, padded, impl):
 # The CUDA split kernel's plan variants (CUDA_PLAN; the sweeps of scripts/tune_decode_kernels.py): the accumulators
 # rescaled only when a max moved, one mma chain, 8 warps a block, a register cap, two tiles loaded ahead (with 8
 # warps and a cap: the Bonsai-1 candidate), the cp.async staging ring (codebook pairs; 16 warps a block; with 8 and
-# the lazy rescale).
+# the lazy rescale); the shared table (TurboQuant-4 pairs; alone, with the shipped codebook plan, with 16 warps and a
+# 2-stage ring).
 CUDA_PLANS = [{"lazy_rescale": True}, {"two_chains": False}, {"warps": 8}, {"min_blocks": 4, "waves": 2}, {"depth": 2},
               {"depth": 2, "warps": 8, "min_blocks": 2}, {"ring": 3}, {"ring": 3, "warps": 16},
-              {"ring": 4, "warps": 8, "lazy_rescale": True}]
+              {"ring": 4, "warps": 8, "lazy_rescale": True}, {"shared_table": 1},
+              {"shared_table": 1, "warps": 8, "lazy_rescale": True, "ring": 3},
+              {"shared_table": 1, "warps": 16, "ring": 2}]
 
 
 @needs_kernels
@@ -475,6 +478,8 @@ def test_cuda_plan_variants_match_reference(case, plan, monkeypatch):
         monkeypatch.setitem(cuda_split.CUDA_PLAN, key, value)
     q, keys, values, wk, wv = build(case, True, DEVICE)
     _skip_uncovered("cuda", q, keys, values)
+    if plan.get("shared_table"):  # on for the one pair whose tables are equal, off for the others
+        assert cuda_split.plan_for(keys, values)["shared_table"] == int(case.keys == case.values == TQ4)
     total = case.packed + case.window
     mask = torch.ones(case.batch, total + 1, dtype=torch.bool, device=DEVICE)[:, 1:]
     mask[:] = left_padding_mask(case.batch, total, DEVICE)
@@ -541,6 +546,98 @@ def test_cuda_staging_ring_only_where_tiles_are_chunk_aligned():
     assert cuda_split.plan_for(dataclasses.replace(_FORMAT_STUBS[ChannelAffinePacked]))["ring"] == 0
 
 
+def _cache_pair(cache, head_dim: int = 128):
+    """(keys, values): the packed views of a small cache's first layer, filled on the CPU."""
+    x = torch.randn(1, 2, 320, head_dim, generator=torch.Generator().manual_seed(5))
+    cache.update(x, 0.5 * x, 0)
+    keys, values = cache.layers[0].packed()
+    assert keys.num_tokens > 0
+    return keys, values
+
+
+# An H200 SM (sm_90): 228 KiB of shared memory, of which each resident block takes its dynamic shared memory and 1 KiB
+# the system reserves (cudaDevAttrReservedSharedMemoryPerBlock); 64 K registers.
+SM_SHARED, BLOCK_RESERVED, SM_REGISTERS = 228 * 1024, 1024, 65536
+
+
+def test_cuda_shared_table_reaches_the_source_and_halves_the_table():
+    """Model-free: CUDA_PLAN's shared_table is compiled into the codebook kernel's source where one table can serve
+    both decoders (one width, the code slots in one order: 4 bits), and the block's shared memory (where the staging
+    rings start, and what the launch asks for) counts the 32 KiB table; the affine kernel, other widths and mixed
+    widths keep the two-sided table whatever the plan says. At D = 128 with the shipped codebook plan (8 warps, a
+    3-stage ring) the shared table lets two blocks share an SM instead of one (registers allowing: at most 128 a
+    thread, which the offline SASS shows). Needs Triton installed (the launcher module imports it), not a GPU."""
+    pytest.importorskip("triton")
+    from tq_transformers.kernels import cuda_split
+
+    plan = {**cuda_split.CUDA_PLAN, **cuda_split.PLAN_OVERRIDES[(CodebookPacked, 4)]}
+    on, off = {**plan, "shared_table": 1}, {**plan, "shared_table": 0}
+    assert "#define SHARED_TABLE 1 " in cuda_split._source(128, 4, 4, True, None, on)[0]
+    assert "#define SHARED_TABLE 0 " in cuda_split._source(128, 4, 4, True, None, off)[0]
+    assert "#define SHARED_TABLE 0 " in cuda_split._source(128, 4, 4, True, None)[0]  # CUDA_PLAN: off
+    for args in [(128, 2, 2, True, None), (64, 1, 1, False, None), (128, 4, 2, True, None), (128, 4, 4, True, (32, 32)),
+                 (128, 2, 2, False, (32, 32))]:
+        assert "#define SHARED_TABLE 0 " in cuda_split._source(*args, on)[0], args
+        assert cuda_split.shared_bytes(*args[:3], args[4], on) == cuda_split.shared_bytes(*args[:3], args[4], off)
+    assert cuda_split.SHARED_TABLE_BYTES == cuda_split.TABLE_BYTES // 2 == 32 * 1024
+    stage = 16 * (64 + 64) + 4 * 16  # a 4-bit tile's key and value rows at D = 128 and its 32 fp16 scales
+    rings = plan["warps"] * plan["ring"] * stage
+    assert cuda_split.shared_bytes(128, 4, 4, None, on) == cuda_split.SHARED_TABLE_BYTES + rings
+    assert cuda_split.shared_bytes(128, 4, 4, None, off) == cuda_split.TABLE_BYTES + rings
+    assert cuda_split.shared_bytes(128, 4, 4, None, {**on, "ring": 0}) == cuda_split.SHARED_TABLE_BYTES
+
+    def blocks(cfg):
+        return SM_SHARED // (cuda_split.shared_bytes(128, 4, 4, None, cfg) + BLOCK_RESERVED)
+
+    assert (blocks(off), blocks(on)) == (1, 2)
+    assert 2 * plan["warps"] * 32 * 128 <= SM_REGISTERS
+
+
+def test_cuda_shared_table_only_for_pairs_of_one_table(monkeypatch):
+    """Model-free: with CUDA_PLAN's shared_table on, ``plan_for`` keeps it for a TurboQuant-4 cache's pair (one
+    codebook tensor for both sides) and switches it off for pairs whose word tables differ: KIVI (affine), Bonsai-1
+    (the value side's slots reordered), key and value widths or grids that differ, TurboQuant keys with Bonsai
+    values, and plan_for without the values. Levels that are equal but not one tensor are compared once (on both
+    tensors' cache; ``keep_constants`` does it outside any graph), never again at a decode call. Needs Triton
+    installed (the launcher module imports it), not a GPU."""
+    pytest.importorskip("triton")
+    from tq_transformers.kernels import cuda_split
+
+    monkeypatch.setitem(cuda_split.CUDA_PLAN, "shared_table", 1)
+    keys, values = _cache_pair(TurboQuantCache(bits=4, flush_size=64))
+    assert keys.levels is values.levels
+    cfg = cuda_split.plan_for(keys, values)
+    assert cfg["shared_table"] == 1 and cfg["ring"] == cuda_split.PLAN_OVERRIDES[(CodebookPacked, 4)]["ring"]
+    assert cuda_split.shared_bytes(128, 4, 4, None, cfg) == cuda_split.shared_bytes(128, 4, 4, None, {
+        **cfg, "shared_table": 0}) - cuda_split.SHARED_TABLE_BYTES
+    assert cuda_split.plan_for(keys)["shared_table"] == 0  # the values unknown
+    others = {
+        "kivi2": KIVICache(bits=2, group_size=32, residual_length=32),
+        "kivi4": KIVICache(bits=4, group_size=32, residual_length=32),
+        "bonsai1": BonsaiCache(group_size=64),
+        "tq4-tq2": TurboQuantCache(key_bits=4, value_bits=2, flush_size=64),
+        "tq4-uniform": TurboQuantCache(bits=4, value_grid="uniform", flush_size=64),
+        "tq4-bonsai": MixedCache(key={"method": "turboquant", "bits": 4}, value={"method": "bonsai"}),
+    }
+    for name, cache in others.items():
+        pair = _cache_pair(cache)
+        assert cuda_split.plan_for(*pair)["shared_table"] == 0, name
+    calls = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(1) or equal(a, b))
+    same = dataclasses.replace(values, levels=values.levels.clone())
+    assert cuda_split.plan_for(keys, same)["shared_table"] == 1 and len(calls) == 2
+    assert cuda_split.plan_for(keys, same)["shared_table"] == 1 and len(calls) == 2  # cached
+    moved = dataclasses.replace(values, levels=values.levels + 1e-3)
+    assert cuda_split.plan_for(keys, moved)["shared_table"] == 0
+    calls.clear()
+    kept = dataclasses.replace(values, levels=values.levels.clone())
+    cuda_split.keep_constants(keys, kept, torch.bfloat16)
+    assert calls
+    calls.clear()
+    assert cuda_split.plan_for(keys, kept)["shared_table"] == 1 and not calls
+
+
 _FORMAT_STUBS = {
     CodebookPacked: CodebookPacked(codes=torch.zeros(1, 1, 1, 64, dtype=torch.uint8), scale=torch.zeros(1, 1, 1),
                                    levels=torch.zeros(16), bits=4),
@@ -568,9 +665,74 @@ def test_cuda_sources_fill_every_placeholder():
         assert f"#define D {args[0]}\n" in src and f"#define KB {args[1]}\n" in src
 
 
-def _emulate_lookup(table_words: torch.Tensor, idx: int, j: int, words: int) -> list[int]:
-    """``lookup`` of cuda_prelude: the entry of byte j of the 32-bit index word `idx` (any copy: all are equal)."""
-    return [int(w) & 0xFFFFFFFF for w in table_words[(idx >> (8 * j)) & 0xFF, :words]]
+def _emulate_load_tables(tk: torch.Tensor, tv: torch.Tensor, shared: bool) -> list[int]:
+    """``load_tables`` of cuda_prelude: the table's shared-memory words, one 16-byte store (``entry_quad``: the
+    side's entry, 4 / WORDS times) after the other; entry byte = [key copies][value copies], or with the shared table
+    the key side's copies alone (cuda_split's docstring)."""
+    entry = 128 if shared else 256
+    rows = (tk.tolist(), tv.tolist())
+    image = []
+    for i in range(256 * entry // 16):
+        byte, side = i // (entry // 16), 0 if shared else (i // 8) & 1
+        row = rows[side][byte]
+        image += [row[k % len(row)] & 0xFFFFFFFF for k in range(4)]
+    return image
+
+
+def _emulate_base(side: str, lane: int, words: int, shared: bool) -> int:
+    """``key_base`` / ``value_base`` of cuda_prelude: the lane's copy on its side."""
+    return (128 if side == "v" and not shared else 0) + (lane % (32 // words)) * words * 4
+
+
+def _emulate_lookup(image: list[int], idx: int, j: int, base: int, words: int, shared: bool) -> list[int]:
+    """``lookup`` of cuda_prelude: the `words` words of shared memory at the offset the kernel computes for byte j of
+    the 32-bit index word `idx` (a byte-permute: byte << 8 | base; the shared table: byte << 7 | base)."""
+    byte = (idx >> (8 * j)) & 0xFF
+    off = (byte << 7 | base) if shared else (byte << 8 | base)
+    assert off % (4 * words) == 0 and off + 4 * words <= 4 * len(image)  # the LDS's alignment, inside the table
+    return image[off // 4:off // 4 + words]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["sides", "shared"])
+@pytest.mark.parametrize("bits", [4, 2, 1], ids=lambda b: f"{b}bit")
+def test_cuda_table_layouts_put_each_entry_where_the_lookup_reads_it(bits, shared):
+    """Model-free: the byte table as ``load_tables`` lays it out in shared memory (two sides a byte value, or with
+    CUDA_PLAN's shared_table one side for both) and ``lookup``'s offsets from ``key_base`` / ``value_base``: every
+    lane reads every byte value's entry of its side, the lanes of one LDS phase (32 / WORDS of them) read distinct
+    banks, and the table is as large as ``cuda_split`` counts it (its ring starts right after). The emulated offsets
+    are the source's (checked against its text). Needs Triton installed (the launcher module imports it), not a GPU."""
+    pytest.importorskip("triton")
+    from tq_transformers.kernels import cuda_prelude, cuda_split
+
+    for line in ("const u32 off = (prmt(idx, 0, 0x4440 + j) << 7) | base;",
+                 "const u32 off = prmt(base, idx, 0x3240 + 0x10 * j);  /* base.b0, idx.byte(j), 0, 0 */",
+                 "return (lane % KREPL) * KWORDS * 4;",
+                 "return (SHARED_TABLE ? 0 : SIDE_BYTES) + (lane % VREPL) * VWORDS * 4;",
+                 "#define SIDE_BYTES 128 ", "#define ENTRY_BYTES 256 ", "#define ENTRY_BYTES SIDE_BYTES "):
+        assert line in cuda_prelude.PRELUDE, line
+    words = 4 // bits
+    gen = torch.Generator().manual_seed(bits)
+    tk = torch.randint(-2**31, 2**31, (256, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    tv = tk if shared else torch.randint(-2**31, 2**31, (256, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    image = _emulate_load_tables(tk, tv, shared)
+    assert 4 * len(image) == (cuda_split.SHARED_TABLE_BYTES if shared else cuda_split.TABLE_BYTES)
+    if bits == 4:  # where the launcher compiles the shared table
+        cfg = {**cuda_split.CUDA_PLAN, "shared_table": int(shared), "ring": 0}
+        assert cuda_split.shared_bytes(128, bits, bits, None, cfg) == 4 * len(image)
+    for side, table in (("k", tk), ("v", tv)):
+        rows = [[w & 0xFFFFFFFF for w in row] for row in table.tolist()]
+        for byte in range(256):
+            idx = byte << 16 | 0xA5  # byte 2 of the index word; the other bytes must not leak in
+            banks = []
+            for lane in range(32):
+                base = _emulate_base(side, lane, words, shared)
+                assert _emulate_lookup(image, idx, 2, base, words, shared) == rows[byte], (side, byte, lane)
+                off = (byte << 7 | base) if shared else (byte << 8 | base)
+                banks.append([(off // 4 + w) % 32 for w in range(words)])
+            phase = 32 // words
+            for p in range(0, 32, phase):
+                hit = [b for lane_banks in banks[p:p + phase] for b in lane_banks]
+                assert len(set(hit)) == len(hit), (side, byte, p)
 
 
 def _emulate_interleave(a: int, b: int, f: int) -> tuple[int, int]:
@@ -578,13 +740,16 @@ def _emulate_interleave(a: int, b: int, f: int) -> tuple[int, int]:
     return (a & even) | ((b << f) & ~even & 0xFFFFFFFF), ((a >> f) & even) | (b & ~even & 0xFFFFFFFF)
 
 
-@pytest.mark.parametrize("bits", [4, 2, 1], ids=lambda b: f"{b}bit")
-def test_cuda_decode_layout_puts_each_level_where_the_mma_reads_it(bits):
+@pytest.mark.parametrize("bits,shared", [(4, False), (2, False), (1, False), (4, True)],
+                         ids=["4bit", "2bit", "1bit", "4bit-shared"])
+def test_cuda_decode_layout_puts_each_level_where_the_mma_reads_it(bits, shared):
     """Model-free: the CUDA kernels' decoders (``cuda_prelude.decode_keys`` / ``decode_values``) emulated on the host
-    with the tables the launcher builds (``cuda_split._word_table``, VALUE_SLOTS): every 16-bit half of every A
-    fragment word holds the level of the token and coordinate the m16n8k16 fragment layout assigns it (keys: rows
-    gid / gid+8 = tokens w0 / w1, columns = key_coord; values: rows = coordinates 2mt / 2mt+1, columns = tokens).
-    Needs Triton installed (the launcher module imports it), not a GPU."""
+    with the tables the launcher builds (``cuda_split._word_table``, VALUE_SLOTS), laid out in shared memory as
+    ``load_tables`` does and read at the offsets ``lookup`` computes for one lane of each side (two sides a byte
+    value, or the shared table of a TurboQuant-4-like pair, filled from the key side's table alone): every 16-bit
+    half of every A fragment word holds the level of the token and coordinate the m16n8k16 fragment layout assigns
+    it (keys: rows gid / gid+8 = tokens w0 / w1, columns = key_coord; values: rows = coordinates 2mt / 2mt+1,
+    columns = tokens). Needs Triton installed (the launcher module imports it), not a GPU."""
     pytest.importorskip("triton")
     from tq_transformers.kernels import cuda_split
 
@@ -604,22 +769,32 @@ def test_cuda_decode_layout_puts_each_level_where_the_mma_reads_it(bits):
                for i in range((nbytes + 3) // 4)]
         return codes, raw
 
+    tk, tv = cuda_split._word_table(view, torch.float16, "k"), cuda_split._word_table(view, torch.float16, "v")
+    assert cuda_split._tables_equal(view, view) == (bits == 4) == torch.equal(tk, tv)  # one codebook: 4 bits only
+    image = _emulate_load_tables(tk, tk if shared else tv, shared)  # the shared table: the key side's only
+    kbase, vbase = _emulate_base("k", 13, words, shared), _emulate_base("v", 22, words, shared)
+
+    def klook(idx, j, n):
+        return _emulate_lookup(image, idx, j, kbase, n, shared)
+
+    def vlook(idx, j, n):
+        return _emulate_lookup(image, idx, j, vbase, n, shared)
+
     # keys: two tokens, the lane's D/4 coordinates
-    tk = cuda_split._word_table(view, torch.float16, "k")
     kbytes = d * bits // 32
     (c0, w0), (c1, w1) = token(kbytes), token(kbytes)
     ka = [[0] * 4 for _ in range(d // 16)]
     for j in range(kbytes):
         i, jj = j >> 2, j & 3
         if bits == 4:
-            ka[j >> 1][2 * (j & 1)] = _emulate_lookup(tk, w0[i], jj, 1)[0]
-            ka[j >> 1][2 * (j & 1) + 1] = _emulate_lookup(tk, w1[i], jj, 1)[0]
+            ka[j >> 1][2 * (j & 1)] = klook(w0[i], jj, 1)[0]
+            ka[j >> 1][2 * (j & 1) + 1] = klook(w1[i], jj, 1)[0]
         else:
             x, y = _emulate_interleave(w0[i], w1[i], 4 if bits == 2 else 2)
             if bits == 2:
-                ka[j][0:2], ka[j][2:4] = _emulate_lookup(tk, x, jj, 2), _emulate_lookup(tk, y, jj, 2)
+                ka[j][0:2], ka[j][2:4] = klook(x, jj, 2), klook(y, jj, 2)
             else:
-                ka[2 * j], ka[2 * j + 1] = _emulate_lookup(tk, x, jj, 4), _emulate_lookup(tk, y, jj, 4)
+                ka[2 * j], ka[2 * j + 1] = klook(x, jj, 4), klook(y, jj, 4)
 
     def key_coord(kk, h):
         return 8 * (kk >> 1) + 2 * (kk & 1) + 4 * h if bits == 1 else 4 * kk + 2 * h
@@ -629,7 +804,6 @@ def test_cuda_decode_layout_puts_each_level_where_the_mma_reads_it(bits):
             c = key_coord(kk, h)
             assert ka[kk][reg] == level[codes[c]] | level[codes[c + 1]] << 16, (kk, reg)
     # values: four tokens (2tid, 2tid+1, 2tid+8, 2tid+9), the lane's D/8 coordinates
-    tv = cuda_split._word_table(view, torch.float16, "v")
     vbytes = d * bits // 64
     toks = [token(vbytes) for _ in range(4)]
     va = [[0] * 4 for _ in range(d // 16)]
@@ -639,18 +813,18 @@ def test_cuda_decode_layout_puts_each_level_where_the_mma_reads_it(bits):
             for pr in range(2):
                 x, y = _emulate_interleave(toks[2 * pr][1][i], toks[2 * pr + 1][1][i], 4)
                 if bits == 4:
-                    va[j][2 * pr] = _emulate_lookup(tv, x, jj, 1)[0]
-                    va[j][2 * pr + 1] = _emulate_lookup(tv, y, jj, 1)[0]
+                    va[j][2 * pr] = vlook(x, jj, 1)[0]
+                    va[j][2 * pr + 1] = vlook(y, jj, 1)[0]
                 else:
-                    va[2 * j][2 * pr:2 * pr + 2] = _emulate_lookup(tv, x, jj, 2)
-                    va[2 * j + 1][2 * pr:2 * pr + 2] = _emulate_lookup(tv, y, jj, 2)
+                    va[2 * j][2 * pr:2 * pr + 2] = vlook(x, jj, 2)
+                    va[2 * j + 1][2 * pr:2 * pr + 2] = vlook(y, jj, 2)
         else:
             ab = _emulate_interleave(toks[0][1][i], toks[1][1][i], 2)
             cd = _emulate_interleave(toks[2][1][i], toks[3][1][i], 2)
             p0, p2 = _emulate_interleave(ab[0], cd[0], 4)
             p1, p3 = _emulate_interleave(ab[1], cd[1], 4)
             for k, p in enumerate((p0, p1, p2, p3)):
-                va[4 * j + k] = _emulate_lookup(tv, p, jj, 4)
+                va[4 * j + k] = vlook(p, jj, 4)
     for mt in range(d // 16):
         for reg, (coord, pair) in enumerate([(2 * mt, 0), (2 * mt + 1, 0), (2 * mt, 1), (2 * mt + 1, 1)]):
             lo, hi = toks[2 * pair][0][coord], toks[2 * pair + 1][0][coord]  # columns: tokens 2tid(+8), 2tid+1(+9)

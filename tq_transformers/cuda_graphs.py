@@ -35,6 +35,21 @@ For graph steps of one cache:
 The returned logits are a copy (the graph's own buffer is overwritten by the next replay). The output equals the
 eager static step's exactly (same kernels, same grid), and the dynamic fast path's up to the split of the packed
 tokens among thread blocks (tested on a GPU).
+
+Fusion (``install(model, fuse=True)``, ``enable(..., fuse=True)``; off by default): the captured forward is the model's
+eager one, in which every RMSNorm is about 8 kernels and the MLP's ``act(gate) * up`` two (about 480 small kernels per
+step of Llama-3.1-8B). With ``fuse``, inside graph steps only (the eager warm-up steps of 2. and the captures of 3.;
+never prefill, never the fallback forward above), the decoder layers' *pure* children run through ``torch.compile``
+(inductor; ``fuse="eager"`` / ``"aot_eager"`` name another backend, for tests): an RMSNorm becomes one kernel, the
+MLP its GEMMs (cuBLAS) and one ``act * up`` kernel. The rule (``tq_transformers.fusion``, no class names): the decoder
+layers are the ``nn.ModuleList`` of the text config's ``num_hidden_layers`` modules each holding an attention module
+(one with a ``layer_idx``); of each layer, every direct child with parameters, no attention module inside, and a
+forward of one argument is compiled whole (``fullgraph=True``: a block that is not one graph, such as an MoE block
+with data-dependent routing, fails its first compile and stays unfused, with a warning). The compile happens in the
+first warm-up step (outside any capture; one compiled graph serves all layers, a new batch size compiles once more),
+and a capture runs under ``torch.compiler.set_stance("fail_on_recompile")``, so nothing compiles inside it. The
+modules get an instance-level ``forward`` (classes untouched); `uninstall` deletes it. A cache's graphs are captured
+again at its next step when the runner's ``fuse`` changed since they were captured.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ import weakref
 
 import torch
 
+from . import fusion
 from .cache import QuantizedKVCache
 from .generation import CACHE_KWARG
 from .layer import QuantizedKVLayer
@@ -81,6 +97,7 @@ class _State:
     layouts: list  # the layers' StaticLayout objects the graphs were built for
     warm: dict = dataclasses.field(default_factory=dict)  # flushes (bool) -> whether that kind of step ran eagerly
     graphs: dict = dataclasses.field(default_factory=dict)  # flushes (bool) -> _Graph
+    fuse: str | None = None  # the fusion backend the warm-ups and graphs ran with (None: unfused)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -141,16 +158,17 @@ def _graph_layers(cache, verified: list | None = None) -> list[QuantizedKVLayer]
 class _Runner:
     """The wrapped forward of one model (see the module docstring)."""
 
-    def __init__(self, forward, replaced=None):
+    def __init__(self, forward, replaced=None, fuse: str | None = None):
         self.forward = forward  # the forward wrapped (a bound method, or an instance-level one such as accelerate's)
         self.replaced = replaced  # the instance-level forward that `uninstall` puts back, or None
+        self.fuse = fuse  # the compile backend of the fused modules in graph steps, or None (fusion.check_fuse)
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _State
         self.stats = collections.Counter()  # steps by kind: "eager", "capture", "replay"; and "layout" (re)builds
 
     def __deepcopy__(self, memo):
         """A deep copy of the model gets a runner of its own around the copy's forward (no graphs: captured graphs
         belong to the original's buffers)."""
-        return _Runner(copy.deepcopy(self.forward, memo), copy.deepcopy(self.replaced, memo))
+        return _Runner(copy.deepcopy(self.forward, memo), copy.deepcopy(self.replaced, memo), self.fuse)
 
     # ------------------------------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -178,6 +196,8 @@ class _Runner:
         ):
             return self.forward(**kwargs)
         state = self._state_for(cache, layers, input_ids)
+        if state.fuse != self.fuse:  # `install` switched fusion: warm up and capture again
+            state.graphs, state.warm, state.fuse = {}, {}, self.fuse
         first = layers[0]
         n = first.cumulative_length  # tokens held before this step
         flushes = first.static.flushes_next(first)
@@ -186,7 +206,8 @@ class _Runner:
         if not state.warm.get(False) or not state.warm.get(flushes):
             state.warm[False] = state.warm[flushes] = True
             self.stats["eager"] += 1
-            return self.forward(**kwargs)
+            with fusion.graph_step(state.fuse):  # fused modules compile here, outside any capture
+                return self.forward(**kwargs)
         if mask is None:
             state.shared.key_mask[:, : n + 1] = True
         else:
@@ -221,7 +242,7 @@ class _Runner:
             lengths=torch.zeros(3, dtype=torch.int64, device=device),
             key_mask=torch.ones(input_ids.shape[0], 0, dtype=torch.bool, device=device),
         )
-        state = _State(shared, [])
+        state = _State(shared, [], fuse=self.fuse)
         self._layout(layers, state, first.num_quantized)
         self.states[cache] = state
         return state
@@ -246,9 +267,11 @@ class _Runner:
         inputs = {name: kwargs[name].clone() for name in ("input_ids", "position_ids")}
         call = dict(kwargs, **inputs)
         call["attention_mask"] = None  # the mask comes from the layout (building one would sync the host)
+        fuse = state.fuse
 
         def step():
-            output = self.forward(**call)
+            with fusion.graph_step(fuse, capturing=True):  # the code compiled in the warm-up; nothing compiles here
+                output = self.forward(**call)
             if flushes:
                 for layer in layers:
                     layer.settle()
@@ -281,20 +304,31 @@ def _graph_forward(cls_forward):
     return forward
 
 
-def install(model):
+def install(model, fuse: bool | str = False):
     """Wrap `model.forward` so that decode steps of fast-path tq caches replay a CUDA graph (module docstring).
 
     Args:
         model: a transformers model.
+        fuse: in graph steps only, run the decoder layers' pure modules (norms, MLP) through ``torch.compile`` (module
+            docstring, "Fusion"): False (default), True (inductor), or the name of another ``torch.compile`` backend
+            ("eager", "aot_eager": for tests). A ValueError if the model has no module to fuse.
     Returns:
-        the model (idempotent).
+        the model (idempotent; called again on an installed model, it switches ``fuse``).
     """
-    if runner_of(model) is not None:
-        return model
-    replaced = vars(model).get("forward")  # an instance-level forward (accelerate's hooks), or None
-    runner = _Runner(model.forward, replaced)
-    setattr(model, _RUNNER_ATTR, runner)
-    model.forward = types.MethodType(_graph_forward(type(model).forward), model)
+    backend = fusion.check_fuse(fuse)
+    if backend is not None:
+        fusion.fusible(model)  # raises (nothing changed yet) when there is nothing to fuse
+    runner = runner_of(model)
+    if runner is None:
+        replaced = vars(model).get("forward")  # an instance-level forward (accelerate's hooks), or None
+        runner = _Runner(model.forward, replaced)
+        setattr(model, _RUNNER_ATTR, runner)
+        model.forward = types.MethodType(_graph_forward(type(model).forward), model)
+    if backend is None:
+        fusion.unfuse(model)
+    else:
+        fusion.fuse(model)
+    runner.fuse = backend
     return model
 
 
@@ -305,7 +339,7 @@ def runner_of(model) -> _Runner | None:
 
 def uninstall(model):
     """Undo `install`: the forward the model had before (its class's, or an instance-level one such as accelerate's
-    hooks put there); the graphs and their buffers are freed.
+    hooks put there), and the fused modules' own forward (``fuse``); the graphs and their buffers are freed.
 
     Args:
         model: a transformers model.
@@ -314,6 +348,7 @@ def uninstall(model):
     """
     runner = runner_of(model)
     if runner is not None:
+        fusion.unfuse(model)
         del model.__dict__[_RUNNER_ATTR]
         if runner.replaced is None:
             del model.forward

@@ -74,7 +74,8 @@ def check_cache_model(cache, config) -> None:
             )
 
 
-def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = None, **cache_kwargs):
+def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = None, fuse: bool | str = False,
+           **cache_kwargs):
     """Make every `model.generate` call use a fresh `method` cache (a name of ``METHOD_NAMES``).
 
     Args:
@@ -85,6 +86,9 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
         cuda_graphs: replay decode steps from CUDA graphs (``tq_transformers.cuda_graphs``: the host out of the step;
             without effect on CPU). Default: on with ``fast=True``, unless ``max_cache_len`` is given (a
             fixed-capacity cache, which generate compiles instead: ``tq_transformers.compile``).
+        fuse: inside CUDA-graph steps, run the decoder layers' norms and MLPs through ``torch.compile`` (fewer,
+            fused kernels per replayed step: ``tq_transformers.cuda_graphs``, "Fusion"): False (default), True
+            (inductor) or another ``torch.compile`` backend's name. Needs ``cuda_graphs``.
         **cache_kwargs: the method's settings, validated now (a bad value raises here, not at the first prompt).
     Returns:
         the model. Example::
@@ -104,6 +108,13 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
         raise ValueError(f"cuda_graphs=True and max_cache_len={cache_kwargs['max_cache_len']} are two ways to the "
                          "same end: a fixed-capacity cache is compiled by generate (tq_transformers.compile); pass "
                          "one of them")
+    from . import fusion
+
+    if fusion.check_fuse(fuse) is not None:
+        if not cuda_graphs:
+            raise ValueError(f"fuse={fuse!r} needs cuda_graphs=True (it runs only in CUDA-graph steps), got "
+                             f"cuda_graphs={cuda_graphs}")
+        fusion.fusible(model)  # a ValueError now, before anything is switched, when there is nothing to fuse
     cache_cls(model.config, **cache_kwargs)  # validate the arguments once, at enable time
     previous = vars(model).get(_STATE_ATTR)
     previous_attn = previous.previous_attn if previous is not None else None
@@ -116,7 +127,7 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
     from . import cuda_graphs as graphs
 
     if cuda_graphs:
-        graphs.install(model)
+        graphs.install(model, fuse=fuse)
     else:
         graphs.uninstall(model)
     setattr(model, _STATE_ATTR, _Enabled(method, dict(cache_kwargs), fast, cuda_graphs, previous_attn, replaced))

@@ -4,8 +4,8 @@ decoders, the query fragments, the key scores, the online softmax, the value acc
 partials.
 
 Placeholders ``__D__`` (head_dim), ``__KB__`` / ``__VB__`` (key / value bits), ``__NWARPS__``, ``__BF16__``,
-``__CHAINS__``, ``__LAZY__``, ``__DEPTH__``, ``__MINB__`` are filled by ``cuda_split._source`` (``CUDA_PLAN``). The
-layouts are explained in ``cuda_split``'s docstring.
+``__CHAINS__``, ``__LAZY__``, ``__DEPTH__``, ``__MINB__``, ``__SHARED__`` are filled by ``cuda_split._source``
+(``CUDA_PLAN``). The layouts are explained in ``cuda_split``'s docstring.
 """
 
 PRELUDE = r"""
@@ -18,6 +18,7 @@ PRELUDE = r"""
 #define LAZY_RESCALE __LAZY__     /* rescale the output accumulators only in tiles where a running max moved */
 #define DEPTH __DEPTH__           /* tiles loaded ahead of the one decoded (1 or 2) */
 #define MIN_BLOCKS __MINB__       /* __launch_bounds__ blocks per SM (0: no register cap) */
+#define SHARED_TABLE __SHARED__   /* one table for both sides, theirs being equal (cuda_split._shared_table) */
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
@@ -27,8 +28,15 @@ typedef long long i64;
 #define VWORDS (4 / VB)
 #define KREPL (32 / KWORDS)       /* table copies: one per lane of a conflict-free phase */
 #define VREPL (32 / VWORDS)
-#define ENTRY_BYTES 256           /* shared-memory bytes of one byte value: [side (key, value)][copy][word] */
 #define SIDE_BYTES 128            /* one side's copies of one entry: REPL * WORDS words */
+#if SHARED_TABLE
+#if KB != VB
+#error "a shared table needs keys and values of one width"
+#endif
+#define ENTRY_BYTES SIDE_BYTES    /* shared-memory bytes of one byte value: [copy][word], both sides' lookups */
+#else
+#define ENTRY_BYTES 256           /* shared-memory bytes of one byte value: [side (key, value)][copy][word] */
+#endif
 #define TABLE_BYTES (256 * ENTRY_BYTES)
 #define TILE 16                   /* tokens a tile: the mma's M (keys) and K (values) */
 #define KBYTES (D * KB / 32)      /* key bytes a lane reads per token: D/4 codes */
@@ -97,10 +105,19 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 
 /* The entry of byte j (0..3) of `idx` (WORDS words) into dst[0 .. WORDS-1]: the entry starts at byte * ENTRY_BYTES,
    so its offset is one byte-permute writing the byte into bits 8..15 of `base` (this lane's copy on its side, < 256;
-   cuda_split's docstring draws the layout) */
+   cuda_split's docstring draws the layout). With the shared table (128-byte entries, base < 128: both sides' copy)
+   the byte goes to bits 7..14: one byte-permute zero-extending it, then byte * 128 + base, which ptxas makes an IMAD
+   (or LEA): one op more a lookup, on the FMA pipe beside the ALU's PRMTs. Offline SASS of the tile loop at D = 128,
+   4 bits, 8 warps, ring 3 (scripts/inspect_cuda_sass.py, 2026-12-03; 64 lookups): this form +66; a plain C shift
+   and mask +80 (ptxas folds the mask into the interleave's LOP3s, split by byte); an asm shift + LOP3 +66; a PRMT
+   + shift +63, but 254 registers at D = 256 against this form's 233 */
 template <int WORDS>
 __device__ __forceinline__ void lookup(u32 idx, int j, const u8* table, u32 base, u32* dst) {
+#if SHARED_TABLE
+    const u32 off = (prmt(idx, 0, 0x4440 + j) << 7) | base;  /* idx.byte(j), 0, 0, 0: then one IMAD / LEA */
+#else
     const u32 off = prmt(base, idx, 0x3240 + 0x10 * j);  /* base.b0, idx.byte(j), 0, 0 */
+#endif
     const u8* e = table + off;
     if (WORDS == 1) { dst[0] = *(const u32*)e; }
     else if (WORDS == 2) { const uint2 v = *(const uint2*)e; dst[0] = v.x; dst[1] = v.y; }
@@ -242,18 +259,22 @@ __device__ __forceinline__ uint4 entry_quad(const u32* t, int byte) {
 
 /* The split kernels' shared steps (codebook and affine): one home each. */
 __device__ __forceinline__ void load_tables(u8* table, const u32* table_k, const u32* table_v) {
-    /* both sides' byte tables into shared memory, 16 bytes a store: entry byte = [key copies][value copies] */
+    /* both sides' byte tables into shared memory, 16 bytes a store: entry byte = [key copies][value copies], or
+       with the shared table the key side's copies alone (table_v, equal to it, is not read) */
     uint4* out = (uint4*)table;
     for (int i = threadIdx.x; i < 256 * ENTRY_BYTES / 16; i += NWARPS * 32) {
-        const int byte = i / (ENTRY_BYTES / 16), side = (i / (SIDE_BYTES / 16)) & 1;
+        const int byte = i / (ENTRY_BYTES / 16), side = SHARED_TABLE ? 0 : (i / (SIDE_BYTES / 16)) & 1;
         out[i] = side ? entry_quad<VWORDS>(table_v, byte) : entry_quad<KWORDS>(table_k, byte);
     }
     __syncthreads();
 }
 
-/* this lane's table copy on the key and value side: bits 0..7 of an entry's offset */
+/* this lane's table copy on the key and value side: the low bits of an entry's offset (the value side's copies
+   after the key side's, or with the shared table the same copies) */
 __device__ __forceinline__ u32 key_base(int lane) { return (lane % KREPL) * KWORDS * 4; }
-__device__ __forceinline__ u32 value_base(int lane) { return SIDE_BYTES + (lane % VREPL) * VWORDS * 4; }
+__device__ __forceinline__ u32 value_base(int lane) {
+    return (SHARED_TABLE ? 0 : SIDE_BYTES) + (lane % VREPL) * VWORDS * 4;
+}
 
 __device__ __forceinline__ void tile_mask(int t0, bool full, int gid, int end, const u8* mrow, int stride_mn,
                                           bool& ok0, bool& ok1) {

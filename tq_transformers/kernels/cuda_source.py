@@ -11,11 +11,12 @@ CODEBOOK_SPLIT_SOURCE = PRELUDE + r"""
 /* one tile's raw bytes and scales for this lane: key rows gid, gid + 8; value rows 2tid, 2tid+1, 2tid+8, 2tid+9 */
 struct Raw { u32 k0[(KBYTES + 3) / 4], k1[(KBYTES + 3) / 4], v[4][(VBYTES + 3) / 4]; u16 kn0, kn1, vn0, vn1; };
 
-/* Staging (RING > 0): each warp owns a ring of RING tiles in shared memory after the table. A whole tile is copied
-   in with 16-byte cp.async chunks spread over the warp's lanes (its key rows, value rows and 16 + 16 scales are each
-   contiguous in the cache), RING - 1 tiles ahead of the one decoded; the lanes then read their bytes back. Value rows
-   of 32 bytes or more have their 16-byte chunks XOR-swizzled by row pair, so that the four rows 2tid + x a read
-   touches fall in different banks. */
+/* Staging (RING > 0): each warp owns a ring of RING tiles in shared memory after the table (TABLE_BYTES: 64 KiB, 32
+   KiB with SHARED_TABLE; cuda_split.shared_bytes counts the same). A whole tile is copied in with 16-byte cp.async
+   chunks spread over the warp's lanes (its key rows, value rows and 16 + 16 scales are each contiguous in the cache),
+   RING - 1 tiles ahead of the one decoded; the lanes then read their bytes back. Value rows of 32 bytes or more have
+   their 16-byte chunks XOR-swizzled by row pair, so that the four rows 2tid + x a read touches fall in different
+   banks. */
 #define RING __RING__
 #define KTILE (TILE * KROW)
 #define VTILE (TILE * VROW)

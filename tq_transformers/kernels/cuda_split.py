@@ -27,6 +27,24 @@ registers:
       byte 0x00: [key copy 0 .. REPL-1 (128 B)][value copy 0 .. REPL-1 (128 B)]
       byte 0x01: [key copies                  ][value copies                  ]  ...
 
+  The shared table (CUDA_PLAN's ``shared_table``, for codebook pairs whose two word tables are equal: one width, the
+  value side's code slots in the natural order, one codebook, as TurboQuant-4's; ``plan_for`` decides it on the
+  host) stores one side for both, at one more integer op a lookup (a byte-permute, then byte * 128 + copy; the
+  ``lookup`` comment in ``cuda_prelude`` says why this form)::
+
+      offset = byte << 7 | copy * 4 * WORDS | word * 4                  (SHARED_TABLE_BYTES = 256 * 128 = 32 KiB)
+      byte 0x00: [copy 0 .. REPL-1 (128 B)]   byte 0x01: [copies]  ...  (keys and values look up the same copy)
+
+  Why: the kernels are latency-bound and their residency is capped by shared memory (docs/RESULTS.md eleventh
+  pass): the shipped codebook plan (8 warps, a 3-stage ring: 64 KiB + 49.5 KiB at D = 128) fits one block an SM, the
+  shared table (32 KiB + 49.5 KiB) two (at 128 registers a thread, what ptxas gives it). Checked on the host: the
+  layout, its banks and the decoders emulated on the shared layout's offsets (tests/test_kernels.py), and offline
+  SASS (scripts/inspect_cuda_sass.py, 2026-12-03: every head dim, width and dtype builds, no spills at 4 or 8
+  warps; TurboQuant-4 at D = 128, 8 warps, ring 3: 367 -> 433 instructions a tile for its 64 lookups, 126 -> 128
+  registers; with ring 2 ptxas rematerializes lane values to stay under 128 registers, 367 -> 476); on an H200
+  (2026-12-03) the plan-variant tests pass with it, and the driver's occupancy gives that plan 2 blocks an SM with
+  the shared table, 1 without. Its speed is not measured yet (PLAN_OVERRIDES leaves it off).
+
 - index bytes interleave several tokens' codes (two bitwise ops per 4 bytes, ``cuda_prelude.interleave``) so that
   each lookup lands in its fragment register: no byte-permute per value fragment and no register moves to build
   2- and 1-bit fragments (``decode_keys``, ``decode_values``; the value side's table orders its code slots for it,
@@ -55,9 +73,11 @@ from .triton_common import cdiv, derived, partials, sm_count
 # where a running max moved; the launch bound's blocks per SM (0: none; 4 caps registers at 128, mixed results).
 # The next tile is always loaded while this one is decoded (1.7x faster at 8 x 32K than without, fifth pass); `depth`
 # 2 loads two ahead (more bytes in flight, about 40 more registers; not better, eleventh pass); `ring` > 0 stages the
-# codebook kernel's tiles through a cp.async ring of that many tiles in shared memory instead (``cuda_source``).
+# codebook kernel's tiles through a cp.async ring of that many tiles in shared memory instead (``cuda_source``);
+# `shared_table` 1 keeps one side's table for both sides of a codebook pair whose key and value tables are equal
+# (TurboQuant-4: 32 KiB instead of 64 KiB a block, one more integer op a lookup; module docstring; not measured yet).
 CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "depth": 1,
-             "ring": 0, "min_blocks": 0}
+             "ring": 0, "min_blocks": 0, "shared_table": 0}
 #: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K / 1 x 32K, Llama-3.1-8B
 #: attention shape, scripts/tune_decode_kernels.py, 2026-12-03, docs/RESULTS.md "eleventh pass", third lease): 4-bit
 #: codebook keys (TurboQuant-4) 136.7 / 48.4 -> 118.0 / 39.9 us with 8 warps, the lazy rescale and a 3-stage ring;
@@ -65,13 +85,14 @@ CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "laz
 _CODEBOOK_PLAN = {"warps": 8, "lazy_rescale": True, "ring": 3}
 PLAN_OVERRIDES = {(CodebookPacked, 4): _CODEBOOK_PLAN, (CodebookPacked, 1): _CODEBOOK_PLAN}
 #: the CUDA_PLAN keys compiled into the source (``_source``); the others only shape the launch (``plan``)
-COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "depth", "ring", "min_blocks")
+COMPILED_PLAN_KEYS = ("warps", "two_chains", "lazy_rescale", "depth", "ring", "min_blocks", "shared_table")
 TILE = 16  # tokens per mma step
 MAX_GROUP = 8  # query heads per KV head: the mma's N
 HEAD_DIMS = (64, 128, 256)
 BITS = (1, 2, 4)
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' mma operand types
 TABLE_BYTES = 256 * 256  # 256 byte values x (key + value side) x 32 banks' copies of 4 bytes (module docstring)
+SHARED_TABLE_BYTES = 256 * 128  # the same, one side for both (CUDA_PLAN's shared_table)
 #: the code slots of a value-side table entry, by bits, in word order: the value decoder's index byte holds several
 #: tokens' codes (``cuda_prelude.decode_values``) and each word must be one coordinate of two tokens. 2 bits: slots
 #: [A c0, A c1, B c0, B c1] -> words (A c0, B c0), (A c1, B c1); 1 bit: [A p, B p, C p, D p] (p = two codes) ->
@@ -93,16 +114,21 @@ _SHARED_LIMIT: dict = {}
 
 def plan_for(keys, values=None) -> dict:
     """CUDA_PLAN with the overrides measured for the keys' format and width (PLAN_OVERRIDES); the staging ring
-    ("ring") off where the pair's tiles cannot be copied as 16-byte chunks (``_ring_fits``).
+    ("ring") off where the pair's tiles cannot be copied as 16-byte chunks (``_ring_fits``) or the rings do not fit
+    the block's shared memory; the shared table ("shared_table") off unless the pair's key and value word tables are
+    known to be equal (``_tables_equal``; host-side facts, no device sync once cached).
 
     Args:
         keys: the packed keys (a ``formats`` view).
-        values: the packed values (needed to check the ring's alignment; None: not checked).
+        values: the packed values (needed to check the ring's alignment and the shared table; None: the ring's
+            alignment is not checked, and the shared table is off).
 
     Returns:
         A new dict with CUDA_PLAN's keys.
     """
     cfg = {**CUDA_PLAN, **PLAN_OVERRIDES.get((type(keys), keys.bits), {})}
+    if cfg["shared_table"] and (values is None or not _tables_equal(keys, values)):
+        cfg["shared_table"] = 0
     if cfg["ring"] and (not isinstance(keys, CodebookPacked) or (values is not None and not _ring_fits(keys, values))):
         cfg["ring"] = 0
     if cfg["ring"] and values is not None and keys.codes.is_cuda:  # the rings must fit the block's shared memory
@@ -122,6 +148,28 @@ def _shared_limit(device: torch.device) -> int:
     return _SHARED_LIMIT[idx]
 
 
+def _tables_equal(keys, values) -> bool:
+    """The key and value sides' word tables (``_word_table``) are equal, decided on the host: codebook sides of one
+    width whose value-side code slots are in the key side's (natural) order (VALUE_SLOTS: 4 bits) and one codebook,
+    the same levels tensor (the caches' TurboQuant codebooks are one tensor: ``codebooks.codebook``) or equal levels,
+    compared once per pair of tensors (a device sync) and cached on both (``derived``: a stale entry of one whose
+    partner died is never the only one asked; ``keep_constants`` compares them outside any graph)."""
+    if not (isinstance(keys, CodebookPacked) and isinstance(values, CodebookPacked)) or keys.bits != values.bits:
+        return False
+    if not _natural_slots(keys.bits):
+        return False
+    a, b = keys.levels, values.levels
+    if a is b:
+        return True
+    if a.shape != b.shape or a.device != b.device:
+        return False
+
+    def equal():
+        return bool(torch.equal(a.float(), b.float()))
+
+    return derived(a, ("equal_levels", id(b)), equal) and derived(b, ("equal_levels", id(a)), equal)
+
+
 def _ring_fits(keys, values) -> bool:
     """A tile's key and value rows and its 16 scales of each side start on 16 bytes in every batch-head (the staging
     ring's cp.async chunks)."""
@@ -132,13 +180,28 @@ def _ring_fits(keys, values) -> bool:
     return True
 
 
+def _natural_slots(bits: int) -> bool:
+    """The value side's table entry has its code slots in the key side's order (VALUE_SLOTS; 4 bits only)."""
+    return tuple(VALUE_SLOTS[bits]) == tuple(range(8 // bits))
+
+
+def _shared_table(kb: int, vb: int, groups, cfg: dict) -> int:
+    """The compiled SHARED_TABLE: cfg["shared_table"] where one table can serve both decoders (the codebook kernel,
+    one width, the code slots in one order: ``_natural_slots``), else 0 (the two-sided table): never for the affine
+    kernel (its key table holds fp16 integers, its value table the model dtype), nor for 2- and 1-bit values (their
+    slots reordered). ``plan_for`` also checks the levels (``_tables_equal``)."""
+    return int(bool(cfg["shared_table"]) and groups is None and kb == vb and _natural_slots(kb))
+
+
 def shared_bytes(d: int, kb: int, vb: int, groups, cfg: dict) -> int:
-    """Dynamic shared memory of a block: the table, and for the codebook kernel with a staging ring, cfg["warps"]
-    rings of cfg["ring"] stages (a tile's key and value rows and 16 + 16 fp16 scales, ``cuda_source`` RING)."""
+    """Dynamic shared memory of a block: the table (TABLE_BYTES, or SHARED_TABLE_BYTES with the shared table), and
+    for the codebook kernel with a staging ring, cfg["warps"] rings of cfg["ring"] stages after it (a tile's key and
+    value rows and 16 + 16 fp16 scales, ``cuda_source`` RING)."""
+    table = SHARED_TABLE_BYTES if _shared_table(kb, vb, groups, cfg) else TABLE_BYTES
     if groups is not None or not cfg["ring"]:
-        return TABLE_BYTES
+        return table
     stage = TILE * (d * kb // 8 + d * vb // 8) + 4 * TILE
-    return TABLE_BYTES + cfg["warps"] * cfg["ring"] * stage
+    return table + cfg["warps"] * cfg["ring"] * stage
 
 
 def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None = None, cfg: dict | None = None):
@@ -149,7 +212,7 @@ def _source(d: int, kb: int, vb: int, bf16: bool, groups: tuple[int, int] | None
     src, name = (CODEBOOK_SPLIT_SOURCE, "codebook_split") if groups is None else (AFFINE_SPLIT_SOURCE, "affine_split")
     fill = {"__D__": d, "__KB__": kb, "__VB__": vb, "__NWARPS__": cfg["warps"], "__BF16__": int(bf16),
             "__CHAINS__": int(cfg["two_chains"]), "__LAZY__": int(cfg["lazy_rescale"]), "__DEPTH__": cfg["depth"],
-            "__RING__": cfg["ring"], "__MINB__": cfg["min_blocks"]}
+            "__RING__": cfg["ring"], "__MINB__": cfg["min_blocks"], "__SHARED__": _shared_table(kb, vb, groups, cfg)}
     if groups is not None:
         fill.update({"__KG__": groups[0], "__VG__": groups[1]})
     for placeholder, value in fill.items():
@@ -273,6 +336,7 @@ def keep_constants(keys, values, dtype) -> None:
         return
     _word_table(keys, dtype, "k")
     _word_table(values, dtype, "v")
+    _tables_equal(keys, values)  # plan_for's shared-table test: its one comparison, outside any graph
 
 
 def _launch(kernel, grid, block, shared, args):
@@ -334,7 +398,8 @@ def split_partials(q, keys, values, key_mask, scale_log2: float, lengths=None, b
     shared = shared_bytes(d, keys.bits, values.bits, groups, cfg)
     splits, per = plan(b * hkv, n_q, resident_blocks(kernel, shared, cfg["warps"]) * sm_count(q.device), cfg)
     m, l_, acc = partials(b * hkv, splits, g, d, q.device)
-    tk, tv = _word_table(keys, q.dtype, "k"), _word_table(values, q.dtype, "v")
+    tk = _word_table(keys, q.dtype, "k")
+    tv = tk if _shared_table(keys.bits, values.bits, groups, cfg) else _word_table(values, q.dtype, "v")  # not read
     kc, ks, vc, vs = keys.codes, keys.scale, values.codes, values.scale
     mask = None if key_mask is None else (key_mask if key_mask.dtype == torch.uint8 else key_mask.view(torch.uint8))
     # token strides are compile-time (``_pair_fits``): the batch and head strides, and the affine keys' group stride
