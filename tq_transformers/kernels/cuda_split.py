@@ -43,7 +43,10 @@ registers:
   warps; TurboQuant-4 at D = 128, 8 warps, ring 3: 367 -> 433 instructions a tile for its 64 lookups, 126 -> 128
   registers; with ring 2 ptxas rematerializes lane values to stay under 128 registers, 367 -> 476); on an H200
   (2026-12-03) the plan-variant tests pass with it, and the driver's occupancy gives that plan 2 blocks an SM with
-  the shared table, 1 without. Its speed is not measured yet (PLAN_OVERRIDES leaves it off).
+  the shared table, 1 without. Measured (H200, scripts/tune_decode_kernels.py, 2026-12-03, docs/RESULTS.md
+  "twelfth pass"): twice the resident warps gained 2.5% at 8 x 32K (118.2 -> 115.2 us) and 1% at 1 x 32K, and
+  at equal residency (ring 2: two blocks either way) its extra instructions cost 5.5% (112.2 -> 118.4 us):
+  residency is not what limits these kernels, so PLAN_OVERRIDES leaves it off.
 
 - index bytes interleave several tokens' codes (two bitwise ops per 4 bytes, ``cuda_prelude.interleave``) so that
   each lookup lands in its fragment register: no byte-permute per value fragment and no register moves to build
@@ -75,7 +78,8 @@ from .triton_common import cdiv, derived, partials, sm_count
 # 2 loads two ahead (more bytes in flight, about 40 more registers; not better, eleventh pass); `ring` > 0 stages the
 # codebook kernel's tiles through a cp.async ring of that many tiles in shared memory instead (``cuda_source``);
 # `shared_table` 1 keeps one side's table for both sides of a codebook pair whose key and value tables are equal
-# (TurboQuant-4: 32 KiB instead of 64 KiB a block, one more integer op a lookup; module docstring; not measured yet).
+# (TurboQuant-4: 32 KiB instead of 64 KiB a block, one more integer op a lookup; module docstring; measured no
+# better, twelfth pass).
 CUDA_PLAN = {"warps": 4, "waves": 1, "min_tokens": 256, "two_chains": True, "lazy_rescale": False, "depth": 1,
              "ring": 0, "min_blocks": 0, "shared_table": 0}
 #: CUDA_PLAN's values that measured better for one key format and width (H200, 8 x 32K / 1 x 32K, Llama-3.1-8B
