@@ -341,9 +341,10 @@ def test_codes_are_really_packed():
     assert cache.layers[0].keys.shape[-2] == 0
 
 
-def _patch_chunk(monkeypatch, tokens: int) -> None:
-    """CHUNK_TOKENS where it is read: the layer's flush chunks and the codec's chunked mean."""
-    monkeypatch.setattr(tq_transformers.layer, "CHUNK_TOKENS", tokens)
+def _patch_chunk(monkeypatch, tokens: int, values_per_token: int) -> None:
+    """Chunks of `tokens` tokens where they are read: the layer's flush chunks (FLUSH_CHUNK_VALUES, `values_per_token`
+    = batch x heads x head dim) and the codec's chunked mean (CHUNK_TOKENS)."""
+    monkeypatch.setattr(tq_transformers.layer, "FLUSH_CHUNK_VALUES", tokens * values_per_token)
     monkeypatch.setattr(tq_transformers.codec, "CHUNK_TOKENS", tokens)
 
 
@@ -359,7 +360,7 @@ def test_long_prefill_is_quantized_in_chunks_with_the_same_result(c, overrides, 
     x = torch.randn(2, 2, 1000, 128, generator=torch.Generator().manual_seed(4))
     whole = make()
     whole.update(x, x * 0.5, 0)
-    _patch_chunk(monkeypatch, 128)  # 1000 tokens now flush in 7 passes
+    _patch_chunk(monkeypatch, 128, 2 * 2 * 128)  # 1000 tokens now flush in 7 passes
     chunked = make()
     chunked.update(x, x * 0.5, 0)
     a, b = whole.layers[0].storage, chunked.layers[0].storage
@@ -374,7 +375,7 @@ def test_long_prefill_is_quantized_in_chunks_with_the_same_result(c, overrides, 
 @pytest.mark.parametrize("c", params("turboquant4", "kivi2"))
 def test_long_prefill_holds_one_chunk_at_a_time(c, monkeypatch):
     """Peak memory of a long prefill: each chunk is written into the final storage before the next is quantized."""
-    _patch_chunk(monkeypatch, 128)
+    _patch_chunk(monkeypatch, 128, 1 * 2 * 64)
     cache = c.cache(window="default", head_dim=64)
     cache.update(torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64), 0)  # creates the layer
     layer = cache.layers[0]

@@ -12,8 +12,13 @@
   rotation's seed ``+ QJL_SEED_OFFSET``. The offsets only need to give distinct, reproducible streams.
 - ``BITS_STEP``: the rates a TurboQuant side may take between whole bits: multiples of 1/8 (a two-rate channel split
   of a multiple of 8 channels, whole bytes of codes, at every head dim that is a multiple of 64).
-- ``CHUNK_TOKENS``: tokens quantized (or averaged) per pass, bounding the float32 temporaries of a long prefill's
-  first flush (at 8 x 32K a float32 copy of one layer's keys would be 1 GiB).
+- ``CHUNK_TOKENS``: tokens averaged per pass (the centering mean), bounding the float32 temporaries of a long
+  prefill's first flush (at 8 x 32K a float32 copy of one layer's keys would be 1 GiB).
+- ``FLUSH_CHUNK_VALUES``: values (batch rows x heads x tokens x head dim) quantized per pass of a flush: 2^25, the
+  float32 temporaries of 4,096 tokens at 8 x 8 heads x 128 (128 MiB, CHUNK_TOKENS' bound at 8 x 32K), so a batch-1 32K
+  prefill of 8 KV heads is one pass per side and layer instead of eight: on a GPU each pass is a compress launch plus
+  its host-side Python, and at batch 1 the host was the bottleneck of TurboQuant-4's prefill (its GPU time equals
+  DynamicCache's; docs/RESULTS.md, twelfth pass).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ LAYER_SEED_STRIDE = 1000
 VALUE_SEED_OFFSET = 500
 QJL_SEED_OFFSET = 7919
 CHUNK_TOKENS = 4096
+FLUSH_CHUNK_VALUES = 1 << 25
 BITS_STEP = 8  # fractional TurboQuant rates are multiples of 1 / BITS_STEP
 
 

@@ -35,7 +35,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .codec import Codec, NonFiniteWatch
-from .constants import CHUNK_TOKENS
+from .constants import FLUSH_CHUNK_VALUES
 from .formats import PackedFormat
 from .static_layout import StaticLayout, StaticShared
 from .window import SIDES
@@ -330,8 +330,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.num_quantized == 0 and not self.storage:
             for side, x in (("k", self.keys), ("v", self.values)):
                 self.storage.update({f"{side}_{n}": t for n, t in self.codecs[side].prepare(x).items()})
-        # A long prefill is quantized in chunks (a multiple of flush_size, so KIVI's key groups stay whole).
-        step = max(1, CHUNK_TOKENS // self.cfg.flush_size) * self.cfg.flush_size
+        # A long prefill is quantized in chunks of about FLUSH_CHUNK_VALUES values (a multiple of flush_size, so KIVI's
+        # key groups stay whole).
+        b, h = self.keys.shape[:2]
+        per_token = b * h * max(self.head_dim, self.value_head_dim)
+        step = max(1, FLUSH_CHUNK_VALUES // (per_token * self.cfg.flush_size)) * self.cfg.flush_size
         bounds = [(start, min(start + step, count)) for start in range(0, count, step)]
         if len(bounds) == 1 and self.num_quantized == 0:  # nothing held yet (the means are not replaced)
             self.storage.update(self.encode_block(self.keys[..., :count, :], self.values[..., :count, :]))
