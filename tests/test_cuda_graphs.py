@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tq_transformers
-from tq_transformers import cuda_graphs, fast_attention, fusion
+from tq_transformers import cuda_graphs, fast_attention, fusion, kernels
 from tq_transformers.fast_attention import attn_implementation_of
 from tq_transformers.generation import CACHE_KWARG
 from tq_transformers.static_layout import StaticShared
@@ -92,10 +92,11 @@ def emulated_graphs(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "GROWTH", 16)  # regrow the capacity every 16 packed tokens
 
 
-def _graphed_generate(model, inputs, c, new_tokens=40, fuse=False):
-    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=True, fuse=fuse, **c.kwargs(model.config))
+def _graphed_generate(model, inputs, c, new_tokens=40, fuse=False, **overrides):
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=True, fuse=fuse,
+                           **c.kwargs(model.config, **overrides))
     try:
-        cache = c.cache(model.config)
+        cache = c.cache(model.config, **overrides)
         fast_attention.prepare_cache(cache, cuda_graphs=True)
         seq, scores = _generate(model, inputs, cache, new_tokens)
         stats = dict(cuda_graphs.runner_of(model).stats)
@@ -132,26 +133,64 @@ def test_emulated_flush_steps_replay_from_their_graph(c, emulated_graphs, monkey
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
 
 
-def test_cache_with_sink_tokens_decodes_eagerly_under_the_runner(emulated_graphs):
-    """Exact sink tokens have no place in the static layout: such a cache decodes on the eager fast path (no layout,
-    no replay) and generates exactly what the reference path does."""
+@pytest.mark.parametrize("c", params(*SHORT))
+def test_emulated_graph_generate_with_sink_tokens_equals_reference(c, emulated_graphs, monkeypatch):
+    """Exact sink tokens in the static layout (the window buffers' first slots; the mask in the kernels' order of the
+    tokens): the steps replay from their graphs, flushing ones too, and give exactly the reference path's tokens and
+    scores. The left-padded row's sinks are padding, so a mask column in the wrong place changes its scores."""
+    monkeypatch.setattr(cuda_graphs, "GROWTH", 64)
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config, sink_tokens=4), 60)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, c, new_tokens=60, sink_tokens=4)
+    assert stats["replay"] > 10 and stats.get("replay_flush", 0) >= 1 and stats["capture"] >= 2, stats
+    assert all(layer.static is not None and layer.num_sinks == 4 for layer in cache.layers)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c", params(*SHORT))
+def test_emulated_graph_kernel_arguments_with_sink_tokens(c, emulated_graphs, monkeypatch):
+    """What the GPU kernel is handed in the static layout with sinks (the whole window buffers, the device counts,
+    the mask in kernel order), checked on the CPU: the fused branch of ``tq_fused_attention`` forced, with the
+    kernels' PyTorch reference (same signature, counts read on the host) in place of the GPU kernel. Its float32
+    attention differs from the reference path's SDPA by rounding only: the same tokens, scores within
+    CPU_FAST_ATOL."""
+    monkeypatch.setattr(cuda_graphs, "GROWTH", 64)
+    monkeypatch.setattr(fast_attention, "_on_kernel_device", lambda query: True)
+    calls = []
+
+    def reference_kernel(**kwargs):
+        calls.append(kwargs["lengths"] is not None)
+        return kernels.reference.decode_attention(**kwargs)
+
+    monkeypatch.setattr(kernels, "decode_attention", reference_kernel)
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config, sink_tokens=4), 60)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, c, new_tokens=60, sink_tokens=4)
+    assert stats["replay"] > 10 and stats.get("replay_flush", 0) >= 1, stats
+    assert sum(calls) > 10 * len(cache.layers)  # the static layout's steps went through the kernel's branch
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=CPU_FAST_ATOL)
+
+
+def test_graph_runner_beam_search_with_sink_tokens_equals_reference(emulated_graphs):
+    """Beam reorders in place in the static layout move the sink tokens with their rows (they are views of the
+    window buffers)."""
     model = build_tiny("llama")
     inputs = _inputs("cpu")
     c = case("turboquant4")
-    settings = dict(c.kwargs(model.config), sink_tokens=4)
-    ref_seq, ref_scores = _generate(model, inputs, tq_transformers.TurboQuantCache(model.config, **settings), 24)
-    tq_transformers.enable(model, "turboquant", fast=True, cuda_graphs=True, **settings)
+    ref = model.generate(**inputs, num_beams=2, max_new_tokens=20, do_sample=False,
+                         **{CACHE_KWARG: c.cache(model.config, sink_tokens=4)})
+    tq_transformers.enable(model, c.method, fast=True, cuda_graphs=True, **c.kwargs(model.config, sink_tokens=4))
     try:
-        cache = tq_transformers.TurboQuantCache(model.config, **settings)
-        fast_attention.prepare_cache(cache, cuda_graphs=True)
-        seq, scores = _generate(model, inputs, cache, 24)
+        got = model.generate(**inputs, num_beams=2, max_new_tokens=20, do_sample=False)
         stats = dict(cuda_graphs.runner_of(model).stats)
     finally:
         tq_transformers.disable(model)
-    assert stats.get("layout", 0) == 0 and stats.get("replay", 0) == 0, stats
-    assert all(layer.static is None for layer in cache.layers)
-    assert torch.equal(seq, ref_seq)
-    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=CPU_FAST_ATOL)
+    assert stats["layout"] == 1 and stats["replay"] > 10, stats
+    assert torch.equal(got, ref)
 
 
 def test_graph_runner_leaves_other_calls_alone(emulated_graphs):
@@ -163,9 +202,9 @@ def test_graph_runner_leaves_other_calls_alone(emulated_graphs):
     assert all(getattr(layer, "static", None) is None for layer in cache.layers)
 
 
-def _static_pair(c, n=70):
+def _static_pair(c, n=70, **overrides):
     """A dynamic and a static-layout cache of layer shape [2, 2, *, 64] after the same n tokens (float32, CPU)."""
-    caches = [c.cache(head_dim=64) for _ in range(2)]
+    caches = [c.cache(head_dim=64, **overrides) for _ in range(2)]
     gen = torch.Generator().manual_seed(0)
     k, v = torch.randn(2, 2, n, 64, generator=gen), torch.randn(2, 2, n, 64, generator=gen)
     for cache in caches:
@@ -177,11 +216,13 @@ def _static_pair(c, n=70):
     return caches, gen
 
 
+@pytest.mark.parametrize("sinks", [0, 4], ids=["no-sinks", "sinks"])
 @pytest.mark.parametrize("c", params(*SHORT))
-def test_static_layout_holds_what_the_dynamic_one_holds(c):
-    """Token by token through two flushes, a crop and a reorder: the same tokens (dequantized exactly alike), the
-    same counters, and a footprint of the reserved buffers."""
-    (dyn, sta), gen = _static_pair(c)
+def test_static_layout_holds_what_the_dynamic_one_holds(c, sinks):
+    """Token by token through two flushes, a crop and a reorder: the same tokens (dequantized exactly alike, the
+    exact sink tokens first), the same counters, and a footprint of the reserved buffers (the sinks in the window
+    buffers)."""
+    (dyn, sta), gen = _static_pair(c, sink_tokens=sinks)
     ld, ls = dyn.layers[0], sta.layers[0]
     for _ in range(2 * ld.cfg.flush_size):
         k, v = torch.randn(2, 2, 1, 64, generator=gen), torch.randn(2, 2, 1, 64, generator=gen)
@@ -191,8 +232,11 @@ def test_static_layout_holds_what_the_dynamic_one_holds(c):
         ls.settle()
         assert (ls.num_quantized, ls.cumulative_length) == (ld.num_quantized, ld.cumulative_length)
         assert torch.equal(ls.keys, ld.keys) and torch.equal(ls.values, ld.values)
+        assert ls.num_sinks == ld.num_sinks == sinks
         for a, b in zip(ls.dequantize(torch.float32), ld.dequantize(torch.float32)):
             assert torch.equal(a, b)
+    if sinks:
+        assert ls.sink_keys.data_ptr() == ls.static.win_k.data_ptr()  # the window buffers' first slots
     held = ls.memory_footprint()
     reserved = sum(t.numel() * t.element_size() for t in ls.static.reserved.values())
     static_pieces = {f"{side}_{p}" for side, codec in ls.codecs.items() for p in codec.static_pieces}
@@ -204,13 +248,15 @@ def test_static_layout_holds_what_the_dynamic_one_holds(c):
         for _ in range(10 * ld.cfg.flush_size):
             sta.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64), 0)
     # crop and reorder leave the static layout: every tensor owns exactly its bytes again
-    (dyn, sta), gen = _static_pair(c)
+    (dyn, sta), gen = _static_pair(c, sink_tokens=sinks)
     for cache in (dyn, sta):
         cache.crop(-5)
         cache.reorder_cache(torch.tensor([1, 0]))
     ls, ld = sta.layers[0], dyn.layers[0]
     assert ls.static is None
     assert ls.memory_footprint() == ld.memory_footprint()
+    if sinks:
+        assert torch.equal(ls.sink_keys, ld.sink_keys) and torch.equal(ls.sink_values, ld.sink_values)
     assert torch.equal(ls.keys, ld.keys)
     for a, b in zip(ls.dequantize(torch.float32), ld.dequantize(torch.float32)):
         assert torch.equal(a, b)
@@ -244,14 +290,16 @@ def test_enable_cuda_graphs_needs_fast():
 # GPU: real CUDA graphs
 # ----------------------------------------------------------------------------------------------------------------------
 @needs_gpu
+@pytest.mark.parametrize("sinks", [0, 4], ids=["no-sinks", "sinks"])
 @pytest.mark.parametrize("growth, steps", [(16, 40), (64, 100)], ids=["regrow-every-flush", "flush-graphs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("c", params(*SHORT))
-def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, growth, steps, monkeypatch):
+def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, growth, steps, sinks, monkeypatch):
     """Real graphs fed the same tokens as the eager fast path (teacher forcing, so a near-tie cannot make the two runs
     see different inputs): logits within float noise at every step (the packed tokens are split among blocks by
     capacity instead of by length), the same argmax. With the capacity regrown every 16 packed tokens every flushing
-    step runs eagerly; with room for 64, flushing steps replay from their own graph."""
+    step runs eagerly; with room for 64, flushing steps replay from their own graph. With 4 exact sink tokens (the
+    window buffers' first slots under graphs, the eager path's window run otherwise) the same."""
     monkeypatch.setattr(cuda_graphs, "GROWTH", growth)
     model = build_tiny("llama", dtype).to("cuda")
     inputs = _inputs("cuda")
@@ -261,7 +309,7 @@ def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, growth, steps, monk
     try:
         runs = []
         for flag in (False, True):
-            cache = fast_attention.prepare_cache(c.cache(model.config), cuda_graphs=flag)
+            cache = fast_attention.prepare_cache(c.cache(model.config, sink_tokens=sinks), cuda_graphs=flag)
             runs.append(_forced_logits(model, cache, inputs, forced))
         stats = dict(cuda_graphs.runner_of(model).stats)
     finally:

@@ -14,6 +14,9 @@ CACHES = {
     "turboquant": lambda: TurboQuantCache(flush_size=16),
     "kivi": lambda: KIVICache(group_size=16, residual_length=16),
     "bonsai-improved": lambda: BonsaiCache.improved(group_size=64, flush_size=16, residual_length=16),
+    # exact sink tokens: the window buffers' first slots in the layout
+    "turboquant-sinks": lambda: TurboQuantCache(flush_size=16, sink_tokens=4),
+    "kivi-sinks": lambda: KIVICache(group_size=16, residual_length=16, sink_tokens=4),
 }
 
 
@@ -59,7 +62,7 @@ def test_reorder_in_place_keeps_the_layout_and_equals_a_dynamic_reorder(name):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["turboquant", "bonsai-improved"])
+@pytest.mark.parametrize("name", ["turboquant", "bonsai-improved", "turboquant-sinks"])
 def test_reorder_that_changes_the_means_leaves_the_layout(name):
     cache = _filled(name, rows_alike=False)  # each row has its own centering means
     dynamic = copy.deepcopy(cache)
@@ -83,5 +86,28 @@ def test_enter_and_leave_static_keep_every_token(name):
         layer.leave_static()
     assert cache.memory_footprint()["total"] < held  # the reserved capacity is given back
     for got, want in zip(_state(cache), before):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["turboquant-sinks", "kivi-sinks"])
+def test_fork_and_save_of_a_static_cache_with_sinks_own_their_tokens(name, tmp_path):
+    """A fork taken in the static layout owns copies of the sink tokens (the original's are views of window buffers
+    that beam search reorders in place), and a saved cache holds exactly its tokens."""
+    cache = _filled(name, rows_alike=name == "turboquant-sinks")  # KIVI has no means: rows may differ, sinks too
+    _enter(cache)
+    fork = cache.fork()
+    before = _state(fork)
+    cache.reorder_cache(torch.tensor([1, 1]))  # in place: the original's buffers, sinks among them
+    assert all(layer.static is not None for layer in cache.layers)
+    for layer in fork.layers:
+        assert layer.static is None and layer.sink_keys.untyped_storage().nbytes() == layer.sink_keys.nbytes
+    for got, want in zip(_state(fork), before):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    path = tmp_path / "cache.safetensors"
+    cache.save(path)
+    loaded = type(cache).load(path, None)
+    for got, want in zip(_state(loaded), _state(cache)):
         for a, b in zip(got, want):
             assert torch.equal(a, b)

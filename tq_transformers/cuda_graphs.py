@@ -15,14 +15,15 @@ How it fits transformers: `install(model)` wraps the model's ``forward`` on the 
 keyword arguments only, among ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``attention_mask [B, n + 1]``, the
 cache (``past_key_values`` or ``cache``), ``use_cache``, ``return_dict=True`` and ``logits_to_keep``, exactly what
 generate passes; the cache prepared by ``fast_attention.prepare_cache(cache, cuda_graphs=True)``, every one of its
-layers quantized, holding packed tokens, without exact sink tokens (``sink_tokens=0``) and handled by the Triton
-decode kernel. Anything else runs the original forward, unchanged (a cache with sinks decodes on the eager fast
-path). Each cache has its own graph (kept while the cache lives), so caches can alternate.
+layers quantized, holding packed tokens (and all their exact sink tokens, if any) and handled by the fused decode
+kernel. Anything else runs the original forward, unchanged. Each cache has its own graph (kept while the cache
+lives), so caches can alternate.
 
 For graph steps of one cache:
 
 1. the layers move into a static layout (``static_layout.StaticLayout``): packed storage preallocated to a capacity of
-   the tokens held plus ``GROWTH`` (moved again, larger, when a flush would not fit), the window in a fixed buffer;
+   the tokens held plus ``GROWTH`` (moved again, larger, when a flush would not fit), the window in a fixed buffer
+   that begins with the exact sink tokens (the padding mask is written in the kernels' order of the tokens);
 2. the first step after the layout is (re)built runs eagerly, as does the first step after it after which tokens
    leave the window (every ``flush_size`` tokens): warm-ups, so that Triton compiles and cached tables are built
    outside a capture;
@@ -145,7 +146,6 @@ def _graph_layers(cache, verified: list | None = None) -> list[QuantizedKVLayer]
         if (
             layer.fast_path is None
             or not layer.is_initialized
-            or layer.cfg.sink_tokens > 0  # the static layout holds no exact sink tokens: such a cache runs eagerly
             or layer.keys.device != first.keys.device  # one counts tensor for all layers (no pipeline over GPUs)
             or layer.num_quantized == 0
             or layer.cumulative_length != first.cumulative_length
@@ -199,7 +199,6 @@ class _Runner:
         if state.fuse != self.fuse:  # `install` switched fusion: warm up and capture again
             state.graphs, state.warm, state.fuse = {}, {}, self.fuse
         first = layers[0]
-        n = first.cumulative_length  # tokens held before this step
         flushes = first.static.flushes_next(first)
         if flushes and first.num_quantized + first.cfg.flush_size > first.static.capacity:
             self._layout(layers, state, first.num_quantized + first.cfg.flush_size)
@@ -208,10 +207,7 @@ class _Runner:
             self.stats["eager"] += 1
             with fusion.graph_step(state.fuse):  # fused modules compile here, outside any capture
                 return self.forward(**kwargs)
-        if mask is None:
-            state.shared.key_mask[:, : n + 1] = True
-        else:
-            state.shared.key_mask[:, : n + 1].copy_(mask)
+        state.shared.write_mask(mask, first.num_sinks, first.num_quantized)  # in the kernels' order of the tokens
         for layer in layers:
             layer.settle()
         signature = (tuple(input_ids.shape), tuple(kwargs["position_ids"].shape), kwargs.get("logits_to_keep"),
@@ -252,7 +248,7 @@ class _Runner:
         cfg = layers[0].cfg
         capacity = _round_up(need + GROWTH, cfg.flush_size)
         state.graphs, state.warm = {}, {}  # the old graphs are freed before the new buffers are allocated
-        total = capacity + cfg.residual_length + cfg.flush_size
+        total = capacity + cfg.sink_tokens + cfg.residual_length + cfg.flush_size
         if state.shared.key_mask.shape[1] < total:
             state.shared.key_mask = torch.ones(state.shared.key_mask.shape[0], total, dtype=torch.bool,
                                                device=state.shared.key_mask.device)

@@ -41,6 +41,7 @@ from . import cpu_attention, kernels
 from .cache import QuantizedKVCache, mla_latent_dims
 from .compile import FixedView, fixed_attention
 from .layer import QuantizedKVLayer
+from .static_layout import sinks_after_packed, sinks_before_packed
 from .validation import check_bool
 
 ATTN_NAME = "tq_fused"
@@ -59,10 +60,11 @@ def attn_implementation_of(config) -> str | None:
 class FastView:
     """What one decode step of one layer attends to: the first `num_quantized` packed tokens, then the window.
 
-    In a layer's static layout (``static_layout``), `keys` / `values` are the whole window buffers, of which the
-    first `window_len` tokens are live, and the kernels read both counts from `lengths` on the device (the host-side
-    ints are exact when the step runs eagerly, stale in a graph replay); `key_mask` is the layout's padding mask in a
-    graph step (the model then gets no mask: building one would sync the host)."""
+    In a layer's static layout (``static_layout``), `keys` / `values` are the whole window buffers, whose first slots
+    hold the layer's exact sink tokens and the next `window_len` the live window, and the kernels read both counts
+    from `lengths` on the device (the host-side ints are exact when the step runs eagerly, stale in a graph replay);
+    `key_mask` is the layout's padding mask in a graph step, in kernel order (the model then gets no mask: building
+    one would sync the host)."""
 
     layer: QuantizedKVLayer
     num_quantized: int
@@ -171,15 +173,18 @@ def _key_mask(attention_mask: torch.Tensor | None, total: int) -> tuple[bool, to
 
 def _reference_tensors(view: FastView, dtype: torch.dtype):
     """Exactly the keys ``[B, Hkv, T, Dk]`` and values ``[B, Hkv, T, Dv]`` that ``QuantizedKVLayer.update`` returns on
-    the reference path for this step. In the static layout the counts are read from the device (a sync: inside a
-    CUDA-graph capture this raises rather than bake the capture's counts into every replay)."""
-    n, w = view.num_quantized, view.window_len
+    the reference path for this step (cache order: sinks, packed, window), and the packed tokens attended. In the
+    static layout the counts are read from the device (a sync: inside a CUDA-graph capture this raises rather than
+    bake the capture's counts into every replay), and the window buffers' first slots, the sinks, come with
+    ``dequantize`` instead."""
+    n, first, w = view.num_quantized, 0, view.window_len
     if view.lengths is not None:
         n, w = (int(x) for x in view.lengths[:2].tolist())
+        first = view.layer.num_sinks
     old_k, old_v = view.layer.dequantize(dtype, n)
-    keys = torch.cat([old_k, view.keys[:, :, :w].to(dtype)], dim=-2)
-    values = torch.cat([old_v, view.values[:, :, :w].to(dtype)], dim=-2)
-    return keys, values
+    keys = torch.cat([old_k, view.keys[:, :, first:w].to(dtype)], dim=-2)
+    values = torch.cat([old_v, view.values[:, :, first:w].to(dtype)], dim=-2)
+    return keys, values, n
 
 
 def _sinks_into_window(view: FastView, key_mask: torch.Tensor | None, dtype: torch.dtype):
@@ -191,15 +196,20 @@ def _sinks_into_window(view: FastView, key_mask: torch.Tensor | None, dtype: tor
         cache order   [sinks S | packed n | window W]     mask columns 0..S-1, S..S+n-1, S+n..
         kernel order  [packed n | sinks S, window W]      mask[:, S:S+n], then mask[:, :S], mask[:, S+n:]
     """
-    layer, s, n = view.layer, view.layer.num_sinks, view.num_quantized
+    layer = view.layer
     window_k = torch.cat([layer.sink_keys.to(dtype), view.keys.to(dtype)], dim=-2)
     window_v = torch.cat([layer.sink_values.to(dtype), view.values.to(dtype)], dim=-2)
     if key_mask is not None:
-        key_mask = torch.cat([key_mask[:, s:s + n], key_mask[:, :s], key_mask[:, s + n:]], dim=-1)
+        key_mask = sinks_after_packed(key_mask, layer.num_sinks, view.num_quantized)
     return window_k, window_v, key_mask
 
 
 _WARNED: set[str] = set()
+
+
+def _on_kernel_device(query: torch.Tensor) -> bool:
+    """Whether the GPU decode kernels can run on `query`'s device (CUDA with Triton)."""
+    return query.is_cuda and kernels.triton_available()
 
 
 def fallback_reason(layer: QuantizedKVLayer, packed_k, packed_v, dtype: torch.dtype) -> str | None:
@@ -240,7 +250,7 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
                                       **kwargs)
     if isinstance(view, FixedView):  # a fixed-capacity cache's decode step (tq_transformers.compile)
         return fixed_attention(query, view, attention_mask, scaling, **kwargs)
-    sinks = view.layer.num_sinks  # exact tokens before the packed ones (never in a static layout)
+    sinks = view.layer.num_sinks  # exact tokens before the packed ones
     total = sinks + view.num_quantized + view.window_len
     static_mask = view.key_mask is not None
     if static_mask:  # a graph step: the padding mask comes through the layout. The model's own mask was built
@@ -250,7 +260,10 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
     packed_k, packed_v = view.packed()
     window_k, window_v = view.keys, view.values
     if sinks and usable:
-        window_k, window_v, key_mask = _sinks_into_window(view, key_mask, query.dtype)
+        if view.lengths is None:  # the sinks join the window run here
+            window_k, window_v, key_mask = _sinks_into_window(view, key_mask, query.dtype)
+        elif not static_mask and key_mask is not None:  # static layout: its window buffers begin with the sinks
+            key_mask = sinks_after_packed(key_mask, sinks, view.num_quantized)
     plain = (  # what every fused path needs: one plain softmax decode step over packed views
         usable
         and query.shape[2] == 1
@@ -260,12 +273,7 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
         and packed_k is not None
         and packed_v is not None
     )
-    fused = (
-        plain
-        and query.is_cuda
-        and kernels.triton_available()
-        and kernels.decode_supported(packed_k, packed_v, query.dtype)
-    )
+    fused = plain and _on_kernel_device(query) and kernels.decode_supported(packed_k, packed_v, query.dtype)
     on_cpu = (plain and query.device.type == "cpu" and view.lengths is None
               and cpu_attention.supported(packed_k, packed_v))
     score_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -274,11 +282,11 @@ def tq_fused_attention(module, query, key, value, attention_mask, dropout: float
                                              window_v=window_v, key_mask=key_mask, scaling=score_scale)
         return out.unsqueeze(1), None
     if not fused:
-        if query.is_cuda and kernels.triton_available():
+        if _on_kernel_device(query):
             _warn_fallback(view.layer, packed_k, packed_v, query.dtype)
-        keys, values = _reference_tensors(view, query.dtype)
+        keys, values, n = _reference_tensors(view, query.dtype)
         if static_mask:  # as transformers' SDPA mask: none when nothing is masked (this path may sync)
-            used = key_mask[:, : keys.shape[-2]]
+            used = sinks_before_packed(key_mask[:, : keys.shape[-2]], sinks, n)
             attention_mask = None if bool(used.all()) else used[:, None, None, :]
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

@@ -94,7 +94,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         #: frozen storage segments shared with forks (module docstring), oldest first; never written
         self.shared: list[dict[str, torch.Tensor]] = []
         self.codecs: dict[str, Codec] = {}
-        #: the first ``cfg.sink_tokens`` tokens, exact (attention sinks): ``[B, H, s, D]``, or None before any
+        #: the first ``cfg.sink_tokens`` tokens, exact (attention sinks): ``[B, H, s, D]``, or None before any (in
+        #: the static layout, views of the window buffers' first slots)
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         #: the CUDA-graph static layout while in it (``static_layout``), else None
@@ -375,9 +376,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Move the storage and window into preallocated buffers of `capacity` packed tokens (a multiple of
         flush_size, at least the tokens held). Called again with a larger capacity, it moves them again. A fork's
         shared segments are copied into the buffers (they are never written)."""
-        if self.num_sinks:
-            raise ValueError(f"layer {self.layer_idx}: the static layout (CUDA graphs) does not hold exact sink tokens "
-                             f"(sink_tokens={self.cfg.sink_tokens}); use sink_tokens=0 for CUDA-graph decoding")
         self.consolidate()
         self.static = StaticLayout.build(self, capacity, shared)
 
@@ -509,7 +507,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         for segment in (*self.shared, held):
             for name, t in segment.items():
                 out["codes" if name in codes else "metadata"] += _nbytes(t)
-        if self.num_sinks:
+        if self.num_sinks and self.static is None:  # in the static layout they are in the window buffers
             windows = (*windows, self.sink_keys, self.sink_values)
         out["window"] = sum(_nbytes(t) for t in windows)
         return out
@@ -568,6 +566,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             new.storage, new.shared = {name: _owned_copy(t) for name, t in self.storage.items()}, []
         if self.is_initialized:
             new.keys, new.values = _owned_copy(self.keys), _owned_copy(self.values)
+        if self.static is not None and self.num_sinks:  # views of the window buffers (reordered in place by beams)
+            new.sink_keys, new.sink_values = _owned_copy(self.sink_keys), _owned_copy(self.sink_values)
         return new
 
     def __deepcopy__(self, memo):

@@ -9,10 +9,17 @@ In the layout:
 
 - each growing storage entry is held in a buffer of ``capacity`` packed tokens (``reserved``); ``layer.storage``
   entries are views of their first ``num_quantized`` tokens;
-- the window lives in ``win_k`` / ``win_v`` ``[B, H, R + F, D]``; ``layer.keys`` / ``layer.values`` are views of the
-  live part. After a flush the live tokens begin at ``start`` until they are moved to the front (``settle``: by the
-  graph runner at the end of a flushing step's graph, else before the next step), so the flushing step's attention
-  still reads the window it attended to from slot 0;
+- the window lives in ``win_k`` / ``win_v`` ``[B, H, S + R + F, D]``: the layer's S exact sink tokens (``sink_tokens``;
+  they never change once held) in the first S slots, ``layer.sink_keys`` / ``layer.sink_values`` views of them, then
+  the live window, of which ``layer.keys`` / ``layer.values`` are views. After a flush the live tokens begin at
+  ``S + start`` until they are moved to the front (``settle``: by the graph runner at the end of a flushing step's
+  graph, else before the next step), so the flushing step's attention still reads the window it attended to;
+- the kernels read the window buffers as one full-precision run after the packed tokens: the sinks, then the live
+  window (attention does not depend on the order of the keys). So the counts and the mask are in *kernel order*::
+
+      cache order    [sinks S | packed n | window w]     (the model's mask: generate's [B, S + n + w])
+      kernel order   [packed n | sinks S, window w]      (``StaticShared.key_mask``; ``sinks_after_packed``)
+
 - the counts a step needs are on the device, in ``StaticShared.lengths`` (shared by all layers of the cache); a
   flush writes its block at the offset ``lengths[0]`` (the packed tokens before it) read on the device, so a step
   that flushes replays from a CUDA graph too.
@@ -32,11 +39,36 @@ import dataclasses
 
 import torch
 
-__all__ = ["StaticLayout", "StaticShared"]
+__all__ = ["StaticLayout", "StaticShared", "sinks_after_packed", "sinks_before_packed"]
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _swap_leading(mask: torch.Tensor, first: int, second: int) -> torch.Tensor:
+    """``[..., first | second | rest]`` -> ``[..., second | first | rest]`` on the last dim."""
+    if not first or not second:
+        return mask
+    return torch.cat([mask[..., first:first + second], mask[..., :first], mask[..., first + second:]], dim=-1)
+
+
+def sinks_after_packed(mask: torch.Tensor, sinks: int, packed: int) -> torch.Tensor:
+    """A key mask's last dim from cache order ``[sinks | packed | window]`` to kernel order ``[packed | sinks, window]``
+    (module docstring); unchanged without sinks. ``sinks_before_packed`` is the inverse.
+
+    Args:
+        mask: ``[..., sinks + packed + w]`` (bool or additive float: the columns move, the values do not change).
+        sinks: S, the exact sink tokens; packed: n, the packed tokens attended.
+    Returns:
+        ``[..., packed + sinks + w]``.
+    """
+    return _swap_leading(mask, sinks, packed)
+
+
+def sinks_before_packed(mask: torch.Tensor, sinks: int, packed: int) -> torch.Tensor:
+    """A key mask's last dim from kernel order back to cache order (the inverse of ``sinks_after_packed``)."""
+    return _swap_leading(mask, packed, sinks)
 
 
 @dataclasses.dataclass
@@ -45,7 +77,7 @@ class StaticShared:
 
     lengths: int64 ``[3]`` on the device: packed tokens the step attends to, window tokens it attends to (its own
         included), and the window slot the new token goes to.
-    key_mask: ``[B, capacity + R + F]`` bool on the device, True = attend.
+    key_mask: ``[B, capacity + S + R + F]`` bool on the device, True = attend, in kernel order (module docstring).
     graph_step: True while the graph runner captures a step; it then writes the counts and the mask to the device
         itself before every replay. In an eager step each layer writes ``lengths`` and the model's own mask is used.
     """
@@ -53,6 +85,18 @@ class StaticShared:
     lengths: torch.Tensor
     key_mask: torch.Tensor
     graph_step: bool = False
+
+    def write_mask(self, mask: torch.Tensor | None, sinks: int, packed: int) -> None:
+        """Write the next step's padding mask into ``key_mask``, in kernel order.
+
+        Args:
+            mask: generate's ``[B, S + n + w]`` mask in cache order (1 / True = attend), or None (all attended).
+            sinks: S, the exact sink tokens of every layer; packed: n, the packed tokens the step attends to.
+        """
+        if mask is None:
+            self.key_mask.fill_(True)
+            return
+        self.key_mask[:, : mask.shape[-1]].copy_(sinks_after_packed(mask, sinks, packed))
 
     def host_state(self, layers: list) -> list[tuple]:
         """What a step changes on the host side of `layers` (counters, views, the window start), for a capture (which
@@ -79,7 +123,8 @@ class StaticLayout:
     win_v: torch.Tensor
     offsets: dict[str, torch.Tensor]  # per growing entry: arange(entries one flush adds), on the device
     found: torch.Tensor  # bool [1] on the device: non-finite values in a block a graph step flushed (reported after)
-    start: int = 0
+    start: int = 0  # the live window begins at slot sinks + start (after a flush, until settled)
+    sinks: int = 0  # S: the exact sink tokens in the window buffers' first slots
 
     @classmethod
     def build(cls, layer, capacity: int, shared: StaticShared) -> StaticLayout:
@@ -95,6 +140,10 @@ class StaticLayout:
         if layer.shared:
             raise ValueError(f"layer {layer.layer_idx}: the static layout needs a layer that owns its storage; call "
                              "layer.consolidate() first (its shared segments are read by other forks)")
+        S = layer.num_sinks
+        if S != layer.cfg.sink_tokens:  # packed tokens come after all sinks (window rule): not reached
+            raise ValueError(f"layer {layer.layer_idx}: the static layout needs all {layer.cfg.sink_tokens} sink "
+                             f"tokens held, got {S}")
         layer.settle()
         flushes = layer.num_quantized // F
         growing = {name for name in layer.storage if name[2:] not in layer.codecs[name[0]].static_pieces}
@@ -108,12 +157,15 @@ class StaticLayout:
             offsets[name] = torch.arange(per_flush, device=t.device)
             layer.storage[name] = buf[:, :, : t.shape[2]]
         w = layer.keys.shape[-2]
-        win_k = layer.keys.new_empty((*layer.keys.shape[:2], R + F, layer.keys.shape[-1]))
-        win_v = layer.values.new_empty((*layer.values.shape[:2], R + F, layer.values.shape[-1]))
-        win_k[:, :, :w], win_v[:, :, :w] = layer.keys, layer.values
-        layer.keys, layer.values = win_k[:, :, :w], win_v[:, :, :w]
+        win_k = layer.keys.new_empty((*layer.keys.shape[:2], S + R + F, layer.keys.shape[-1]))
+        win_v = layer.values.new_empty((*layer.values.shape[:2], S + R + F, layer.values.shape[-1]))
+        if S:
+            win_k[:, :, :S], win_v[:, :, :S] = layer.sink_keys, layer.sink_values
+            layer.sink_keys, layer.sink_values = win_k[:, :, :S], win_v[:, :, :S]
+        win_k[:, :, S:S + w], win_v[:, :, S:S + w] = layer.keys, layer.values
+        layer.keys, layer.values = win_k[:, :, S:S + w], win_v[:, :, S:S + w]
         found = torch.zeros(1, dtype=torch.bool, device=win_k.device)
-        return cls(capacity, shared, reserved, win_k, win_v, offsets, found)
+        return cls(capacity, shared, reserved, win_k, win_v, offsets, found, sinks=S)
 
     @staticmethod
     def reorder_in_place(layers: list, beam_idx: torch.Tensor) -> bool:
@@ -140,6 +192,8 @@ class StaticLayout:
         self.settle(layer)
         layer.storage = {name: _compact(t) for name, t in layer.storage.items()}
         layer.keys, layer.values = _compact(layer.keys), _compact(layer.values)
+        if self.sinks:
+            layer.sink_keys, layer.sink_values = _compact(layer.sink_keys), _compact(layer.sink_values)
 
     def reserved_storage(self, layer) -> dict[str, torch.Tensor]:
         """`layer.storage` with each growing entry replaced by its whole buffer (``capacity`` packed tokens)."""
@@ -149,20 +203,24 @@ class StaticLayout:
         """Move the live window tokens to the front of the window buffers (deferred from the last flush)."""
         if self.start == 0:
             return
-        w = layer.keys.shape[-2]
-        self.win_k[:, :, :w] = layer.keys.clone()
-        self.win_v[:, :, :w] = layer.values.clone()
+        s, w = self.sinks, layer.keys.shape[-2]
+        self.win_k[:, :, s:s + w] = layer.keys.clone()
+        self.win_v[:, :, s:s + w] = layer.values.clone()
         self._settle_host(layer)
 
+    def _live(self, layer, first: int, end: int) -> None:
+        """Point the layer's window views at live slots ``[first, end)`` after the sinks."""
+        s = self.sinks
+        layer.keys, layer.values = self.win_k[:, :, s + first:s + end], self.win_v[:, :, s + first:s + end]
+
     def _settle_host(self, layer) -> None:
-        w = layer.keys.shape[-2]
-        layer.keys, layer.values = self.win_k[:, :, :w], self.win_v[:, :, :w]
+        self._live(layer, 0, layer.keys.shape[-2])
         self.start = 0
 
     def write_step_counts(self, layer) -> None:
-        """Counts of the next single-token step: packed tokens attended, window tokens attended (the new one
-        included), the new token's window slot. Expects a settled window."""
-        w = layer.keys.shape[-2]
+        """Counts of the next single-token step: packed tokens attended, window-buffer tokens attended (the sinks and
+        the live window, the new one included), the new token's slot. Expects a settled window."""
+        w = self.sinks + layer.keys.shape[-2]
         self.shared.lengths.copy_(torch.tensor([layer.num_quantized, w + 1, w]))
 
     def decode_update(self, layer, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -185,8 +243,7 @@ class StaticLayout:
     def advance_one(self, layer) -> None:
         """The host side of a non-flushing step (the graph runner calls it after each replay)."""
         layer.cumulative_length += 1
-        w = layer.keys.shape[-2] + 1
-        layer.keys, layer.values = self.win_k[:, :, :w], self.win_v[:, :, :w]
+        self._live(layer, 0, layer.keys.shape[-2] + 1)
 
     def flushes_next(self, layer) -> bool:
         """Whether the next single-token step moves tokens out of the window (then `flush_size` of them)."""
@@ -210,7 +267,8 @@ class StaticLayout:
             raise RuntimeError(
                 f"layer {layer.layer_idx}: a static flush moves {layer.cfg.flush_size} tokens, not {count}"
             )
-        block = layer.encode_block(self.win_k[:, :, :count], self.win_v[:, :, :count],
+        s = self.sinks
+        block = layer.encode_block(self.win_k[:, :, s:s + count], self.win_v[:, :, s:s + count],
                                    found=self.found if self.shared.graph_step else None)
         first = self.shared.lengths[0] // count  # blocks held before this one, read on the device
         for name, t in block.items():
@@ -222,6 +280,5 @@ class StaticLayout:
             held = layer.storage[name].shape[2]
             layer.storage[name] = self.reserved[name][:, :, : held + idx.numel()]
         layer.num_quantized += count
-        w = layer.keys.shape[-2]
-        layer.keys, layer.values = self.win_k[:, :, count:w], self.win_v[:, :, count:w]
+        self._live(layer, count, layer.keys.shape[-2])
         self.start = count
