@@ -629,6 +629,35 @@ def test_fused_graph_generate_equals_unfused_and_reference(arch, c, emulated_gra
     assert fusion.fused_modules(model) == []  # disable restored them
 
 
+def test_fused_module_refused_a_compile_in_the_capture_runs_unfused(emulated_graphs, monkeypatch):
+    """Code compiled in the warm-up step that no longer fits at the capture (simulated: dynamo's caches cleared
+    between the two) would compile inside the capture: refused there (``set_stance("fail_on_recompile")``), the
+    module class runs its own forward in that capture and later, with a RuntimeWarning naming it, and generate still
+    gives the reference tokens and scores."""
+    monkeypatch.setattr(fusion, "_UNFUSABLE", {})
+    monkeypatch.setattr(fusion, "_COMPILED", {})
+    emulated = cuda_graphs._capture_graph
+    cleared = []
+
+    def capture_after_reset(fn):
+        if not cleared:
+            torch._dynamo.reset()
+            cleared.append(True)
+        return emulated(fn)
+
+    monkeypatch.setattr(cuda_graphs, "_capture_graph", capture_after_reset)
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    c = case("turboquant4")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config), 24)
+    with pytest.warns(RuntimeWarning, match="runs unfused in CUDA-graph steps .*would compile again there"):
+        seq, scores, _, stats = _graphed_generate(model, inputs, c, new_tokens=24, fuse="eager")
+    assert cleared and stats["replay"] > 10, stats
+    assert {name for name, _ in fusion.unfusable()} == {"LlamaRMSNorm.forward", "LlamaMLP.forward"}
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+
+
 def test_fused_aot_eager_generate_equals_reference(emulated_graphs):
     """fuse="aot_eager" (AOT autograd's traced graph run eagerly): generate gives the reference tokens."""
     model = build_tiny("llama")
@@ -707,9 +736,12 @@ def test_fuse_checks_its_argument():
     assert "generate" not in vars(model) and attn_implementation_of(model.config) == "sdpa"
 
 
-def test_fused_capture_never_compiles():
-    """Inside a capture (graph_step(capturing=True)) code that would compile raises instead; the warm-up compiles, and
-    the capture after it reuses the compiled code (the same output as the module's own forward)."""
+def test_fused_capture_never_compiles(monkeypatch):
+    """Inside a capture (graph_step(capturing=True)) nothing compiles: after a warm-up the capture reuses the compiled
+    code (another instance too: the same output as the module's own forward); without one the compile is refused,
+    and the class runs its own forward there and from then on, with a RuntimeWarning."""
+    monkeypatch.setattr(fusion, "_UNFUSABLE", {})
+    monkeypatch.setattr(fusion, "_COMPILED", {})
     model = build_tiny("llama")
     backend = _Counting("tq_counting_capture")
     cuda_graphs.install(model, fuse=backend.name)
@@ -717,14 +749,19 @@ def test_fused_capture_never_compiles():
     x = torch.randn(3, 1, 128)
     with torch.no_grad():
         want = type(norm).forward(norm, x)
-        with pytest.raises(RuntimeError, match="fail_on_recompile"), fusion.graph_step(backend.name, capturing=True):
-            norm(x)
         with fusion.graph_step(backend.name):  # the warm-up
             assert torch.equal(norm(x), want)
         other = model.model.layers[0].input_layernorm  # another instance: the same compiled code
         with fusion.graph_step(backend.name, capturing=True):
             assert torch.equal(other(x), type(other).forward(other, x))
-    assert backend.compiles == 1 and backend.calls == 2
+        assert backend.compiles == 1 and backend.calls == 2
+        mlp = model.model.layers[1].mlp  # never warmed up: would compile inside the capture
+        with pytest.warns(RuntimeWarning, match="LlamaMLP.forward runs unfused .*would compile again there"):
+            with fusion.graph_step(backend.name, capturing=True):
+                assert torch.equal(mlp(x), type(mlp).forward(mlp, x))
+        with fusion.graph_step(backend.name):  # and later, outside a capture too
+            assert torch.equal(mlp(x), type(mlp).forward(mlp, x))
+    assert backend.compiles == 1 and set(fusion.unfusable()) == {("LlamaMLP.forward", backend.name)}
     cuda_graphs.uninstall(model)
 
 

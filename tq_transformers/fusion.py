@@ -34,8 +34,10 @@ Compiles: one compiled graph serves every layer's instance (dynamo inlines built
 as inputs), so a model compiles once per fused class: in the first warm-up step of its first graph step, outside any
 capture (the capture then reuses the compiled code; a replay runs no Python). A new batch size compiles once more (the
 batch dimension becomes dynamic), as does another dtype or backend; dynamo's per-function recompile limit (8) is far.
-A capture runs under ``torch.compiler.set_stance("fail_on_recompile")``: code that would compile there raises instead
-of compiling inside the capture.
+A capture runs under ``torch.compiler.set_stance("fail_on_recompile")``: code that would compile there is refused
+instead of compiling inside the capture; the module then runs its own forward in that capture and in every later
+graph step (a ``RuntimeWarning`` says so), so a model whose guards differ between the warm-up step and the capture
+still decodes, unfused.
 """
 
 from __future__ import annotations
@@ -52,11 +54,13 @@ from torch import nn
 
 from .validation import short_repr
 
-__all__ = ["DEFAULT_BACKEND", "check_fuse", "decoder_layers", "fuse", "fused_modules", "fusible", "graph_step",
-           "unfusable", "unfuse"]
+__all__ = ["DEFAULT_BACKEND", "RECOMPILE_REFUSED", "check_fuse", "decoder_layers", "fuse", "fused_modules", "fusible",
+           "graph_step", "unfusable", "unfuse"]
 
 #: the backend that ``fuse=True`` means
 DEFAULT_BACKEND = "inductor"
+#: how ``torch.compiler.set_stance("fail_on_recompile")`` begins the RuntimeError it raises (torch 2.6 on)
+RECOMPILE_REFUSED = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("tq_fusion_step", default=None)  # (backend, capturing)
 _COMPILED: dict = {}  # (class forward, backend) -> its torch.compile'd function (one per process: one guard cache)
@@ -171,16 +175,34 @@ def _compiled_call(cls_forward, step, module, x):
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = _COMPILED[key] = torch.compile(cls_forward, backend=backend, fullgraph=True)
-    if capturing:  # no compile can happen here (set_stance in graph_step): an error is an error
-        return compiled(module, x)
+    if capturing:  # no compile can happen here (set_stance in graph_step)
+        try:
+            return compiled(module, x)
+        except RuntimeError as exc:  # it would compile again: its guards differ from the warm-up step's
+            if not str(exc).startswith(RECOMPILE_REFUSED):
+                raise
+            _give_up(key, "its compiled code does not fit the capture (it would compile again there: "
+                     f"{_first_line(exc)})")
+            return cls_forward(module, x)  # eager kernels are captured as they are
     try:
         return compiled(module, x)
     except (TorchDynamoException, FailOnRecompileLimitHit) as exc:  # not one graph: runs unfused from now on
-        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        _UNFUSABLE[key] = why
-        warnings.warn(f"fuse: {cls_forward.__qualname__} runs unfused in CUDA-graph steps (its forward does not "
-                      f"compile to one graph with backend {backend!r}: {why})", RuntimeWarning, stacklevel=2)
+        _give_up(key, f"its forward does not compile to one graph with backend {backend!r}: "
+                      f"{type(exc).__name__}: {_first_line(exc)}")
         return cls_forward(module, x)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _give_up(key, why: str) -> None:
+    """Run the class of `key` unfused from now on (this process), with a warning saying `why`."""
+    cls_forward, _ = key
+    _UNFUSABLE[key] = why
+    warnings.warn(f"fuse: {cls_forward.__qualname__} runs unfused in CUDA-graph steps ({why})", RuntimeWarning,
+                  stacklevel=3)
 
 
 def fuse(model: nn.Module) -> list[str]:
