@@ -133,11 +133,12 @@ def test_emulated_flush_steps_replay_from_their_graph(c, emulated_graphs, monkey
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("c", params(*SHORT))
+@pytest.mark.parametrize("c", params(*SHORT, "turboquant2.5", "turboquant-k4v2"))
 def test_emulated_graph_generate_with_sink_tokens_equals_reference(c, emulated_graphs, monkeypatch):
     """Exact sink tokens in the static layout (the window buffers' first slots; the mask in the kernels' order of the
     tokens): the steps replay from their graphs, flushing ones too, and give exactly the reference path's tokens and
-    scores. The left-padded row's sinks are padding, so a mask column in the wrong place changes its scores."""
+    scores; also with a fractional value rate and per-side bits (the first-budget preset's formats). The left-padded
+    row's sinks are padding, so a mask column in the wrong place changes its scores."""
     monkeypatch.setattr(cuda_graphs, "GROWTH", 64)
     model = build_tiny("llama")
     inputs = _inputs("cpu")
@@ -293,7 +294,7 @@ def test_enable_cuda_graphs_needs_fast():
 @pytest.mark.parametrize("sinks", [0, 4], ids=["no-sinks", "sinks"])
 @pytest.mark.parametrize("growth, steps", [(16, 40), (64, 100)], ids=["regrow-every-flush", "flush-graphs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("c", params(*SHORT))
+@pytest.mark.parametrize("c", params(*SHORT, "turboquant2.5"))
 def test_cuda_graph_decode_matches_eager_fast_path(c, dtype, growth, steps, sinks, monkeypatch):
     """Real graphs fed the same tokens as the eager fast path (teacher forcing, so a near-tie cannot make the two runs
     see different inputs): logits within float noise at every step (the packed tokens are split among blocks by
