@@ -133,18 +133,20 @@ def test_emulated_flush_steps_replay_from_their_graph(c, emulated_graphs, monkey
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("growth", [16, 64], ids=["regrow-every-flush", "flush-graphs"])
 @pytest.mark.parametrize("c", params(*SHORT, "turboquant2.5", "turboquant-k4v2"))
-def test_emulated_graph_generate_with_sink_tokens_equals_reference(c, emulated_graphs, monkeypatch):
+def test_emulated_graph_generate_with_sink_tokens_equals_reference(c, growth, emulated_graphs, monkeypatch):
     """Exact sink tokens in the static layout (the window buffers' first slots; the mask in the kernels' order of the
     tokens): the steps replay from their graphs, flushing ones too, and give exactly the reference path's tokens and
     scores; also with a fractional value rate and per-side bits (the first-budget preset's formats). The left-padded
     row's sinks are padding, so a mask column in the wrong place changes its scores."""
-    monkeypatch.setattr(cuda_graphs, "GROWTH", 64)
+    monkeypatch.setattr(cuda_graphs, "GROWTH", growth)
     model = build_tiny("llama")
     inputs = _inputs("cpu")
     ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config, sink_tokens=4), 60)
     seq, scores, cache, stats = _graphed_generate(model, inputs, c, new_tokens=60, sink_tokens=4)
-    assert stats["replay"] > 10 and stats.get("replay_flush", 0) >= 1 and stats["capture"] >= 2, stats
+    assert stats["replay"] > 10 and stats["capture"] >= 2, stats
+    assert stats.get("replay_flush", 0) >= 1 if growth > 16 else stats["layout"] >= 2, stats
     assert all(layer.static is not None and layer.num_sinks == 4 for layer in cache.layers)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
