@@ -11,14 +11,16 @@ function (no second copy of the math):
   covers the pair, ``cpu_attention.decode_attention`` on the CPU where it covers it, the PyTorch reference otherwise;
   the device-side ``lengths`` are honoured by all three.
 - ``tq_transformers::turboquant_compress``, ``bonsai_compress``, ``kivi_compress_keys``, ``kivi_compress_values``:
-  the Triton compress-on-write kernels (``kernels.triton_compress``), CUDA only; ``kernels.turboquant_compress`` etc.
-  call them, so a method's codec (``use_kernels``) compiles unchanged.
+  the Triton compress-on-write kernels (``kernels.triton_compress``), CUDA only (and CPU tensors under Triton's
+  interpreter, ``COMPRESS_DEVICES``); ``kernels.turboquant_compress`` etc. call them, so a method's codec
+  (``use_kernels``) compiles unchanged.
 
 ``decode_attention`` here has the signature of ``kernels.decode_attention`` (without ``impl``: the operator chooses).
 (No ``from __future__ import annotations`` here: ``custom_op`` reads the annotations as types.)
 """
 
 import importlib
+import os
 
 import torch
 
@@ -116,11 +118,16 @@ def decode_attention(*, q, keys, values, window_k, window_v, key_mask, scaling: 
 # ----------------------------------------------------------------------------------------------------------------------
 # Compress-on-write (CUDA: the Triton kernels)
 # ----------------------------------------------------------------------------------------------------------------------
+#: the devices of the compress operators: CUDA; also the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, read
+#: at import, as Triton does), which runs the kernels on CPU tensors for the kernel tests without a GPU
+COMPRESS_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
 def _triton_compress():
     return importlib.import_module("..triton_compress", __name__)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::turboquant_compress", mutates_args=(), device_types="cuda")
+@torch.library.custom_op(f"{NAMESPACE}::turboquant_compress", mutates_args=(), device_types=COMPRESS_DEVICES)
 def turboquant_compress(x: torch.Tensor, mean: torch.Tensor | None, rotation: torch.Tensor, levels: torch.Tensor,
                         bits: int, norm_correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``triton_compress.turboquant_compress``: x ``[B, H, T, D]`` -> (codes uint8 ``[B, H, T, D*b/8]``, norms
@@ -134,7 +141,7 @@ def _(x, mean, rotation, levels, bits, norm_correction):
     return x.new_empty((b, h, t, d * bits // 8), dtype=torch.uint8), x.new_empty((b, h, t), dtype=METADATA_DTYPE)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::bonsai_compress", mutates_args=(), device_types="cuda")
+@torch.library.custom_op(f"{NAMESPACE}::bonsai_compress", mutates_args=(), device_types=COMPRESS_DEVICES)
 def bonsai_compress(x: torch.Tensor, mean: torch.Tensor | None, rotation: torch.Tensor | None, group_size: int,
                     scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``triton_compress.bonsai_compress``: x ``[B, H, T, D]`` -> (signs uint8 ``[B, H, T, D/8]``, scale
@@ -149,7 +156,7 @@ def _(x, mean, rotation, group_size, scale_mode):
             x.new_empty((b, h, t, d // group_size), dtype=METADATA_DTYPE))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::kivi_compress_keys", mutates_args=(), device_types="cuda")
+@torch.library.custom_op(f"{NAMESPACE}::kivi_compress_keys", mutates_args=(), device_types=COMPRESS_DEVICES)
 def kivi_compress_keys(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``triton_compress.kivi_compress_keys``: x ``[B, H, T, D]`` -> (codes ``[B, H, T/G, G, D*b/8]``, scale, zero
     ``[B, H, T/G, D]``)."""
@@ -164,7 +171,7 @@ def _(x, bits, group_size):
             torch.empty_like(meta))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::kivi_compress_values", mutates_args=(), device_types="cuda")
+@torch.library.custom_op(f"{NAMESPACE}::kivi_compress_values", mutates_args=(), device_types=COMPRESS_DEVICES)
 def kivi_compress_values(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor]:
     """``triton_compress.kivi_compress_values``: x ``[B, H, T, D]`` -> (codes ``[B, H, T, D*b/8]``, scale, zero
