@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -176,6 +178,31 @@ def test_emulated_graph_kernel_arguments_with_sink_tokens(c, emulated_graphs, mo
     assert sum(calls) > 10 * len(cache.layers)  # the static layout's steps went through the kernel's branch
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=CPU_FAST_ATOL)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="runs the Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("c", params("turboquant4", "turboquant2.5"))
+def test_interpreted_triton_kernels_under_emulated_graphs_with_sink_tokens(c, emulated_graphs, monkeypatch):
+    """The same with the Triton decode kernels themselves (split + reduce, run by Triton's interpreter on the CPU):
+    the reduce kernel reads the sinks at the front of the static window buffers through the device counts. The
+    reference path's tokens; scores within 1e-3 (the kernels' float32 summation order)."""
+    monkeypatch.setattr(cuda_graphs, "GROWTH", 64)
+    monkeypatch.setattr(fast_attention, "_on_kernel_device", lambda query: True)
+    real, calls = kernels.decode_attention, []
+
+    def triton_kernels(**kwargs):
+        calls.append(kwargs["lengths"] is not None)
+        return real(**kwargs, impl="triton_only")
+
+    monkeypatch.setattr(kernels, "decode_attention", triton_kernels)
+    model = build_tiny("llama")
+    inputs = _inputs("cpu")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config, sink_tokens=4), 40)
+    seq, scores, cache, stats = _graphed_generate(model, inputs, c, new_tokens=40, sink_tokens=4)
+    assert stats["replay"] > 5 and sum(calls) > 5 * len(cache.layers), stats
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-3)
 
 
 def test_graph_runner_beam_search_with_sink_tokens_equals_reference(emulated_graphs):
