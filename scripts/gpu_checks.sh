@@ -7,8 +7,9 @@
 # Steps (each under a limit, 860 s in all at most; the benchmarks on the Llama-3.1-8B shape with random bf16 weights):
 #   1. the GPU tier except the kernel file (graphs, fast path, fusion, compile): pytest -m "gpu and not real_model";
 #   2. the kernel file's CUDA / plan / layout cases;
-#   3. scripts/benchmark_speed.py at 32K, batches 1 and 8: DynamicCache and the three caches under CUDA graphs with
-#      fuse=True (per-token decode, prefill, peak memory, the physical floor);
+#   3. scripts/benchmark_speed.py at 32K, batches 1 and 8: DynamicCache, the three caches and the first-budget preset
+#      (sinks, a fractional value rate) under CUDA graphs with fuse=True (per-token decode, prefill, peak memory, the
+#      physical floor);
 #   4. scripts/profile_decode_step.py: where a fused graph step's GPU time goes (top kernels), 1 x 32K and 8 x 32K;
 #   5. scripts/profile_prefill.py: a 1 x 32K prefill's GPU time against its wall time.
 # Environment: TESTS_S / KERNELS_S / BENCH_S / STEP_S / PREFILL_S (the limits), BENCH_CACHES / STEP_CACHES (cache
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 out="${1:-results/gpu}"
 mkdir -p "$out"
 workers="${WORKERS:-8}"
+bench_default=dynamic,turboquant4_graph_fused,kivi2_graph_fused,bonsai1_graph_fused,tq_k4v2.875_s4_f64_graph_fused
 xdist=()
 if [ "$workers" != 0 ] && python3 -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
 export PYTHONUNBUFFERED=1
@@ -44,7 +46,7 @@ step kernels "${KERNELS_S:-180}" python3 -m pytest -q -p no:cacheprovider "${xdi
   -k "plan_variants or overrides or decode_layout or (cuda and (decode_matches or device_lengths))"
 step bench "${BENCH_S:-200}" python3 scripts/benchmark_speed.py --out "$out/bench" --contexts 32768 --skip-kernels \
   --no-hf --rounds 2 --decode-steps 16 \
-  --caches "${BENCH_CACHES:-dynamic,turboquant4_graph_fused,kivi2_graph_fused,bonsai1_graph_fused}"
+  --caches "${BENCH_CACHES:-$bench_default}"
 step step "${STEP_S:-150}" python3 scripts/profile_decode_step.py --out "$out/step" --points 1x32768,8x32768 \
   --caches "${STEP_CACHES:-dynamic,turboquant4_graph_fused,bonsai1_graph_fused}" --no-layer-call --steps 8
 step prefill "${PREFILL_S:-90}" python3 scripts/profile_prefill.py --out "$out/prefill" \

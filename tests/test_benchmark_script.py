@@ -37,6 +37,19 @@ def test_decode_interleaved_times_every_cache_each_round():
     assert torch.is_grad_enabled()
 
 
+def test_presets_are_measured_only_when_named():
+    """The default run is the three default caches; a preset with sinks (README) is there when named, and builds a
+    cache of the preset's settings for a real config."""
+    default = benchmark_speed.cache_factories(False)
+    assert not any(name.startswith("tq_k") for name in default)
+    named = benchmark_speed.cache_factories(False, ["dynamic", "tq_k4v2.875_s4_f64_graph_fused"])
+    assert {name: mode for name, (_, mode) in named.items()} == {"dynamic": "sdpa",
+                                                                "tq_k4v2.875_s4_f64_graph_fused": "graph_fused"}
+    cache = named["tq_k4v2.875_s4_f64_graph_fused"][0](build_tiny("llama").config)
+    cfg = cache.method_config
+    assert (cfg.key_bits, cfg.value_bits, cfg.sink_tokens, cfg.flush_size) == (4, 2.875, 4, 64)
+
+
 def test_benchmark_compile_runs_every_configuration_on_cpu():
     """scripts/benchmark_compile.py's generate call per configuration (on the CPU nothing compiles: its bookkeeping,
     and that each configuration generates the requested tokens and leaves the model as it found it)."""
