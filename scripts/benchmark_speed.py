@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tune_decode_ke
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache, cuda_graphs, fast_attention  # noqa: E402  # noqa: E402
+from tq_transformers import BonsaiCache, KIVICache, TurboQuantCache, cuda_graphs, fast_attention, projections  # noqa: E402
 from tq_transformers.generation import CACHE_KWARG  # noqa: E402  (forward takes `cache` from transformers 5.24)
 
 LLAMA31_8B = dict(
@@ -88,11 +88,13 @@ def cache_factories(include_hf: bool, only: list[str] | None = None):
     """name -> (cache factory, attention mode), in the order they are measured. Modes: "sdpa" (transformers' SDPA
     attention, PyTorch choosing the backend), "flash" (the same, SDPA held to its flash backend), "fast" (ours),
     "graph" (ours, decode steps replayed from CUDA graphs), "graph_fused" (the same, the norms and MLPs compiled in
-    the graph steps)."""
+    the graph steps and the attention's input projections as one grouped GEMM: ``fuse=True``), "graph_fused_cublas"
+    (``fuse=True`` with cuBLAS for every projection: ``projections.ungroup``, for the comparison)."""
     out = {"dynamic": (lambda cfg: DynamicCache(config=cfg), "sdpa"),
            "dynamic_flash": (lambda cfg: DynamicCache(config=cfg), "flash")}
     ours = OURS if only is None else {**OURS, **PRESETS}  # the presets only when named
-    for suffix, mode in (("graph", "graph"), ("graph_fused", "graph_fused"), ("fast", "fast"), ("ref", "sdpa")):
+    modes = ("graph", "graph_fused", "graph_fused_cublas", "fast")
+    for suffix, mode in (*((m, m) for m in modes), ("ref", "sdpa")):
         for name, make in ours.items():
             out[f"{name}_{suffix}"] = (make, mode)
     if include_hf:
@@ -133,12 +135,14 @@ def build_model(layers: int):
 
 def use_path(model, cache, mode: str):
     """Switch `model` to the attention of `mode`; returns the context manager to run its steps in."""
-    if mode in ("fast", "graph", "graph_fused"):
+    if mode in ("fast", "graph", "graph_fused", "graph_fused_cublas"):
         fast_attention.install(model)
         # stays installed: it runs only caches prepared with cuda_graphs=True; `fuse` is switched per configuration (a
         # cache's graphs keep the kind they were captured with while the runner's fuse is that kind)
-        cuda_graphs.install(model, fuse=mode == "graph_fused")
-        fast_attention.prepare_cache(cache, cuda_graphs=mode in ("graph", "graph_fused"))
+        cuda_graphs.install(model, fuse=mode.startswith("graph_fused"))
+        if mode == "graph_fused_cublas":
+            projections.ungroup(model)
+        fast_attention.prepare_cache(cache, cuda_graphs=mode != "fast")
     else:
         model.set_attn_implementation("sdpa")
     if mode == "flash":

@@ -663,6 +663,31 @@ def test_fused_graph_generate_equals_unfused_and_reference(arch, c, emulated_gra
     assert fusion.fused_modules(model) == []  # disable restored them
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_graph_steps_group_the_input_projections(arch, emulated_graphs, monkeypatch):
+    """With fuse, q / k / v of every layer run as one ``kernels.linear_group`` launch in every graph step after the
+    first (which learns the groups, each projection alone), o_proj alone; generate still gives the reference tokens
+    and scores exactly (on the CPU the launch is ``F.linear`` per weight)."""
+    sizes = []
+
+    def counting(x, weights, biases=None):
+        sizes.append(len(weights))
+        return kernels.reference.linear_group(x, weights, biases)
+
+    monkeypatch.setattr(kernels, "linear_group", counting)
+    model = build_tiny(arch)
+    inputs = _inputs("cpu")
+    c = case("turboquant4")
+    ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config), 24)
+    seq, scores, _, stats = _graphed_generate(model, inputs, c, new_tokens=24, fuse="eager")
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+    layers = model.config.num_hidden_layers
+    python_steps = stats["eager"] + stats["capture"] + stats["replay"] + stats.get("replay_flush", 0)
+    assert sizes[:4 * layers] == [1] * 4 * layers  # the first graph step: learning
+    assert sizes[4 * layers:] == [3, 1] * layers * (python_steps - 1), (sizes, stats)
+
+
 def test_fused_module_refused_a_compile_in_the_capture_runs_unfused(emulated_graphs, monkeypatch):
     """Code compiled in the warm-up step that no longer fits at the capture (simulated: dynamo's caches cleared
     between the two) would compile inside the capture: refused there (``set_stance("fail_on_recompile")``), the

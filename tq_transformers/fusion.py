@@ -55,7 +55,7 @@ from torch import nn
 from .validation import short_repr
 
 __all__ = ["DEFAULT_BACKEND", "RECOMPILE_REFUSED", "check_fuse", "decoder_layers", "fuse", "fused_modules", "fusible",
-           "graph_step", "unfusable", "unfuse"]
+           "graph_step", "in_graph_step", "unfusable", "unfuse"]
 
 #: the backend that ``fuse=True`` means
 DEFAULT_BACKEND = "inductor"
@@ -207,21 +207,28 @@ def _give_up(key, why: str) -> None:
 
 def fuse(model: nn.Module) -> list[str]:
     """Put the instance-level forward on every module of `fusible(model)` (idempotent); returns their names. They
-    run compiled only inside `graph_step`."""
+    run compiled only inside `graph_step`. The attention modules' projections are grouped as well
+    (``projections.group``: one kernel launch for those that read one input)."""
+    from . import projections
+
     names = []
     for name, module in fusible(model):
         if not _is_fused(module):
             module.forward = types.MethodType(_fused_forward(type(module).forward), module)
         names.append(name)
+    projections.group(model)
     return names
 
 
 def unfuse(model: nn.Module) -> nn.Module:
-    """Undo `fuse`: every module of `model` with our instance-level forward gets its class's forward back."""
+    """Undo `fuse`: every module of `model` with our instance-level forward gets its class's forward back, the
+    projections too (``projections.ungroup``)."""
+    from . import projections
+
     for module in model.modules():
         if _is_fused(module):
             del module.__dict__["forward"]
-    return model
+    return projections.ungroup(model)
 
 
 def fused_modules(model: nn.Module) -> list[str]:
@@ -232,6 +239,11 @@ def fused_modules(model: nn.Module) -> list[str]:
 def unfusable() -> dict:
     """(class forward's qualified name, backend) -> why it runs unfused (its compile failed), for this process."""
     return {(fn.__qualname__, backend): why for (fn, backend), why in _UNFUSABLE.items()}
+
+
+def in_graph_step() -> bool:
+    """Whether the caller runs inside `graph_step` with a backend (a fused step)."""
+    return _ACTIVE.get() is not None
 
 
 @contextlib.contextmanager

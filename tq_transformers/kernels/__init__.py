@@ -18,9 +18,15 @@ Compress-on-write, the signatures of the methods' encoders (``methods.turboquant
 ``turboquant_compress``, ``bonsai_compress``, ``kivi_compress_keys``, ``kivi_compress_values``;
 ``compress_supported(kind, head_dim=..., bits=..., group_size=...)`` says which configurations they cover.
 
+Grouped skinny GEMM of a decode step (the attention's input projections, ``tq_transformers.projections``):
+``linear_group(x, weights, biases=None)`` -> one ``x @ W_i.T (+ b_i)`` per weight in one launch (``triton_gemv``);
+``linear_group_supported(x)`` says where the kernel runs (elsewhere ``linear_group`` is its reference,
+``torch.nn.functional.linear`` per weight).
+
 Modules: ``reference`` (PyTorch), ``triton_common`` (shared building blocks), ``triton_codebook`` / ``triton_affine``
 (tile decoders per format), ``triton_split`` (the split kernel), ``triton_reduce`` (merge + window),
 ``triton_decode`` (the decode step: query rotation, split, reduce), ``triton_compress`` (compress kernels),
+``triton_gemv`` (the grouped skinny GEMM),
 ``cuda_split`` / ``cuda_prelude`` / ``cuda_source`` / ``cuda_affine_source`` (the CUDA C++ split kernels for codebook
 and affine pairs and their sources, compiled at first use with NVRTC), ``constants`` (eps values and the metadata
 dtype, from ``tq_transformers.constants``). Importing this package never imports Triton.
@@ -46,6 +52,8 @@ __all__ = [
     "kivi_compress_keys",
     "kivi_compress_supported",
     "kivi_compress_values",
+    "linear_group",
+    "linear_group_supported",
     "ops",
     "reference",
     "triton_available",
@@ -252,3 +260,32 @@ def kivi_compress_keys(x, bits: int, group_size: int):
 def kivi_compress_values(x, bits: int, group_size: int):
     """Triton ``methods.kivi.kivi_encode_values``: x ``[B, H, T, D]`` -> (codes, scale, zero)."""
     return ops.kivi_compress_values(x, bits, group_size)
+
+
+GEMV_DTYPES = (torch.float16, torch.bfloat16)  # the grouped GEMM's operand types (tensor-core tiles)
+GEMV_K_MULTIPLE = 8  # its input width: a multiple of 8 16-bit elements, so that rows load as 16-byte vectors
+
+
+def linear_group_supported(x: torch.Tensor) -> bool:
+    """Whether `linear_group` runs the Triton kernel for an input like `x` (a 16-bit CUDA tensor of at most
+    ``triton_gemv.MAX_ROWS`` rows, with Triton installed; under Triton's interpreter, CPU tensors too)."""
+    on_device = x.is_cuda or (x.device.type == "cpu" and ops.COMPRESS_DEVICES != "cuda")
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    return (_TRITON_AVAILABLE or ops.COMPRESS_DEVICES != "cuda") and on_device and x.dtype in GEMV_DTYPES and \
+        1 <= rows <= reference.GEMV_MAX_ROWS and x.shape[-1] % GEMV_K_MULTIPLE == 0
+
+
+def linear_group(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ...]:
+    """``tuple(F.linear(x, W_i, b_i))`` for weights that read the same x, in one kernel launch where
+    `linear_group_supported(x)` (``triton_gemv.linear_group``), else through its reference.
+
+    Args:
+        x: ``[M, K]``.
+        weights: 1 to 4 tensors ``[N_i, K]`` in x's dtype and on x's device.
+        biases: None, or one ``[N_i]`` tensor per weight.
+    Returns:
+        one ``[M, N_i]`` tensor per weight.
+    """
+    if linear_group_supported(x):
+        return _module("triton_gemv").linear_group(x, weights, biases)
+    return reference.linear_group(x, weights, biases)

@@ -5,6 +5,7 @@
 - the compress references are the methods' own encoders (``tq_transformers.methods``): ``turboquant_compress`` is
   ``turboquant_encode``, ``bonsai_compress`` is ``bonsai_encode``, ``kivi_compress_keys`` / ``_values`` are
   ``kivi_encode_keys`` / ``_values`` (imported on first call: the method modules import this package).
+- ``linear_group``: ``torch.nn.functional.linear`` per weight (the grouped skinny GEMM of ``triton_gemv``).
 
 Shapes of one decode step (``B`` batch, ``Hkv`` KV heads, ``Hq = Hkv * G`` query heads, ``Dk`` / ``Dv`` the key
 and value head dims, equal in most models and different in MLA-style attention, e.g. DeepSeek-V3's 192 / 128, ``n``
@@ -22,6 +23,41 @@ packed tokens attended, ``W`` window tokens)::
 from __future__ import annotations
 
 import torch
+
+#: the most weights one grouped GEMM takes (``linear_group``)
+GEMV_MAX_MEMBERS = 4
+#: the most rows of x (tokens of a step: batch x 1 in decode) one grouped GEMM takes: one 16-row tensor-core tile
+GEMV_MAX_ROWS = 16
+
+
+def check_linear_group(x, weights, biases) -> None:
+    """ValueErrors naming the argument of a `linear_group` call that does not fit the others."""
+    if not 1 <= len(weights) <= GEMV_MAX_MEMBERS:
+        raise ValueError(f"weights must hold 1 to {GEMV_MAX_MEMBERS} matrices, got {len(weights)}")
+    if biases is not None and (len(biases) != len(weights) or any(b is None for b in biases)):
+        raise ValueError(f"biases must be None or one tensor per weight ({len(weights)}), got "
+                         f"{[None if b is None else tuple(b.shape) for b in biases]}")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= GEMV_MAX_ROWS:
+        raise ValueError(f"x must be [M, K] with 1 <= M <= {GEMV_MAX_ROWS}, got shape {tuple(x.shape)}")
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != x.shape[1] or w.dtype != x.dtype or w.device != x.device:
+            raise ValueError(f"weights[{i}] must be [N, {x.shape[1]}] in {x.dtype} on {x.device}, got shape "
+                             f"{tuple(w.shape)}, {w.dtype} on {w.device}")
+
+
+def linear_group(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ...]:
+    """``tuple(F.linear(x, W_i, b_i))``: the reference of ``triton_gemv.linear_group``, same signature.
+
+    Args:
+        x: ``[M, K]`` (1 <= M <= GEMV_MAX_ROWS).
+        weights: 1 to GEMV_MAX_MEMBERS tensors ``[N_i, K]``, x's dtype and device.
+        biases: None, or one tensor ``[N_i]`` per weight.
+    Returns:
+        one ``[M, N_i]`` tensor per weight, in x's dtype.
+    """
+    check_linear_group(x, weights, biases)
+    bs = biases if biases is not None else [None] * len(weights)
+    return tuple(torch.nn.functional.linear(x, w, b) for w, b in zip(weights, bs))
 
 
 def resolve_lengths(keys, values, window_k, window_v, key_mask, lengths):
