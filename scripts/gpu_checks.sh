@@ -4,10 +4,11 @@
 #
 #     bash scripts/gpu_checks.sh results/gpu            # writes tests.log, bench/, step/, prefill/ under that folder
 #
-# Steps (each under a limit, 860 s in all at most; the benchmarks on the Llama-3.1-8B shape with random bf16 weights):
+# Steps (each under a limit, 920 s in all at most; the benchmarks on the Llama-3.1-8B shape with random bf16 weights):
 #   1. the GPU tier except the kernel file (graphs, fast path, fusion, compile): pytest -m "gpu and not real_model";
-#   2. the kernel file's CUDA / plan / layout cases;
-#   3. scripts/benchmark_speed.py at 32K, batches 1 and 8: DynamicCache, the three caches and the first-budget preset
+#   2. the grouped GEMM's tests (tests/test_projections.py), then the kernel file's CUDA / plan / layout cases;
+#   3. scripts/benchmark_speed.py at 32K, batches 1 and 8: DynamicCache, TurboQuant-4 with cuBLAS projections (the
+#      grouped GEMM's comparison), the three caches and the first-budget preset
 #      (sinks, a fractional value rate) under CUDA graphs with fuse=True (per-token decode, prefill, peak memory, the
 #      physical floor);
 #   4. scripts/profile_decode_step.py: where a fused graph step's GPU time goes (top kernels), 1 x 32K and 8 x 32K;
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 out="${1:-results/gpu}"
 mkdir -p "$out"
 workers="${WORKERS:-8}"
-bench_default=dynamic,turboquant4_graph_fused,kivi2_graph_fused,bonsai1_graph_fused,tq_k4v2.875_s4_f64_graph_fused
+bench_default=dynamic,turboquant4_graph_fused_cublas,turboquant4_graph_fused,kivi2_graph_fused,bonsai1_graph_fused,tq_k4v2.875_s4_f64_graph_fused
 xdist=()
 if [ "$workers" != 0 ] && python3 -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
 export PYTHONUNBUFFERED=1
@@ -42,6 +43,7 @@ cat "$out/gpu.txt"
 
 step tests "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" -m "gpu and not real_model" \
   --ignore=tests/test_kernels.py tests
+step gemv 60 python3 -m pytest -q -p no:cacheprovider tests/test_projections.py
 step kernels "${KERNELS_S:-180}" python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py \
   -k "plan_variants or overrides or decode_layout or (cuda and (decode_matches or device_lengths))"
 step bench "${BENCH_S:-200}" python3 scripts/benchmark_speed.py --out "$out/bench" --contexts 32768 --skip-kernels \

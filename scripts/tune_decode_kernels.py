@@ -169,10 +169,10 @@ def point(batch: int, context: int, check: bool, sweep: bool, copy_bw: float, me
             cuda_split.PLAN_OVERRIDES = overrides
         if reduce_sweep:
             saved = dict(triton_reduce.REDUCE_TUNING)
-            for block_w, warps in itertools.product((32, 64, 128), (4, 8)):
-                triton_reduce.REDUCE_TUNING.update(block_w=block_w, num_warps=warps)
+            for chunk, block_w, warps in itertools.product((32, 64, 128), (64, 128), (4, 8)):
+                triton_reduce.REDUCE_TUNING.update(chunk=chunk, block_w=block_w, num_warps=warps)
                 t = bench(lambda a=args: kernels.decode_attention(**a, impl="triton"))
-                rows.append({"method": method, "impl": f"reduce w{block_w} n{warps}", "batch": batch,
+                rows.append({"method": method, "impl": f"reduce c{chunk} w{block_w} n{warps}", "batch": batch,
                              "context": context, "us": t, "bytes": total, "sweep": True})
             triton_reduce.REDUCE_TUNING.update(saved)
         del keys, values, want
