@@ -30,12 +30,12 @@ from .reference import check_linear_group
 from .triton_common import cdiv
 
 __all__ = ["GEMV_TUNING", "linear_group"]
-# Launch settings: output columns a program, K elements a tile, warps, pipeline depth. Chosen by the sum of the q / k / v
-# group's and o_proj's times at batch 1 and 8 over the sweep of scripts/tune_gemv.py (3 x 3 x 2 x 2 variants, each
-# within one rounding of float32 math; H200, 2026-12-03, docs/RESULTS.md "thirteenth pass"): q / k / v 16.5-16.8 us
-# (75% of copy) against 26.2-26.7 us (47%) for cuBLAS's three GEMVs, o_proj 11.6 us (72%) against 12.4-12.6 (66-68%),
-# at batch 1 and 8. The sweep's best for q / k / v alone (block_n 64, block_k 128) was 0.7 us faster there, 1.3 us slower
-# for o_proj.
+# Launch settings: output columns a program, K elements a tile, warps, pipeline depth. Chosen by the sum of the
+# q / k / v group's and o_proj's times at batch 1 and 8 over the sweep of scripts/tune_gemv.py (3 x 3 x 2 x 2
+# variants, each within one rounding of float32 math; H200, 2026-12-03, docs/RESULTS.md "thirteenth pass"): q / k / v
+# 16.5-16.8 us (75% of copy) against 26.2-26.7 us (47%) for cuBLAS's three GEMVs, o_proj 11.6 us (72%) against
+# 12.4-12.6 (66-68%), at batch 1 and 8. The sweep's best for q / k / v alone (block_n 64, block_k 128) was 0.7 us
+# faster there and 1.3 us slower for o_proj.
 GEMV_TUNING = {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 5}
 
 
