@@ -50,7 +50,9 @@ with data-dependent routing, fails its first compile and stays unfused, with a w
 first warm-up step (outside any capture; one compiled graph serves all layers, a new batch size compiles once more),
 and a capture runs under ``torch.compiler.set_stance("fail_on_recompile")``, so nothing compiles inside it. The
 modules get an instance-level ``forward`` (classes untouched); `uninstall` deletes it. A cache's graphs are captured
-again at its next step when the runner's ``fuse`` changed since they were captured.
+again at its next step when the runner's ``fuse`` changed since they were captured. ``fuse`` also groups each attention
+module's projections that read one input (q, k, v) into one kernel launch in graph steps
+(``tq_transformers.projections``; the groups are learned in the first graph step).
 """
 
 from __future__ import annotations
@@ -305,9 +307,10 @@ def install(model, fuse: bool | str = False):
 
     Args:
         model: a transformers model.
-        fuse: in graph steps only, run the decoder layers' pure modules (norms, MLP) through ``torch.compile`` (module
-            docstring, "Fusion"): False (default), True (inductor), or the name of another ``torch.compile`` backend
-            ("eager", "aot_eager": for tests). A ValueError if the model has no module to fuse.
+        fuse: in graph steps only, run the decoder layers' pure modules (norms, MLP) through ``torch.compile`` and
+            the attention's projections that read one input as one grouped GEMM (module docstring, "Fusion"): False
+            (default), True (inductor), or the name of another ``torch.compile`` backend ("eager", "aot_eager": for
+            tests). A ValueError if the model has no module to fuse.
     Returns:
         the model (idempotent; called again on an installed model, it switches ``fuse``).
     """
