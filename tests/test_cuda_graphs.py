@@ -663,11 +663,12 @@ def test_fused_graph_generate_equals_unfused_and_reference(arch, c, emulated_gra
     assert fusion.fused_modules(model) == []  # disable restored them
 
 
+@pytest.mark.parametrize("fuse", [False, "eager"], ids=["unfused", "fused"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_graph_steps_group_the_input_projections(arch, emulated_graphs, monkeypatch):
-    """With fuse, q / k / v of every layer run as one ``kernels.linear_group`` launch in every graph step after the
-    first (which learns the groups, each projection alone), o_proj alone; generate still gives the reference tokens
-    and scores exactly (on the CPU the launch is ``F.linear`` per weight)."""
+def test_graph_steps_group_the_input_projections(arch, fuse, emulated_graphs, monkeypatch):
+    """In graph steps (fused or not), q / k / v of every layer run as one ``kernels.linear_group`` launch in every
+    step after the first (which learns the groups, each projection alone), o_proj alone; generate still gives the
+    reference tokens and scores exactly (on the CPU the launch is ``F.linear`` per weight)."""
     sizes = []
 
     def counting(x, weights, biases=None):
@@ -679,7 +680,7 @@ def test_fused_graph_steps_group_the_input_projections(arch, emulated_graphs, mo
     inputs = _inputs("cpu")
     c = case("turboquant4")
     ref_seq, ref_scores = _generate(model, inputs, c.cache(model.config), 24)
-    seq, scores, _, stats = _graphed_generate(model, inputs, c, new_tokens=24, fuse="eager")
+    seq, scores, _, stats = _graphed_generate(model, inputs, c, new_tokens=24, fuse=fuse)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
     layers = model.config.num_hidden_layers

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tq_transformers import fusion, kernels, projections
+from tq_transformers import cuda_graphs, fusion, kernels, projections
 from tq_transformers.kernels import reference
 
 from cases import build_tiny
@@ -186,7 +186,8 @@ def test_projections_of_different_inputs_or_dtypes_are_not_grouped(monkeypatch):
 
 def test_group_is_instance_level_and_ungroup_restores_it():
     """group puts a forward on the projections' instances (nn.Linear untouched); a deep copy is grouped on its own
-    modules and learns again; ungroup restores the modules' dicts exactly; fuse and unfuse do both."""
+    modules and learns again; ungroup restores the modules' dicts exactly; cuda_graphs.install groups (with or
+    without fuse) and uninstall ungroups."""
     model = build_tiny("llama")
     before = {name: dict(vars(m)) for name, m in model.named_modules()}
     class_forward = nn.Linear.forward
@@ -200,7 +201,8 @@ def test_group_is_instance_level_and_ungroup_restores_it():
     projections.ungroup(model)
     after = {name: dict(vars(m)) for name, m in model.named_modules()}
     assert before.keys() == after.keys() and all(before[n].keys() == after[n].keys() for n in before)
-    fusion.fuse(model)
-    assert all("forward" in vars(m) for m in (q, model.model.layers[1].self_attn.o_proj))
-    fusion.unfuse(model)
-    assert "forward" not in vars(q)
+    for fuse in (False, "eager"):  # the graph runner groups them, fused or not, and uninstall ungroups them
+        cuda_graphs.install(model, fuse=fuse)
+        assert all("forward" in vars(m) for m in (q, model.model.layers[1].self_attn.o_proj))
+        cuda_graphs.uninstall(model)
+        assert "forward" not in vars(q) and projections._SIBLINGS not in vars(q)

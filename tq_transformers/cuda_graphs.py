@@ -50,9 +50,11 @@ with data-dependent routing, fails its first compile and stays unfused, with a w
 first warm-up step (outside any capture; one compiled graph serves all layers, a new batch size compiles once more),
 and a capture runs under ``torch.compiler.set_stance("fail_on_recompile")``, so nothing compiles inside it. The
 modules get an instance-level ``forward`` (classes untouched); `uninstall` deletes it. A cache's graphs are captured
-again at its next step when the runner's ``fuse`` changed since they were captured. ``fuse`` also groups each attention
-module's projections that read one input (q, k, v) into one kernel launch in graph steps
-(``tq_transformers.projections``; the groups are learned in the first graph step).
+again at its next step when the runner's ``fuse`` changed since they were captured.
+
+Grouped projections (with or without ``fuse``): in graph steps, each attention module's projections that read one
+input (q, k, v) run as one kernel launch, o_proj through the same kernel (``tq_transformers.projections``; the groups
+are learned in the first graph step; `install` puts them on, `uninstall` and ``projections.ungroup`` take them off).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ import weakref
 
 import torch
 
-from . import fusion
+from . import fusion, projections
 from .cache import QuantizedKVCache
 from .generation import CACHE_KWARG
 from .layer import QuantizedKVLayer
@@ -307,10 +309,10 @@ def install(model, fuse: bool | str = False):
 
     Args:
         model: a transformers model.
-        fuse: in graph steps only, run the decoder layers' pure modules (norms, MLP) through ``torch.compile`` and
-            the attention's projections that read one input as one grouped GEMM (module docstring, "Fusion"): False
-            (default), True (inductor), or the name of another ``torch.compile`` backend ("eager", "aot_eager": for
-            tests). A ValueError if the model has no module to fuse.
+        fuse: in graph steps only, run the decoder layers' pure modules (norms, MLP) through ``torch.compile``
+            (module docstring, "Fusion"): False (default), True (inductor), or the name of another ``torch.compile``
+            backend ("eager", "aot_eager": for tests). A ValueError if the model has no module to fuse. (The
+            projections are grouped either way: module docstring, "Grouped projections".)
     Returns:
         the model (idempotent; called again on an installed model, it switches ``fuse``).
     """
@@ -327,6 +329,7 @@ def install(model, fuse: bool | str = False):
         fusion.unfuse(model)
     else:
         fusion.fuse(model)
+    projections.group(model)
     runner.fuse = backend
     return model
 
@@ -348,6 +351,7 @@ def uninstall(model):
     runner = runner_of(model)
     if runner is not None:
         fusion.unfuse(model)
+        projections.ungroup(model)
         del model.__dict__[_RUNNER_ATTR]
         if runner.replaced is None:
             del model.forward

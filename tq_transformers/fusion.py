@@ -156,7 +156,7 @@ def _fused_forward(cls_forward):
     @functools.wraps(cls_forward)
     def forward(self, *args, **kwargs):
         step = None if torch.compiler.is_compiling() else _ACTIVE.get()  # traced by someone's compile: inline it
-        if step is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        if step is None or step[0] is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             return cls_forward(self, *args, **kwargs)
         return _compiled_call(cls_forward, step, self, args[0])
 
@@ -207,28 +207,21 @@ def _give_up(key, why: str) -> None:
 
 def fuse(model: nn.Module) -> list[str]:
     """Put the instance-level forward on every module of `fusible(model)` (idempotent); returns their names. They
-    run compiled only inside `graph_step`. The attention modules' projections are grouped as well
-    (``projections.group``: one kernel launch for those that read one input)."""
-    from . import projections
-
+    run compiled only inside `graph_step`."""
     names = []
     for name, module in fusible(model):
         if not _is_fused(module):
             module.forward = types.MethodType(_fused_forward(type(module).forward), module)
         names.append(name)
-    projections.group(model)
     return names
 
 
 def unfuse(model: nn.Module) -> nn.Module:
-    """Undo `fuse`: every module of `model` with our instance-level forward gets its class's forward back, the
-    projections too (``projections.ungroup``)."""
-    from . import projections
-
+    """Undo `fuse`: every module of `model` with our instance-level forward gets its class's forward back."""
     for module in model.modules():
         if _is_fused(module):
             del module.__dict__["forward"]
-    return projections.ungroup(model)
+    return model
 
 
 def fused_modules(model: nn.Module) -> list[str]:
@@ -242,20 +235,18 @@ def unfusable() -> dict:
 
 
 def in_graph_step() -> bool:
-    """Whether the caller runs inside `graph_step` with a backend (a fused step)."""
+    """Whether the caller runs inside `graph_step` (a CUDA-graph step of the runner: its warm-up or its capture)."""
     return _ACTIVE.get() is not None
 
 
 @contextlib.contextmanager
 def graph_step(backend: str | None, capturing: bool = False):
-    """Run fused modules compiled with `backend` inside the block (None: nothing changes). `capturing`: inside a
-    CUDA-graph capture, where nothing may compile (``torch.compiler.set_stance("fail_on_recompile")``)."""
-    if backend is None:
-        yield
-        return
+    """A CUDA-graph step of the runner: inside the block fused modules run compiled with `backend` (None: their own
+    forward) and `in_graph_step()` is True. `capturing`: inside a CUDA-graph capture, where nothing may compile
+    (``torch.compiler.set_stance("fail_on_recompile")``, with a backend)."""
     token = _ACTIVE.set((backend, capturing))
     try:
-        if capturing:
+        if capturing and backend is not None:
             with torch.compiler.set_stance("fail_on_recompile"):
                 yield
         else:

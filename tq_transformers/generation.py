@@ -86,10 +86,10 @@ def enable(model, method: str, fast: bool = False, cuda_graphs: bool | None = No
         cuda_graphs: replay decode steps from CUDA graphs (``tq_transformers.cuda_graphs``: the host out of the step;
             without effect on CPU). Default: on with ``fast=True``, unless ``max_cache_len`` is given (a
             fixed-capacity cache, which generate compiles instead: ``tq_transformers.compile``).
-        fuse: inside CUDA-graph steps, run the decoder layers' norms and MLPs through ``torch.compile``, and the
-            attention's q / k / v projections as one grouped GEMM launch (fewer, fused kernels per replayed step:
-            ``tq_transformers.cuda_graphs``, "Fusion"; ``tq_transformers.projections``): False (default), True
-            (inductor) or another ``torch.compile`` backend's name. Needs ``cuda_graphs``.
+        fuse: inside CUDA-graph steps, run the decoder layers' norms and MLPs through ``torch.compile`` (fewer,
+            fused kernels per replayed step: ``tq_transformers.cuda_graphs``, "Fusion"): False (default), True
+            (inductor) or another ``torch.compile`` backend's name. Needs ``cuda_graphs``. (Graph steps run the
+            attention's q / k / v projections as one grouped launch either way: ``tq_transformers.projections``.)
         **cache_kwargs: the method's settings, validated now (a bad value raises here, not at the first prompt).
     Returns:
         the model. Example::

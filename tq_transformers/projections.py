@@ -1,5 +1,5 @@
-"""``fuse=True``, the attention's side: the input projections of a decode step in one kernel launch, inside CUDA-graph
-steps only.
+"""The attention's input projections of a decode step in one kernel launch, inside CUDA-graph steps only (put on by
+``cuda_graphs.install``, with or without ``fuse``).
 
 Why: in a graph-replayed decode step of Llama-3.1-8B, cuBLAS runs each of q_proj, k_proj, v_proj and o_proj as its
 own GEMV, the 8 MiB k / v weights at 38% of the copy bandwidth and the 32 MiB q / o weights at 69%, with a split-K
@@ -16,7 +16,8 @@ graph step on, the first member called computes the whole group and keeps the ot
 that same input (a weak reference to it: any other input computes afresh). A projection alone runs through the same
 kernel (``SINGLES``).
 
-When: only inside ``fusion.graph_step`` (the graph runner's eager warm-up steps and its captures), on inputs of at
+When: only inside ``fusion.graph_step`` (the graph runner's eager warm-up steps and its captures, fused or not; a
+replay runs no Python), on inputs of at
 most 16 rows (a decode step's tokens) in the weight's dtype and device. The kernel runs where
 ``kernels.linear_group_supported`` (16-bit CUDA tensors); elsewhere, e.g. on the CPU or in float32,
 ``linear_group`` is ``F.linear`` per weight: the modules' own result, through the same grouping. Prefill, the
