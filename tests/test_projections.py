@@ -206,3 +206,21 @@ def test_group_is_instance_level_and_ungroup_restores_it():
         assert all("forward" in vars(m) for m in (q, model.model.layers[1].self_attn.o_proj))
         cuda_graphs.uninstall(model)
         assert "forward" not in vars(q) and projections._SIBLINGS not in vars(q)
+
+
+def test_a_projection_with_a_strided_weight_runs_its_own_forward(monkeypatch):
+    """A weight that is not contiguous along K (a transposed view) is not handed to the kernel: the class's forward
+    runs, in graph steps too, with its own result."""
+    counting = _CountingGroups()
+    monkeypatch.setattr(kernels, "linear_group", counting)
+    model = build_tiny("llama")
+    attention = model.model.layers[0].self_attn
+    weight = attention.k_proj.weight
+    attention.k_proj.weight = nn.Parameter(weight.detach().t().contiguous().t())  # same values, strides (1, out)
+    assert attention.k_proj.weight.stride(-1) != 1
+    projections.group(model)
+    x = torch.randn(1, 1, model.config.hidden_size)
+    with torch.no_grad(), fusion.graph_step(None):
+        got = attention.k_proj(x)
+    assert counting.sizes == [] and torch.equal(got, nn.functional.linear(x, attention.k_proj.weight))
+    torch.testing.assert_close(got, nn.functional.linear(x, weight))

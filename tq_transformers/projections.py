@@ -17,13 +17,12 @@ that same input (a weak reference to it: any other input computes afresh). A pro
 kernel (``SINGLES``).
 
 When: only inside ``fusion.graph_step`` (the graph runner's eager warm-up steps and its captures, fused or not; a
-replay runs no Python), on inputs of at
-most 16 rows (a decode step's tokens) in the weight's dtype and device. The kernel runs where
-``kernels.linear_group_supported`` (16-bit CUDA tensors); elsewhere, e.g. on the CPU or in float32,
-``linear_group`` is ``F.linear`` per weight: the modules' own result, through the same grouping. Prefill, the
-runner's ordinary fallback forward, autocast, and a trace by someone's ``torch.compile`` run the class's forward. The
-first graph step compiles the kernel (one member at a time); the groups of the later ones launch the same compiled
-kernel, so nothing compiles inside a capture.
+replay runs no Python), on inputs of at most 16 rows (a decode step's tokens) in the weight's dtype and device, with
+weights of unit stride along K. The kernel runs where ``kernels.linear_group_supported`` (16-bit CUDA tensors);
+elsewhere, e.g. on the CPU or in float32, ``linear_group`` is ``F.linear`` per weight: the modules' own result,
+through the same grouping. Prefill, the runner's ordinary fallback forward, autocast, and a trace by someone's
+``torch.compile`` run the class's forward. The first graph step compiles the kernel (one member at a time); the
+groups of the later ones launch the same compiled kernel, so nothing compiles inside a capture.
 """
 
 from __future__ import annotations
@@ -123,6 +122,7 @@ def _forward(self, x, *args, **kwargs):
         or x.numel() > GEMV_MAX_ROWS * self.in_features
         or x.dtype != self.weight.dtype
         or x.device != self.weight.device
+        or self.weight.stride(-1) != 1  # the kernel streams rows along K
         or torch.is_autocast_enabled(x.device.type)
     ):
         return type(self).forward(self, x, *args, **kwargs)
